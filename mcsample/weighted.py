@@ -1,0 +1,240 @@
+r"""Weighted particles: the one result type of every estimator.
+
+A :class:`WeightedSamples` holds samples :math:`x_i` and float64 log-weights :math:`\ell_i` such
+that self-normalized sums estimate expectations under the target,
+:math:`E_\pi[f] \approx \sum_i W_i f(x_i)`, :math:`W_i = w_i/\sum_j w_j`, and
+:math:`Z \approx e^{c}\,\frac1N\sum_i w_i` estimates the target's normalizer (``log_scale``
+:math:`= c` carries what earlier SMC steps already accumulated).
+
+**Error bars.** The relative variance of :math:`\hat Z` is estimated from one run by the
+genealogy-based estimator of Lee & Whiteley (2018, Biometrika), with the adaptive-resampling
+form of Du & Guyader (2021): grouping particles by their time-0 ancestor ("Eve") :math:`E_i`,
+
+.. math::  \widehat{V} = 1 - \Big(\tfrac{N}{N-1}\Big)^{g}\Big(1 - \sum_e \big(\textstyle\sum_{i:E_i=e} W_i\big)^2\Big),
+
+where :math:`g` is the number of sampling generations (1 + resampling events). For plain
+importance sampling (every particle its own Eve, :math:`g=1`) this is exactly the delta-method
+estimate :math:`\widehat{\mathrm{Var}}(w)/(N\bar w^2)`. The standard error of
+:math:`\log\hat Z` is :math:`\sqrt{\widehat V}` (delta method). The estimator is derived for
+multinomial resampling; lower-variance schemes make it conservative, and it degrades when all
+particles descend from few Eves.
+
+Expectations carry the delta-method standard error of the self-normalized estimator,
+:math:`\widehat{\mathrm{se}}^2 = \sum_i W_i^2 (f(x_i) - \hat\mu)^2` (Owen 2013, sec. 9.2).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from mcsample.diagnostics import _check, ess as _ess, psis
+from mcsample.resampling import resample as _resample
+
+__all__ = ["Estimate", "WeightedSamples", "RunningMoments"]
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A Monte Carlo estimate and its standard error (same shape)."""
+
+    value: Tensor
+    stderr: Tensor
+
+    def __iter__(self):
+        return iter((self.value, self.stderr))
+
+    def __repr__(self) -> str:
+        if self.value.numel() == 1:
+            return f"Estimate({float(self.value):.6g} ± {float(self.stderr):.2g})"
+        return f"Estimate(value={self.value}, stderr={self.stderr})"
+
+
+@dataclass
+class RunningMoments:
+    r"""Streaming weighted sums for self-normalized estimates of one statistic.
+
+    Keeps, relative to a running maximum log-weight :math:`m`, the sums
+    :math:`S_0=\sum w`, :math:`S_1=\sum wf`, :math:`Q_0=\sum w^2`, :math:`Q_1=\sum w^2 f`,
+    :math:`Q_2=\sum w^2 f^2` (with :math:`w = e^{\ell - m}`), enough for
+    :math:`\hat\mu = S_1/S_0` and :math:`\widehat{se}^2 = (Q_2 - 2\hat\mu Q_1 + \hat\mu^2 Q_0)/S_0^2`.
+    """
+
+    max_log_w: Tensor | None = None
+    sums: list[Tensor] = field(default_factory=list)
+
+    def update(self, log_w: Tensor, values: Tensor) -> None:
+        values = values.to(torch.float64).reshape(log_w.shape[0], -1)
+        m = log_w.max()
+        if not bool(torch.isfinite(m)):  # a batch of zero weights adds nothing
+            m = torch.tensor(-1e300, dtype=torch.float64, device=log_w.device)
+        if self.max_log_w is None:
+            self.max_log_w = m
+            self.sums = [torch.zeros(values.shape[1], dtype=torch.float64, device=values.device)
+                         for _ in range(5)]
+            self.sums[0] = self.sums[0][:1]
+            self.sums[2] = self.sums[2][:1]
+        if m > self.max_log_w:
+            shift = torch.exp(self.max_log_w - m)
+            self.sums = [s * (shift if k in (0, 1) else shift**2) for k, s in enumerate(self.sums)]
+            self.max_log_w = m
+        w = torch.exp(log_w - self.max_log_w)[:, None]
+        # zero-weight particles contribute nothing, whatever f is there (avoid 0 * inf)
+        f = torch.where(w > 0, values, torch.zeros_like(values))
+        self.sums[0] += w.sum(0)
+        self.sums[1] += (w * f).sum(0)
+        self.sums[2] += (w * w).sum(0)
+        self.sums[3] += (w * w * f).sum(0)
+        self.sums[4] += (w * w * f * f).sum(0)
+
+    def estimate(self, shape: torch.Size) -> Estimate:
+        S0, S1, Q0, Q1, Q2 = self.sums
+        mu = S1 / S0
+        var = (Q2 - 2 * mu * Q1 + mu * mu * Q0).clamp(min=0.0) / (S0 * S0)
+        return Estimate(mu.reshape(shape), var.sqrt().reshape(shape))
+
+
+class WeightedSamples:
+    """Samples with float64 log-weights; see the module docstring for the estimators.
+
+    Args:
+        samples: tensor ``(N, *event_shape)`` or ``None`` when only weights were kept.
+        log_weights: unnormalized log-weights ``(N,)``; stored as float64.
+        log_scale: log of a constant multiplying every weight (SMC's evidence so far).
+        ancestors: time-0 ancestor index of each particle (``None``: each its own).
+        generations: number of sampling generations (1 + resampling events).
+        ess_history: ESS at each step of the algorithm that produced the samples.
+        statistics: streamed :class:`RunningMoments` by name (``keep_samples=False``).
+        info: free-form dictionary of algorithm-specific diagnostics.
+    """
+
+    def __init__(
+        self,
+        samples: Tensor | None,
+        log_weights: Tensor,
+        *,
+        log_scale: float | Tensor = 0.0,
+        ancestors: Tensor | None = None,
+        generations: int = 1,
+        ess_history: Tensor | None = None,
+        statistics: dict[str, tuple[RunningMoments, torch.Size]] | None = None,
+        info: dict | None = None,
+    ):
+        log_weights = _check(torch.as_tensor(log_weights), "log_weights")
+        if samples is not None and samples.shape[0] != log_weights.shape[0]:
+            raise ValueError(
+                f"samples have leading dimension {samples.shape[0]} but there are "
+                f"{log_weights.shape[0]} log-weights; expected samples of shape "
+                f"({log_weights.shape[0]}, *event_shape)"
+            )
+        if ancestors is not None and ancestors.shape != log_weights.shape:
+            raise ValueError(f"ancestors must have shape {tuple(log_weights.shape)}")
+        self.samples = samples
+        self.log_weights = log_weights
+        self.log_scale = torch.as_tensor(log_scale, dtype=torch.float64, device=log_weights.device)
+        self.ancestors = ancestors
+        self.generations = int(generations)
+        self.ess_history = ess_history
+        self.statistics = statistics or {}
+        self.info = info or {}
+
+    def __len__(self) -> int:
+        return self.log_weights.numel()
+
+    def __repr__(self) -> str:
+        return (
+            f"WeightedSamples(N={len(self)}, ess={float(self.ess):.1f}, "
+            f"log_evidence={float(self.log_evidence):.4f} ± {float(self.log_evidence_stderr):.2g})"
+        )
+
+    # -- weights -----------------------------------------------------------------------------
+    @property
+    def normalized_weights(self) -> Tensor:
+        """Self-normalized weights :math:`W_i`, float64, summing to one."""
+        return torch.softmax(self.log_weights, 0)
+
+    @property
+    def ess(self) -> Tensor:
+        """Kish effective sample size, :math:`(\\sum w)^2/\\sum w^2`."""
+        return _ess(self.log_weights)
+
+    @property
+    def log_evidence(self) -> Tensor:
+        """:math:`\\log\\hat Z = c + \\log\\frac1N\\sum_i w_i`."""
+        n = self.log_weights.numel()
+        return self.log_scale + torch.logsumexp(self.log_weights, 0) - math.log(n)
+
+    @property
+    def log_evidence_stderr(self) -> Tensor:
+        """Standard error of :math:`\\log\\hat Z` from one run (Lee & Whiteley 2018)."""
+        n = self.log_weights.numel()
+        if n < 2:
+            return torch.tensor(math.inf, dtype=torch.float64, device=self.log_weights.device)
+        W = self.normalized_weights
+        if self.ancestors is None:
+            s = (W * W).sum()
+        else:
+            S = torch.zeros_like(W).index_add_(0, self.ancestors.to(W.device), W)
+            s = (S * S).sum()
+        # V = 1 - c (1 - s) = c s - (c - 1), c = (N/(N-1))^g; c-1 via expm1 for accuracy
+        cm1 = math.expm1(self.generations * math.log1p(1.0 / (n - 1)))
+        var = (1.0 + cm1) * s - cm1
+        return var.clamp(min=0.0).sqrt()
+
+    @property
+    def khat(self) -> Tensor:
+        """Pareto shape :math:`\\hat k` of the weights (PSIS): < 0.5 good, > 0.7 unreliable."""
+        return psis(self.log_weights)[1]
+
+    # -- estimates ---------------------------------------------------------------------------
+    def expectation(self, fn: Callable[[Tensor], Tensor] | str | None = None) -> Estimate:
+        r"""Self-normalized estimate of :math:`E_\pi[f]` with its delta-method standard error.
+
+        ``fn`` maps samples ``(N, *event)`` to values ``(N, *shape)`` (default: identity). With
+        ``keep_samples=False`` runs, pass the name of a streamed statistic instead.
+        """
+        if isinstance(fn, str):
+            if fn not in self.statistics:
+                raise KeyError(
+                    f"no streamed statistic {fn!r}; available: {sorted(self.statistics)}"
+                )
+            moments, shape = self.statistics[fn]
+            return moments.estimate(shape)
+        if self.samples is None:
+            raise ValueError(
+                "these weighted samples kept no samples (keep_samples=False); ask for the "
+                "statistic by name, or pass it in `statistics=` when sampling"
+            )
+        values = self.samples if fn is None else fn(self.samples)
+        moments = RunningMoments()
+        moments.update(self.log_weights, values)
+        return moments.estimate(values.shape[1:])
+
+    def resample(
+        self,
+        num: int | None = None,
+        scheme: str = "systematic",
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Equally weighted samples drawn by :func:`mcsample.resample` (``num`` defaults to N)."""
+        if self.samples is None:
+            raise ValueError("these weighted samples kept no samples (keep_samples=False)")
+        idx = _resample(self.log_weights, num, scheme, generator)
+        return self.samples[idx.to(self.samples.device)]
+
+    def to(self, device) -> "WeightedSamples":
+        """A copy on ``device``."""
+        return WeightedSamples(
+            None if self.samples is None else self.samples.to(device),
+            self.log_weights.to(device),
+            log_scale=self.log_scale.to(device),
+            ancestors=None if self.ancestors is None else self.ancestors.to(device),
+            generations=self.generations,
+            ess_history=self.ess_history,
+            statistics=self.statistics,
+            info=self.info,
+        )
