@@ -67,9 +67,14 @@ def _counts_to_indices(counts: Tensor) -> Tensor:
     return torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
 
 
+def _floor(scaled: Tensor) -> Tensor:
+    # N*W_i that should be an integer can come out as k - 1e-15 after normalization
+    return torch.floor(scaled + 1e-9)
+
+
 def _residual(W: Tensor, num: int, generator) -> Tensor:
     scaled = num * W
-    floor = torch.floor(scaled)
+    floor = _floor(scaled)
     rest = num - int(floor.sum())
     counts = floor.to(torch.long)
     if rest > 0:
@@ -81,8 +86,8 @@ def _residual(W: Tensor, num: int, generator) -> Tensor:
 
 def _ssp(W: Tensor, num: int, generator) -> Tensor:
     scaled = num * W
-    floor = torch.floor(scaled)
-    frac = scaled - floor
+    floor = _floor(scaled)
+    frac = (scaled - floor).clamp(min=0.0)
     eps = 1e-12
     while True:
         active = torch.nonzero((frac > eps) & (frac < 1 - eps)).flatten()

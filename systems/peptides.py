@@ -400,6 +400,84 @@ def _minimize(system, pos: np.ndarray, tolerance: float = 1.0, max_iterations: i
     return ctx.getState(getPositions=True).getPositions(asNumpy=True)._value.astype(np.float64)
 
 
+def _build_heavy_atoms(sequence: str, caps: bool = True, seed: int = 0):
+    """RDKit: L-peptide from one-letter codes with PDB atom names, embedded (ETKDGv3).
+
+    Returns an OpenMM ``Topology`` and positions of the heavy atoms (hydrogens are removed:
+    OpenMM's Modeller adds them with the force field's names and pH-7 protonation states).
+    ``caps=True`` adds ACE (C, O, CH3) before and NME (N, C) after the chain; otherwise the
+    termini stay free (Modeller makes them NH3+ and COO-).
+    """
+    import openmm.app as app
+    from rdkit import Chem
+    from rdkit.Chem import AllChem
+
+    seq = sequence.strip().upper()
+    if not seq:
+        raise ValueError("empty peptide sequence")
+    unknown = sorted({c for c in seq if c not in ONE_LETTER_CODES})
+    if unknown:
+        raise ValueError(
+            f"unsupported residue code(s) {unknown} in sequence {sequence!r}; supported are "
+            f"the 20 standard amino acids {''.join(sorted(ONE_LETTER_CODES))}"
+        )
+    mol = Chem.RWMol(Chem.MolFromSequence(seq))
+    if caps:
+        first_n = next(a.GetIdx() for a in mol.GetAtoms()
+                       if a.GetPDBResidueInfo().GetResidueNumber() == 1
+                       and a.GetPDBResidueInfo().GetName().strip() == "N")
+        last = len(seq)
+        oxt = next(a.GetIdx() for a in mol.GetAtoms()
+                   if a.GetPDBResidueInfo().GetName().strip() == "OXT")
+        last_c = next(a.GetIdx() for a in mol.GetAtomWithIdx(oxt).GetNeighbors())
+
+        def add(symbol, name, resname, resnum):
+            atom = Chem.Atom(symbol)
+            info = Chem.AtomPDBResidueInfo()
+            info.SetName(f" {name:<3s}" if len(name) < 4 else name)
+            info.SetResidueName(resname)
+            info.SetResidueNumber(resnum)
+            info.SetChainId("A")
+            info.SetIsHeteroAtom(False)
+            atom.SetMonomerInfo(info)
+            return mol.AddAtom(atom)
+
+        mol.RemoveAtom(oxt)   # indices above oxt shift down by one
+        if first_n > oxt:
+            first_n -= 1
+        if last_c > oxt:
+            last_c -= 1
+        c = add("C", "C", "ACE", 0)
+        o = add("O", "O", "ACE", 0)
+        ch3 = add("C", "CH3", "ACE", 0)
+        mol.AddBond(c, o, Chem.BondType.DOUBLE)
+        mol.AddBond(c, ch3, Chem.BondType.SINGLE)
+        mol.AddBond(c, first_n, Chem.BondType.SINGLE)
+        n = add("N", "N", "NME", last + 1)
+        cm = add("C", "C", "NME", last + 1)
+        mol.AddBond(last_c, n, Chem.BondType.SINGLE)
+        mol.AddBond(n, cm, Chem.BondType.SINGLE)
+    mol = mol.GetMol()
+    Chem.SanitizeMol(mol)
+    molh = Chem.AddHs(mol, addCoords=False, addResidueInfo=True)
+    params = AllChem.ETKDGv3()
+    params.randomSeed = int(seed)
+    if AllChem.EmbedMolecule(molh, params) != 0:
+        params.useRandomCoords = True
+        if AllChem.EmbedMolecule(molh, params) != 0:
+            raise RuntimeError(f"RDKit could not embed the peptide {sequence!r}")
+    heavy = Chem.RemoveHs(molh)
+    # order atoms residue by residue (ACE first, NME last) as a PDB file would
+    order = sorted(range(heavy.GetNumAtoms()),
+                   key=lambda i: (heavy.GetAtomWithIdx(i).GetPDBResidueInfo().GetResidueNumber(), i))
+    heavy = Chem.RenumberAtoms(heavy, order)
+    block = Chem.MolToPDBBlock(heavy, flavor=2 | 8)   # no CONECT for standard residues
+    import io
+
+    pdb = app.PDBFile(io.StringIO(block))
+    return pdb.topology, pdb.positions
+
+
 def _sequence_of(topology) -> str:
     return "-".join(r.name for r in topology.residues)
 
@@ -422,9 +500,10 @@ def _forcefield(forcefield, solvent):
 
 def _create_system(ff, topology, cutoff):
     import openmm.app as app
+    import openmm.unit as unit
 
     method = app.NoCutoff if cutoff is None else app.CutoffNonPeriodic
-    kw = {} if cutoff is None else {"nonbondedCutoff": float(cutoff)}
+    kw = {} if cutoff is None else {"nonbondedCutoff": float(cutoff) * unit.nanometer}
     try:
         return ff.createSystem(topology, nonbondedMethod=method, constraints=None,
                                rigidWater=False, removeCMMotion=True, **kw)
