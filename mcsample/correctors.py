@@ -75,6 +75,8 @@ from .diagnostics import ess as _ess
 from .resampling import resample as _resample
 from .weighted import WeightedSamples
 
+import os
+TRAP = os.environ.get("TRAP") == "1"
 __all__ = [
     "ScoreProduct",
     "annealed",
@@ -324,7 +326,8 @@ def fkc_step(
     S, rate = target.terms(x, tt, g2)
     nfe = state.nfe + target.num_models
     if correct:
-        incr = (rate + (target.total_exponent - 1.0) * d * f) * dt
+        w_k = dt if not TRAP else 0.5 * (dt + (co["t"][k - 1] - t_k if k > 0 else 0.0))
+        incr = (rate + (target.total_exponent - 1.0) * d * f) * w_k
         if bool(torch.isnan(incr).any()):
             bad = int(torch.isnan(incr).sum())
             raise ValueError(f"Feynman-Kac weight increment is NaN for {bad} of {N} particles at "
@@ -449,6 +452,11 @@ def fk_corrector(
                              resample_threshold=resample_threshold, resample_every=resample_every,
                              scheme=scheme, steering=steering, generator=generator)
         log_w = state.log_weights
+        if TRAP and correct:
+            k = len(co["t"]) - 1
+            tt = torch.full((num_particles,), co["t"][k], dtype=dtype, device=device)
+            _, rate = target.terms(state.x, tt, co["g2"][k])
+            log_w = log_w + (rate + (target.total_exponent - 1.0) * int(math.prod(event_shape)) * co["f"][k]) * 0.5 * (co["t"][k-1]-co["t"][k])
         if steering is not None:
             # final potential: λ r(x_N) over the lineage's product of intermediate potentials
             r = steering.evaluate(state.x)
