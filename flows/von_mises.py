@@ -367,6 +367,16 @@ def _mixture(logits: Tensor, loc: Tensor, conc: Tensor) -> MixtureSameFamily:
     return MixtureSameFamily(Categorical(logits=logits), VonMises(loc, conc), validate_args=False)
 
 
+def _sample_mixture(logits: Tensor, loc: Tensor, conc: Tensor, n: int | None) -> Tensor:
+    """One draw per mixture (``n`` of them if the parameters carry no sample dim): the
+    component from ``Categorical``, then only that component's ``VonMises`` is sampled
+    (``MixtureSameFamily.sample`` would draw all K components and discard K-1)."""
+    shape = () if n is None else (n,)
+    comp = Categorical(logits=logits).sample(shape)[..., None]
+    pick = lambda v: torch.gather(v.expand(comp.shape[:-1] + v.shape[-1:]), -1, comp)[..., 0]
+    return VonMises(pick(loc), pick(conc), validate_args=False).sample()
+
+
 class VonMisesProposal:
     r"""The network's distribution over one molecule's torsions, a
     :class:`~mcsample.protocols.Proposal` over ``(B, T)`` with exact normalized ``log_prob``.
@@ -433,17 +443,16 @@ class VonMisesProposal:
             z = self.emb.new_zeros(n, 0)
             return z, self.emb.new_zeros(n)
         if not self.autoregressive:
-            d = _mixture(*self._params)
-            theta = _wrap(d.sample((n,)))
-            return theta, d.log_prob(theta).sum(-1)
+            theta = _wrap(_sample_mixture(*self._params, n))
+            return theta, _mixture(*self._params).log_prob(theta).sum(-1)
         theta = self.emb.new_zeros(n, T)
         lq = self.emb.new_zeros(n)
         vals = self.emb.new_zeros(n, T, self.emb.shape[-1])
         for t in range(T):
             ctx = torch.einsum("sh,bsh->bh", self._gates[t], vals)
-            d = _mixture(*self.net.mixture_params(self.emb[t], ctx))
-            th = _wrap(d.sample())
-            lq = lq + d.log_prob(th)
+            params = self.net.mixture_params(self.emb[t], ctx)
+            th = _wrap(_sample_mixture(*params, None))
+            lq = lq + _mixture(*params).log_prob(th)
             theta[:, t] = th
             vals[:, t] = self.net.values(self.emb[t:t + 1], th[:, None])[:, 0]
         return theta, lq
