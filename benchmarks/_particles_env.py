@@ -10,12 +10,16 @@ there through a subprocess, in the same run and on the same weights as mcsample.
 This file has two roles and imports only the standard library at the top, so that it runs
 under either interpreter:
 
-* imported by ``benchmarks/resampling.py``: :func:`ensure_venv` builds or finds the environment,
-  :func:`time_particles` runs this same file in it and returns its timings;
-* run as a script by the environment's Python (``python _particles_env.py --logw F.npy --ns ...``):
-  loads the log-weights, warms every scheme up (numba compiles on the first call, so the
-  compilation never enters a timing), then times each scheme at each :math:`N` and prints one
-  JSON line.
+* imported by ``benchmarks/resampling.py``: :func:`ensure_venv` builds or finds the environment
+  and :class:`ParticlesWorker` starts this same file in it as a long-lived timing process;
+* run as a script by the environment's Python: loads the log-weights from a ``.npy`` file,
+  seeds numpy's global RNG (which ``particles`` draws from), warms every scheme up (numba
+  compiles on the first call, so compilation never enters a timing), then either answers
+  JSON-line timing requests (``--serve``) or, standalone, times every scheme at each ``--ns``
+  and prints one JSON line::
+
+      benchmarks/.venv-particles/bin/python benchmarks/_particles_env.py \
+          --logw lw.npy --ns 1000 100000 --repeats 5
 
 Two times are reported per scheme and :math:`N`: ``resample`` (``particles.resampling.<scheme>
 (W, M)`` on normalized weights :math:`W`, what the library's function does) and
@@ -50,6 +54,12 @@ def _probe(python: Path) -> str | None:
     return None if proc.returncode == 0 else (proc.stderr.strip().splitlines() or ["?"])[-1]
 
 
+def _ignore_in_git() -> None:
+    gitignore = VENV / ".gitignore"
+    if not gitignore.exists():
+        gitignore.write_text("# created by benchmarks/_particles_env.py\n*\n")
+
+
 def ensure_venv(log=print) -> tuple[Path | None, str | None]:
     """Find or create ``benchmarks/.venv-particles`` with ``particles`` installed.
 
@@ -59,6 +69,7 @@ def ensure_venv(log=print) -> tuple[Path | None, str | None]:
     """
     python = _venv_python()
     if python.exists() and _probe(python) is None:
+        _ignore_in_git()
         return python, None
     base = getattr(sys, "_base_executable", None) or sys.executable
     log(f"[particles] creating {VENV} and installing {' '.join(PACKAGES)} (first use, ~1-2 min)")
@@ -66,7 +77,7 @@ def ensure_venv(log=print) -> tuple[Path | None, str | None]:
         if not python.exists():
             subprocess.run([base, "-m", "venv", str(VENV)], check=True, capture_output=True,
                            text=True, timeout=600)
-            (VENV / ".gitignore").write_text("# created by benchmarks/_particles_env.py\n*\n")
+            _ignore_in_git()
         proc = subprocess.run(
             [str(python), "-m", "pip", "install", "-q", *PACKAGES],
             capture_output=True, text=True, timeout=1200,
@@ -82,43 +93,72 @@ def ensure_venv(log=print) -> tuple[Path | None, str | None]:
     return python, None
 
 
-def time_particles(
-    python: Path, logw_file: Path, ns: list[int], schemes: list[str], repeats: int,
-    min_time: float, seed: int, timeout: float = 3600,
-) -> tuple[dict | None, str | None]:
-    """Run this file under ``python``; returns ``(results, None)`` or ``(None, reason)``.
+class ParticlesWorker:
+    """A ``particles`` timing process kept alive for the whole benchmark.
 
-    ``results[scheme][str(N)] = {"resample": seconds, "normalize_resample": seconds}``
-    (medians), plus ``results["_versions"]``.
+    The benchmark interleaves its measurements (mcsample, numpy, particles, mcsample, ...) so
+    that the load of a shared machine falls on all three alike; a long-lived worker makes that
+    possible without paying numba's start-up and compilation at every call. Requests and
+    answers are JSON lines on the worker's stdin and stdout.
     """
-    cmd = [str(python), str(Path(__file__).resolve()), "--logw", str(logw_file),
-           "--ns", *map(str, ns), "--schemes", *schemes, "--repeats", str(repeats),
-           "--min-time", str(min_time), "--seed", str(seed)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return None, f"the particles timing subprocess ran past {timeout:.0f} s"
-    if proc.returncode != 0:
-        tail = " | ".join(proc.stderr.strip().splitlines()[-3:])
-        return None, f"the particles timing subprocess failed: {tail}"
-    return json.loads(proc.stdout.strip().splitlines()[-1]), None
+
+    def __init__(self, python: Path, logw_file: Path, schemes: list[str], seed: int):
+        self.proc = subprocess.Popen(
+            [str(python), str(Path(__file__).resolve()), "--logw", str(logw_file),
+             "--schemes", *schemes, "--seed", str(seed), "--serve"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        line = self.proc.stdout.readline()
+        if not line:
+            err = " | ".join(self.proc.stderr.read().strip().splitlines()[-3:])
+            raise RuntimeError(f"the particles worker did not start: {err}")
+        self.versions = json.loads(line)["versions"]
+
+    def time(self, scheme: str, n: int, variant: str, calls: int, min_time: float) -> list[float]:
+        """Seconds of ``calls`` (at least, and at least ``min_time`` s) calls of ``scheme``.
+
+        ``variant="W"``: ``particles.resampling.<scheme>(W, N)`` on normalized weights;
+        ``variant="lw"``: ``exp_and_normalise(lw)`` first, from the log-weights.
+        """
+        request = {"scheme": scheme, "n": n, "variant": variant, "calls": calls,
+                   "min_time": min_time}
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            err = " | ".join(self.proc.stderr.read().strip().splitlines()[-3:])
+            raise RuntimeError(f"the particles worker died: {err}")
+        return json.loads(line)["times"]
+
+    def close(self) -> None:
+        """Stop the worker (it exits when its stdin closes)."""
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
 
 
 # --------------------------------------------------------------------------------------------
 # the timing script, run by the environment's interpreter (numpy<2, numba, particles)
 
 
-def median_time(fn, repeats: int, min_time: float) -> float:
-    """Median wall time of ``fn()`` over at least ``repeats`` calls and ``min_time`` seconds."""
+def timed_calls(fn, calls: int, min_time: float) -> list[float]:
+    """Wall times of ``fn()`` over at least ``calls`` calls and ``min_time`` seconds (<= 1000)."""
     times: list[float] = []
     start = time.perf_counter()
-    while len(times) < repeats or (time.perf_counter() - start < min_time and len(times) < 1000):
+    while len(times) < calls or (time.perf_counter() - start < min_time and len(times) < 1000):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    times.sort()
-    k = len(times)
-    return times[k // 2] if k % 2 else 0.5 * (times[k // 2 - 1] + times[k // 2])
+    return times
+
+
+def _median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    k = len(xs)
+    return xs[k // 2] if k % 2 else 0.5 * (xs[k // 2 - 1] + xs[k // 2])
 
 
 def _main(argv: list[str]) -> None:
@@ -129,13 +169,15 @@ def _main(argv: list[str]) -> None:
     import numpy as np
     from particles import resampling as rs
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--logw", required=True)
-    parser.add_argument("--ns", type=int, nargs="+", required=True)
+    parser = argparse.ArgumentParser(description="time particles' resampling schemes")
+    parser.add_argument("--logw", required=True, help=".npy file of float64 log-weights")
     parser.add_argument("--schemes", nargs="+", default=SCHEMES)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--serve", action="store_true",
+                        help="answer JSON-line requests on stdin (used by the benchmark)")
+    parser.add_argument("--ns", type=int, nargs="+", help="one-shot mode: time these N")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--min-time", type=float, default=0.2)
-    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
     np.random.seed(args.seed)  # particles draws from numpy's global RNG
@@ -143,21 +185,36 @@ def _main(argv: list[str]) -> None:
     small = rs.exp_and_normalise(all_lw[:1000])
     for scheme in args.schemes:  # compile every numba function before any timing
         rs.resampling(scheme, small)
-    out: dict = {"_versions": {"particles": metadata.version("particles"),
-                               "numpy": np.__version__, "numba": numba.__version__}}
+    versions = {name: metadata.version(name) for name in ("particles", "numpy", "numba")}
+    cache: dict[int, tuple] = {}
+
+    def call(scheme: str, n: int, variant: str):
+        if n not in cache:
+            lw = np.ascontiguousarray(all_lw[:n])
+            cache.clear()
+            cache[n] = (lw, rs.exp_and_normalise(lw))
+        lw, W = cache[n]
+        if variant == "W":
+            return lambda: rs.resampling(scheme, W)
+        return lambda: rs.resampling(scheme, rs.exp_and_normalise(lw))
+
+    if args.serve:
+        print(json.dumps({"versions": versions}), flush=True)
+        for line in sys.stdin:
+            req = json.loads(line)
+            fn = call(req["scheme"], req["n"], req["variant"])
+            times = timed_calls(fn, req["calls"], req["min_time"])
+            print(json.dumps({"times": times}), flush=True)
+        return
+    out: dict = {"_versions": versions}
     for scheme in args.schemes:
         out[scheme] = {}
-        for n in args.ns:
-            lw = np.ascontiguousarray(all_lw[:n])
-            W = rs.exp_and_normalise(lw)
-            rs.resampling(scheme, W)  # warm caches at this size
-            out[scheme][str(n)] = {
-                "resample": median_time(lambda: rs.resampling(scheme, W), args.repeats,
-                                        args.min_time),
-                "normalize_resample": median_time(
-                    lambda: rs.resampling(scheme, rs.exp_and_normalise(lw)), args.repeats,
-                    args.min_time),
-            }
+        for n in args.ns or []:
+            out[scheme][str(n)] = {}
+            for variant, key in (("W", "resample"), ("lw", "normalize_resample")):
+                fn = call(scheme, n, variant)
+                fn()  # warm caches at this size
+                out[scheme][str(n)][key] = _median(timed_calls(fn, args.repeats, args.min_time))
     print(json.dumps(out))
 
 

@@ -265,7 +265,7 @@ class VonMisesConfig:
     """Architecture: ``hidden`` width, ``num_layers`` message-passing rounds, ``components``
     von Mises per torsion, ``autoregressive`` conditioning on earlier torsions."""
 
-    hidden: int = 96
+    hidden: int = 64
     num_layers: int = 6
     components: int = 4
     autoregressive: bool = False

@@ -75,8 +75,6 @@ from .diagnostics import ess as _ess
 from .resampling import resample as _resample
 from .weighted import WeightedSamples
 
-import os
-TRAP = os.environ.get("TRAP") == "1"
 __all__ = [
     "ScoreProduct",
     "annealed",
@@ -268,6 +266,7 @@ def _grid_floats(schedule, grid: Tensor) -> dict[str, list[float]]:
         "sigma": schedule.sigma(g).tolist(),
         "f": schedule.f(g).tolist(),
         "g2": schedule.g2(g).tolist(),
+        "log_alpha": torch.log(schedule.alpha(g)).tolist(),
     }
 
 
@@ -326,8 +325,8 @@ def fkc_step(
     S, rate = target.terms(x, tt, g2)
     nfe = state.nfe + target.num_models
     if correct:
-        w_k = dt if not TRAP else 0.5 * (dt + (co["t"][k - 1] - t_k if k > 0 else 0.0))
-        incr = (rate + (target.total_exponent - 1.0) * d * f) * w_k
+        # x-dependent part by the left-point rule; (B-1) d ∫f dt = (B-1) d Δlog α exactly
+        incr = rate * dt + (target.total_exponent - 1.0) * d * (co["log_alpha"][k] - co["log_alpha"][k + 1])
         if bool(torch.isnan(incr).any()):
             bad = int(torch.isnan(incr).sum())
             raise ValueError(f"Feynman-Kac weight increment is NaN for {bad} of {N} particles at "
@@ -452,11 +451,6 @@ def fk_corrector(
                              resample_threshold=resample_threshold, resample_every=resample_every,
                              scheme=scheme, steering=steering, generator=generator)
         log_w = state.log_weights
-        if TRAP and correct:
-            k = len(co["t"]) - 1
-            tt = torch.full((num_particles,), co["t"][k], dtype=dtype, device=device)
-            _, rate = target.terms(state.x, tt, co["g2"][k])
-            log_w = log_w + (rate + (target.total_exponent - 1.0) * int(math.prod(event_shape)) * co["f"][k]) * 0.5 * (co["t"][k-1]-co["t"][k])
         if steering is not None:
             # final potential: λ r(x_N) over the lineage's product of intermediate potentials
             r = steering.evaluate(state.x)

@@ -50,6 +50,7 @@ import re
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 __all__ = [
     "TorchForceField",
@@ -276,6 +277,8 @@ class Nonbonded(nn.Module):
         self.register_buffer("ex_qq", torch.as_tensor(ONE_4PI_EPS0 * ex[:, 2]))
         self.register_buffer("ex_sig2", torch.as_tensor(ex[:, 3] ** 2))
         self.register_buffer("ex_eps4", torch.as_tensor(4.0 * ex[:, 4]))
+        self.register_buffer("flat", self.i * n + self.j)          # into a flattened (n, n)
+        self.register_buffer("ex_flat", self.ex_i * n + self.ex_j)
         self.cutoff = None if method == openmm.NonbondedForce.NoCutoff \
             else float(force.getCutoffDistance()._value)
         self.switch = None
@@ -312,6 +315,62 @@ class Nonbonded(nn.Module):
             e = self.ex_eps4.to(x) * s6 * (s6 - 1.0) + self.ex_qq.to(x) * torch.sqrt(inv2)
             out = out + e.sum(-1)
         return out
+
+
+    def energy_grad_d2(self, d2_flat: Tensor, floor2: float, need_grad: bool):
+        """Energy (B,) and, if asked, ``dU/d(r_ij^2)`` scattered into a flat (B, n*n) matrix.
+
+        The analytic twin of :meth:`forward` used by the fused path (same formulas).
+        """
+        B = d2_flat.shape[0]
+        x = d2_flat
+        energy = x.new_zeros(B)
+        w_flat = x.new_zeros(d2_flat.shape) if need_grad else None
+        for flat, qq_, sig2_, eps4_, regular in (
+            (self.flat, self.qq, self.sig2, self.eps4, True),
+            (self.ex_flat, self.ex_qq, self.ex_sig2, self.ex_eps4, False),
+        ):
+            if flat.numel() == 0:
+                continue
+            raw = d2_flat[:, flat]
+            d2 = torch.clamp(raw, min=floor2)
+            inv2 = 1.0 / d2
+            s6 = (sig2_.to(x) * inv2) ** 3
+            eps4 = eps4_.to(x)
+            lj = eps4 * s6 * (s6 - 1.0)
+            inv_r = torch.sqrt(inv2)
+            qq = qq_.to(x)
+            cut = regular and self.cutoff is not None
+            if cut:
+                coul = qq * (inv_r + self.k_rf * d2 - self.c_rf)
+            else:
+                coul = qq * inv_r
+            if need_grad:
+                dlj = -3.0 * eps4 * s6 * (2.0 * s6 - 1.0) * inv2
+                dcoul = -0.5 * qq * inv_r * inv2
+                if cut:
+                    dcoul = dcoul + qq * self.k_rf
+            if cut and self.switch is not None:
+                r = d2 * inv_r
+                width = self.cutoff - self.switch
+                t = torch.clamp((r - self.switch) / width, 0.0, 1.0)
+                sw = 1.0 + t**3 * (-10.0 + t * (15.0 - 6.0 * t))
+                if need_grad:
+                    dsw = -30.0 * t.square() * (1.0 - t).square() / width * 0.5 * inv_r
+                    dlj = dlj * sw + lj * dsw
+                lj = lj * sw
+            e = lj + coul
+            if need_grad:
+                w = (dlj + dcoul) * (raw >= floor2)
+            if cut:
+                inside = d2 < self.cutoff**2
+                e = torch.where(inside, e, torch.zeros_like(e))
+                if need_grad:
+                    w = torch.where(inside, w, torch.zeros_like(w))
+            energy = energy + e.sum(-1)
+            if need_grad:
+                w_flat.index_add_(1, flat, w)
+        return energy, w_flat
 
 
 # --------------------------------------------------------------------------------------------
@@ -408,6 +467,97 @@ class OBCGeneralizedBorn(nn.Module):
             radius = self.rho.to(x) + self.offset
             e = e + (self.ace * (radius + self.probe).square() * (radius / born) ** 6).sum(-1)
         return e
+
+
+    def energy_grad_d2(self, x: Tensor, d2: Tensor, floor2: float, need_grad: bool):
+        """Energy (B,) and ``W_ij = dU/d(r_ij^2)`` (B, n, n), analytic (same formulas as forward).
+
+        Chain rule through the Born radii: :math:`dU/dI_i = (dU/dB_i)(dB_i/dI_i)`,
+        :math:`dB/dI = B^2(1-\tanh^2 P)P'(\psi)\rho/R`; :math:`dU/dB_i` collects the ACE term
+        and :math:`\partial(u e^{-r^2/4u})/\partial u = e^{-r^2/4u}(1 + r^2/4u)`, :math:`u=B_iB_j`.
+        """
+        n = x.shape[1]
+        eye = torch.eye(n, dtype=torch.bool, device=x.device)
+        raw = torch.where(eye, torch.ones_like(d2), d2)
+        r = torch.sqrt(torch.clamp(raw, min=floor2))
+        inv_r = 1.0 / r
+        rho_i = self.rho.to(x)[:, None]
+        s_j = self.sr.to(x)[None, :]
+        U = r + s_j
+        inv_u = 1.0 / U
+        rms = r - s_j
+        use_d = rms.abs() > rho_i
+        L = torch.where(use_d, rms.abs(), rho_i)
+        inv_l = 1.0 / L
+        log_lu = torch.log(L * inv_u)
+        a2 = inv_l.square()
+        b2 = inv_u.square()
+        t1 = r - s_j.square() * inv_r
+        h = 0.5 * (inv_l - inv_u + 0.25 * t1 * (b2 - a2) + 0.5 * log_lu * inv_r)
+        keep = (U >= rho_i) & ~eye
+        if self.cutoff is not None:
+            keep = keep & (d2 <= self.cutoff**2)
+        if self.inside_term:
+            ins = rho_i < s_j - r
+            h = h + torch.where(ins, 1.0 / rho_i - inv_l, torch.zeros_like(h))
+        integral = torch.where(keep, h, torch.zeros_like(h)).sum(-1)
+        rho = self.rho.to(x)
+        radius = rho + self.offset
+        psi = integral * rho
+        poly = psi * (self.alpha + psi * (-self.beta + self.gamma * psi))
+        th = torch.tanh(poly)
+        born = 1.0 / (1.0 / rho - th / radius)
+        # polar energy, dense with the self term on the diagonal
+        q = self.q.to(x)
+        qq = q[:, None] * q[None, :]
+        u = born[:, :, None] * born[:, None, :]
+        ex = torch.exp(-0.25 * d2 / u)
+        f = torch.sqrt(d2 + u * ex)
+        inv_f = 1.0 / f
+        if self.cutoff is not None:
+            sh = torch.where(eye, torch.zeros_like(d2), torch.full_like(d2, 1.0 / self.cutoff))
+            pair_in = eye | (d2 <= self.cutoff**2)
+            core = inv_f - sh
+        else:
+            core = inv_f
+        if self.kappa > 0.0:
+            ek = torch.exp(-self.kappa * f)
+            factor = -self.ke * (self.inv_eps_in - ek * self.inv_eps_out)
+        else:
+            factor = self.prefactor
+        g = factor * core
+        if self.cutoff is not None:
+            g = torch.where(pair_in, g, torch.zeros_like(g))
+        energy = 0.5 * (g * qq).sum((-1, -2))
+        ace = None
+        if self.ace is not None:
+            ace = self.ace * (radius + self.probe).square() * (radius / born) ** 6
+            energy = energy + ace.sum(-1)
+        if not need_grad:
+            return energy, None
+        # dg/d(f^2)
+        dg_df = -factor * inv_f.square()
+        if self.kappa > 0.0:
+            dg_df = dg_df + (-self.ke * self.kappa * ek * self.inv_eps_out) * core
+        G = 0.5 * qq * dg_df * 0.5 * inv_f
+        if self.cutoff is not None:
+            G = torch.where(pair_in, G, torch.zeros_like(G))
+        w = G * (1.0 - 0.25 * ex)                                          # direct, symmetric
+        dE_dB = 2.0 * torch.einsum("bij,bj->bi", G * ex * (1.0 + 0.25 * d2 / u), born)
+        if ace is not None:
+            dE_dB = dE_dB - 6.0 * ace / born
+        dpoly = self.alpha + psi * (-2.0 * self.beta + 3.0 * self.gamma * psi)
+        dE_dI = dE_dB * born.square() * (1.0 - th.square()) * dpoly * rho / radius
+        # dh/dr
+        lp = torch.where(use_d, torch.sign(rms), torch.zeros_like(rms))
+        dh = 0.5 * (-a2 * lp + b2 + 0.25 * (1.0 + s_j.square() * inv_r.square()) * (b2 - a2)
+                    + 0.5 * t1 * (a2 * inv_l * lp - b2 * inv_u)
+                    + 0.5 * (inv_l * lp - inv_u) * inv_r - 0.5 * log_lu * inv_r.square())
+        if self.inside_term:
+            dh = dh + torch.where(ins, a2 * lp, torch.zeros_like(dh))
+        dh = torch.where(keep & (raw >= floor2), dh, torch.zeros_like(dh))
+        w = w + dE_dI[:, :, None] * dh * 0.5 * inv_r
+        return energy, w
 
 
 def _split_expression(expr: str) -> tuple[str, dict[str, str]]:
@@ -560,6 +710,50 @@ def _obc_from_gbsaobc(force) -> OBCGeneralizedBorn:
 
 
 # --------------------------------------------------------------------------------------------
+# fused pair terms: energy and analytic gradient in one pass
+
+
+class _FusedPairs(torch.autograd.Function):
+    """Nonbonded + GB energy with the gradient computed alongside in the forward pass.
+
+    Every pair term is a function of the squared distances :math:`d_{ij}=|x_i-x_j|^2`; with
+    :math:`W_{ij}=\partial U/\partial d_{ij}` the gradient is
+    :math:`\nabla_{x_k}U = 2\sum_j (W_{kj}+W_{jk})(x_k-x_j)`, one batched matrix product.
+    First-order only (``once_differentiable``); the autograd path serves higher orders.
+    """
+
+    @staticmethod
+    def forward(ctx, x, nb, gb, floor2):
+        need = bool(ctx.needs_input_grad[0])
+        B, n, _ = x.shape
+        diff = x[:, :, None, :] - x[:, None, :, :]
+        d2 = diff.square().sum(-1)
+        energy = x.new_zeros(B)
+        W = None
+        if nb is not None:
+            e, w = nb.energy_grad_d2(d2.reshape(B, n * n), floor2, need)
+            energy = energy + e
+            if need:
+                W = w.view(B, n, n)
+        if gb is not None:
+            e, w = gb.energy_grad_d2(x, d2, floor2, need)
+            energy = energy + e
+            if need:
+                W = w if W is None else W + w
+        if need:
+            S = W + W.transpose(1, 2)
+            grad = 2.0 * torch.einsum("bij,bijc->bic", S, diff)
+            ctx.save_for_backward(grad)
+        return energy
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_energy):
+        (grad,) = ctx.saved_tensors
+        return grad_energy[:, None, None] * grad, None, None, None
+
+
+# --------------------------------------------------------------------------------------------
 
 
 class TorchForceField(nn.Module):
@@ -572,13 +766,20 @@ class TorchForceField(nn.Module):
     """
 
     def __init__(self, terms: list[nn.Module], n_atoms: int, min_distance: float | None = None,
-                 max_pairs_per_chunk: int = 1 << 22):
+                 max_pairs_per_chunk: int = 1 << 22, analytic: bool = True):
         super().__init__()
         self.terms = nn.ModuleList(terms)
         self.n_atoms = int(n_atoms)
         self.min_distance = min_distance
         self.max_pairs_per_chunk = int(max_pairs_per_chunk)
         self.dense = any(isinstance(t, OBCGeneralizedBorn) for t in terms)
+        self.analytic = bool(analytic)
+        nbs = [t for t in terms if isinstance(t, Nonbonded)]
+        gbs = [t for t in terms if isinstance(t, OBCGeneralizedBorn)]
+        self._nb = nbs[0] if len(nbs) == 1 else None
+        self._gb = gbs[0] if len(gbs) == 1 else None
+        # the fused path covers one NonbondedForce and at most one GB force
+        self._fusable = len(nbs) <= 1 and len(gbs) <= 1 and (nbs or gbs)
 
     @classmethod
     def from_openmm(cls, system, temperature: float | None = None, **kwargs) -> "TorchForceField":
@@ -634,8 +835,14 @@ class TorchForceField(nn.Module):
         per = self.n_atoms * self.n_atoms if self.dense else max(1, self.n_atoms * self.n_atoms // 2)
         return max(1, self.max_pairs_per_chunk // per)
 
-    def _energy_terms(self, x: Tensor) -> list[Tensor]:
+    def _energy_terms(self, x: Tensor, fused: bool | None = None) -> list[Tensor]:
         floor = self.min_distance if self.min_distance is not None else _floor_for(x.dtype)
+        fused = self.analytic and self._fusable if fused is None else fused
+        if fused:
+            geo = _Geometry(x, False, floor)
+            out = [t(x, geo) for t in self.terms if not isinstance(t, (Nonbonded, OBCGeneralizedBorn))]
+            out.append(_FusedPairs.apply(x, self._nb, self._gb, floor * floor))
+            return out
         geo = _Geometry(x, self.dense, floor)
         return [t(x, geo) for t in self.terms]
 
@@ -652,7 +859,7 @@ class TorchForceField(nn.Module):
     def energy_components(self, x: Tensor) -> dict[str, Tensor]:
         """Each force's energy (kJ/mol), keyed by its OpenMM class name, shape ``(B,)`` each."""
         x = self._check(x)
-        return {t.name: e for t, e in zip(self.terms, self._energy_terms(x))}
+        return {t.name: e for t, e in zip(self.terms, self._energy_terms(x, fused=False))}
 
     def energy_and_forces(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """:math:`U(x)` and :math:`F = -\\nabla_x U` (detached), chunked to bound memory."""

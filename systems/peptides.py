@@ -390,11 +390,14 @@ def _to_nm_array(positions) -> np.ndarray:
 
 
 def _minimize(system, pos: np.ndarray, tolerance: float = 1.0, max_iterations: int = 0):
-    """Local energy minimization (L-BFGS, OpenMM's LocalEnergyMinimizer) on the Reference platform."""
+    """Local energy minimization (L-BFGS, OpenMM's LocalEnergyMinimizer, CPU platform).
+
+    ``tolerance`` is the RMS force (kJ/mol/nm) at which the minimizer stops.
+    """
     import openmm
 
     ctx = openmm.Context(system, openmm.VerletIntegrator(0.001),
-                         openmm.Platform.getPlatformByName("Reference"))
+                         openmm.Platform.getPlatformByName("CPU"))
     ctx.setPositions(pos)
     openmm.LocalEnergyMinimizer.minimize(ctx, tolerance, max_iterations)
     return ctx.getState(getPositions=True).getPositions(asNumpy=True)._value.astype(np.float64)

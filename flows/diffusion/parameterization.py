@@ -17,6 +17,8 @@ broadcasts a per-sample :math:`\alpha_t, \sigma_t` of shape ``(B,)`` (or a scala
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -131,31 +133,52 @@ class Denoiser:
         data_shift, data_scale: the net models :math:`(x_0-\text{shift})/\text{scale}`;
             :meth:`score` etc. are in those normalized units, and :meth:`to_data` /
             :meth:`from_data` map between them (kept in the checkpoint).
+        data_var: if given (``prediction="eps"`` only), precondition as in EDM (Karras et al.
+            2022): with :math:`v` the per-coordinate data variance and
+            :math:`\tau^2=\alpha_t^2v+\sigma_t^2`,
+            :math:`\hat\varepsilon = \frac{\sigma_t}{\tau^2}x + \frac{\alpha_t\sqrt v}{\tau}
+            F_\theta(x/\tau, t)`. The first term is the exact ε of Gaussian data, so the net
+            learns a unit-scale residual and its errors reach :math:`\hat x_0` multiplied by
+            :math:`\sigma_t\sqrt v/\tau` instead of :math:`\sigma_t/\alpha_t` (≈150 at
+            t = 1 for the linear VP schedule).
     """
 
     def __init__(self, net, schedule, prediction: str = "eps", *, data_shift: float = 0.0,
-                 data_scale: float = 1.0):
+                 data_scale: float = 1.0, data_var: float | None = None):
         if prediction not in PREDICTIONS:
             raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+        if data_var is not None and (prediction != "eps" or not data_var > 0):
+            raise ValueError("data_var preconditioning needs prediction='eps' and data_var > 0")
         self.net = net
         self.schedule = schedule
         self.prediction = prediction
         self.data_shift = float(data_shift)
         self.data_scale = float(data_scale)
+        self.data_var = None if data_var is None else float(data_var)
 
     def _coeffs(self, x: Tensor, t):
         t = _time_tensor(t, x)
         return t, self.schedule.alpha(t), self.schedule.sigma(t)
 
+    def _raw(self, x: Tensor, t: Tensor, a: Tensor, s: Tensor) -> Tensor:
+        """Network output in the ``prediction`` parameterization (preconditioned if asked)."""
+        if self.data_var is None:
+            return self.net(x, t)
+        v = self.data_var
+        a_, s_ = expand_like(a, x), expand_like(s, x)
+        tau2 = a_ * a_ * v + s_ * s_
+        tau = torch.sqrt(tau2)
+        return (s_ / tau2) * x + (a_ * math.sqrt(v) / tau) * self.net(x / tau, t)
+
     def eps(self, x: Tensor, t) -> Tensor:
         r"""Noise prediction :math:`\hat\varepsilon(x, t)`."""
         t, a, s = self._coeffs(x, t)
-        return to_eps(self.net(x, t), self.prediction, x, a, s)
+        return to_eps(self._raw(x, t, a, s), self.prediction, x, a, s)
 
     def score(self, x: Tensor, t) -> Tensor:
         r"""Score :math:`s(x,t) = -\hat\varepsilon/\sigma_t` (direct when the net predicts it)."""
         t, a, s = self._coeffs(x, t)
-        out = self.net(x, t)
+        out = self._raw(x, t, a, s)
         if self.prediction == "score":
             return out
         return eps_to_score(to_eps(out, self.prediction, x, a, s), s)
@@ -163,7 +186,7 @@ class Denoiser:
     def denoise(self, x: Tensor, t) -> Tensor:
         r"""Data prediction :math:`\hat x_0(x,t) = E[x_0\mid x_t]` (Tweedie)."""
         t, a, s = self._coeffs(x, t)
-        out = self.net(x, t)
+        out = self._raw(x, t, a, s)
         if self.prediction == "x0":
             return out
         if self.prediction == "v":

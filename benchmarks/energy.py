@@ -1,0 +1,158 @@
+"""Energy + forces throughput: batched torch (TorchForceField) against OpenMM, same configurations.
+
+What is compared: configurations per second for the potential energy *and* forces of alanine
+dipeptide (AMBER ff96 + OBC1 GB, openmmtools' ``AlanineDipeptideImplicit``, 22 atoms) or any
+other system below:
+
+* ours: ``TorchForceField.energy_and_forces`` on a batch of B configurations at once, for
+  B in 1 … 16384, float32 and float64, on the CPU (and on CUDA when torch sees a GPU);
+* theirs: OpenMM's CPU platform evaluating the same configurations one by one in one process
+  (one Context; ``setPositions`` + ``getState(getEnergy=True, getForces=True)``), the way
+  Boltzmann-generator codes call it; OpenMM's CUDA platform too when it is available.
+
+OpenMM is timed before and after the torch runs (the machine is shared, so the two figures
+bracket the noise); ratios use their mean. Output: a table with ratios ours/theirs and a final
+JSON line. Runs in about 1-2 minutes on a 2-core CPU; nothing is written to disk.
+
+    python benchmarks/energy.py                       # alanine dipeptide, OBC1
+    python benchmarks/energy.py --system kdea --batches 1 64 1024
+    python benchmarks/energy.py --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import numpy as np
+import torch
+
+
+def _system(name: str):
+    from mcsample.systems.peptides import Peptide, alanine_dipeptide
+
+    if name == "ala2-obc1":
+        return alanine_dipeptide("obc1")
+    if name == "ala2-vacuum":
+        return alanine_dipeptide("vacuum")
+    if name == "kdea":
+        return Peptide.from_sequence("KDEA", solvent="obc1", cutoff=2.0)
+    raise SystemExit(f"unknown system {name!r}")
+
+
+def _configurations(peptide, num: int, seed: int = 0) -> np.ndarray:
+    """Minimized structure plus 0.01 nm Gaussian noise: realistic, all different."""
+    rng = np.random.default_rng(seed)
+    x0 = peptide.positions.numpy()
+    return x0[None] + 0.01 * rng.standard_normal((num, *x0.shape))
+
+
+def openmm_throughput(system, xyz: np.ndarray, platform_name: str = "CPU",
+                      min_time: float = 2.0) -> float:
+    """Configurations/s, one Context, one configuration per setPositions/getState call."""
+    import openmm
+
+    plat = openmm.Platform.getPlatformByName(platform_name)
+    ctx = openmm.Context(system, openmm.VerletIntegrator(0.001), plat)
+    ctx.setPositions(xyz[0])
+    ctx.getState(getEnergy=True, getForces=True)
+    done, t0 = 0, time.perf_counter()
+    while True:
+        for x in xyz:
+            ctx.setPositions(x)
+            state = ctx.getState(getEnergy=True, getForces=True)
+            state.getPotentialEnergy()
+            state.getForces(asNumpy=True)
+        done += len(xyz)
+        el = time.perf_counter() - t0
+        if el >= min_time:
+            return done / el
+
+
+def torch_throughput(ff, x: torch.Tensor, min_time: float = 1.0) -> float:
+    """Configurations/s of ``energy_and_forces`` on the batch ``x`` (after one warm-up call)."""
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+    ff.energy_and_forces(x)
+    sync()
+    reps, t0 = 0, time.perf_counter()
+    while True:
+        ff.energy_and_forces(x)
+        sync()
+        reps += 1
+        el = time.perf_counter() - t0
+        if el >= min_time and reps >= 2:
+            return reps * x.shape[0] / el
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--system", default="ala2-obc1", choices=["ala2-obc1", "ala2-vacuum", "kdea"])
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 16, 256, 1024, 4096, 16384])
+    ap.add_argument("--dtypes", nargs="+", default=["float32", "float64"])
+    ap.add_argument("--device", default=None, help="cpu, cuda (default: cpu, plus cuda if available)")
+    ap.add_argument("--openmm-configs", type=int, default=500)
+    ap.add_argument("--min-time", type=float, default=1.0)
+    args = ap.parse_args(argv)
+
+    import openmm
+
+    peptide = _system(args.system)
+    ff = peptide.forcefield
+    n_max = max(args.batches)
+    xyz = _configurations(peptide, max(n_max, args.openmm_configs))
+    devices = [args.device] if args.device else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    omm_platforms = [openmm.Platform.getPlatform(i).getName()
+                     for i in range(openmm.Platform.getNumPlatforms())]
+
+    print(f"# {args.system}: {peptide.n_atoms} atoms, forces "
+          f"{[type(f).__name__ for f in peptide.system.getForces()]}")
+    print(f"# torch {torch.__version__} ({torch.get_num_threads()} threads), OpenMM "
+          f"{openmm.__version__}, {platform.processor() or platform.machine()}")
+    omm_before = openmm_throughput(peptide.system, xyz[: args.openmm_configs], "CPU", 2 * args.min_time)
+    rows = []
+    for device in devices:
+        ffd = ff.to(device)
+        for dt in args.dtypes:
+            dtype = getattr(torch, dt)
+            for b in args.batches:
+                x = torch.as_tensor(xyz[:b], dtype=dtype, device=device)
+                rate = torch_throughput(ffd, x, args.min_time)
+                rows.append({"device": device, "dtype": dt, "batch": b, "configs_per_s": rate})
+                print(f"  torch {device:4s} {dt:7s} B={b:6d}: {rate:12.0f} conf/s", flush=True)
+        ff.to("cpu")
+    omm_after = openmm_throughput(peptide.system, xyz[: args.openmm_configs], "CPU", 2 * args.min_time)
+    omm_cpu = 0.5 * (omm_before + omm_after)
+    omm_cuda = None
+    if "CUDA" in omm_platforms and "cuda" in devices:
+        omm_cuda = openmm_throughput(peptide.system, xyz[: args.openmm_configs], "CUDA", 2 * args.min_time)
+
+    print(f"\nOpenMM CPU platform, one by one: {omm_before:.0f} (before) / {omm_after:.0f} (after) conf/s")
+    if omm_cuda:
+        print(f"OpenMM CUDA platform, one by one: {omm_cuda:.0f} conf/s")
+    print(f"\n{'device':6s} {'dtype':8s} {'batch':>6s} {'conf/s':>12s} {'x OpenMM-CPU':>13s}")
+    for r in rows:
+        r["ratio_vs_openmm_cpu"] = r["configs_per_s"] / omm_cpu
+        if omm_cuda:
+            r["ratio_vs_openmm_cuda"] = r["configs_per_s"] / omm_cuda
+        print(f"{r['device']:6s} {r['dtype']:8s} {r['batch']:6d} {r['configs_per_s']:12.0f} "
+              f"{r['ratio_vs_openmm_cpu']:12.1f}x")
+    big = [r["ratio_vs_openmm_cpu"] for r in rows if r["device"] == "cpu" and r["batch"] >= 1024]
+    summary = {
+        "benchmark": "energy_forces_throughput",
+        "system": args.system,
+        "n_atoms": peptide.n_atoms,
+        "openmm_cpu_configs_per_s": omm_cpu,
+        "openmm_cpu_before_after": [omm_before, omm_after],
+        "openmm_cuda_configs_per_s": omm_cuda,
+        "torch_threads": torch.get_num_threads(),
+        "results": rows,
+        "best_cpu_ratio_batch_ge_1024": max(big) if big else None,
+        "goal_30x_met": (max(big) >= 30.0) if big else None,
+    }
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

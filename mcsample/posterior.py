@@ -1,0 +1,803 @@
+r"""Posterior sampling for inverse problems with a diffusion prior.
+
+Given a diffusion model of the prior :math:`p(x)` (a ``DiffusionModel``: ``.schedule`` and
+``.score(x, t)``, :math:`q_t(x_t\mid x_0) = \mathcal N(\alpha_tx_0, \sigma_t^2I)`, :math:`t = 0`
+data, :math:`t = 1` noise) and a measurement :math:`y = \mathcal A(x) + \text{noise}`, we want
+samples of :math:`p(x\mid y)\propto p(x)\,p(y\mid x)`. Four samplers, all returning
+:class:`~mcsample.WeightedSamples` with the ESS after every step (``ess_history``), the number
+of score evaluations (``info["nfe"]``) and of backward passes through the score
+(``info["vjp"]``):
+
+1. :func:`dps` — Diffusion Posterior Sampling (Chung et al. 2023, ICLR): the reverse chain
+   nudged by :math:`-\zeta\nabla_{x_t}\|y - \mathcal A(\hat x_0(x_t))\|`. Approximate; equal
+   weights. The common baseline.
+2. :func:`tds` — Twisted Diffusion Sampler (Wu, Trippe, Naesseth, Blei & Cunningham 2023,
+   "Practical and asymptotically exact conditional sampling in diffusion models"). SMC over the
+   reverse chain :math:`p_\theta(x_{0:K})` with twisting functions
+   :math:`\tilde p_k(y\mid x_k) = \mathcal N(y; A\hat x_0(x_k), (\sigma_y^2 + r_k^2)I)`, proposals
+   whose mean uses the twisted score :math:`s + \nabla\log\tilde p_k`, incremental weights
+   :math:`\frac{p_\theta(x_{k-1}\mid x_k)\,\tilde p_{k-1}(y\mid x_{k-1})}{\tilde q(x_{k-1}\mid x_k)\,
+   \tilde p_k(y\mid x_k)}` and an exact last weight :math:`p(y\mid x_0)/\tilde p_1(y\mid x_1)`,
+   so the weighted particles target :math:`p_\theta(x_0)\,p(y\mid x_0)` exactly as
+   :math:`N\to\infty`, whatever the number of steps.
+3. :func:`mcgdiff` — Monte Carlo guided diffusion (Cardoso, Janati, Le Corff & Moulines 2023,
+   ICLR 2024) for linear-Gaussian measurements, in the SVD basis
+   :math:`A = U\mathrm{diag}(S)V^\top`: with :math:`\bar y = U^\top y/S` and
+   :math:`\bar\sigma_i = \sigma_y/S_i`, coordinate :math:`i` of :math:`V^\top x_t` is pinned to
+   :math:`\alpha_{\tau_i}\bar y_i` at the time :math:`\tau_i` where
+   :math:`\sigma_{\tau}/\alpha_{\tau}\approx\bar\sigma_i`, through the potentials
+   :math:`g_t(x) = \mathcal N(\alpha_t\bar y_i;\ (V^\top x)_i,\ \sigma_{t|\tau_i}^2 +
+   \kappa\,\alpha_{t|\tau_i}^2)` for :math:`t\ge\tau_i`; the proposal is the exact product of the
+   Gaussian backward kernel and the potential (fully adapted, resampling before moving), and the
+   last weight is :math:`p(y\mid x_0)/g(x_{t_{\min}})`, so it is exact in the same sense as TDS.
+4. :func:`ensemble_sampler` — the approximation-free weighted ensemble of Chen, Ren, Min, Ying &
+   Izzo (2025, "Solving inverse problems via diffusion-based priors: an approximation-free
+   ensemble sampling approach"); see below.
+
+**The ensemble sampler's path.** With :math:`\tau` running from noise to data,
+:math:`\hat p(x,\tau) = q_{t(\tau)}(x)` the prior's noised marginals and
+:math:`\mu_y(x) = -\log p(y\mid x)` the measurement potential *applied to the noisy state*, the
+path is :math:`\hat q_y(x,\tau)\propto\hat p(x,\tau)e^{-\mu_y(x)}`. For a linear-Gaussian
+measurement, :math:`\mu_y(x) = \|y-Ax\|^2/(2\sigma_y^2) + \frac m2\log(2\pi\sigma_y^2)`,
+:math:`\nabla\mu_y = A^\top(Ax-y)/\sigma_y^2`, :math:`\Delta\mu_y = \|A\|_F^2/\sigma_y^2`. Since
+:math:`\mu_y` does not depend on :math:`\tau` and :math:`\hat p(\cdot, \tau_{\rm end}) = q_{t_{\min}}`,
+the path ends at :math:`q_{t_{\min}}(x)p(y\mid x)`, the posterior (up to the usual
+:math:`t_{\min}` smoothing, :math:`\sigma_{t_{\min}}\approx 0.01` for the default VP schedule).
+It starts at :math:`\mathcal N(0,\rho^2I)e^{-\mu_y}` (a Gaussian, sampled exactly through the SVD).
+Any reverse SDE :math:`dx = H\,d\tau + v\,dW` with :math:`H = -f x + \frac12(g^2+v^2)s` keeps
+:math:`\hat p` (Fokker–Planck), and the product rule then gives, for the particles
+:math:`dx = (H - \lambda v^2\nabla\mu_y)\,d\tau + v\,dW`, the Feynman–Kac weights
+
+.. math:: d\log w = \Big[\tfrac12 v^2(\|\nabla\mu_y\|^2 - \Delta\mu_y) - \langle H, \nabla\mu_y\rangle
+          + (1-\lambda)v^2\big(\langle s,\nabla\mu_y\rangle - \|\nabla\mu_y\|^2 + \Delta\mu_y\big)\Big]d\tau .
+
+:math:`\lambda = 1` is the paper's choice (its SDE variant takes :math:`v = g`).
+:math:`\lambda = \frac12` (the likelihood force of a Langevin move for :math:`\hat q_y`) needs
+no Laplacian — the weight becomes :math:`-\langle -fx + \frac12 g^2 s, \nabla\mu_y\rangle`, the
+rate of change of :math:`\mu_y` along the probability-flow velocity — and has much smaller
+weight variance when :math:`\sigma_y` is small; both are exact in continuous time. The
+Laplacian comes from the measurement when it offers ``potential_laplacian``, else by autograd
+(:math:`d` backward passes) in small dimension, else by Hutchinson's estimator
+:math:`E[\zeta^\top\nabla^2\mu_y\,\zeta]` with Rademacher :math:`\zeta`. Particles resample
+(multinomial, as in the paper) when ESS/N falls below ``resample_threshold``. For linear
+measurements with an SVD the stiff likelihood force is integrated exactly (an
+Ornstein–Uhlenbeck step in the SVD basis), so the step size is not limited by
+:math:`\sigma_y`.
+
+**Measurement protocol (duck-typed).** ``forward(x)`` :math:`(B,*\text{event})\to(B,*\text{obs})`,
+``adjoint(y)``, ``sigma_y`` (Gaussian noise level), ``log_likelihood(x, y) -> (B,)``; optional
+``linear = True`` (then :math:`\nabla\mu_y` is ``adjoint(forward(x) - y)/σ²`` or
+``potential_grad``), ``potential_laplacian(x)``, and ``svd() -> (U, S, V)`` with
+:math:`A = U\mathrm{diag}(S)V^\top` on flattened vectors (required by :func:`mcgdiff`; used by the
+ensemble sampler). :mod:`mcsample.systems.inverse_problems` provides such operators.
+
+**Reverse kernel.** TDS, MCGdiff and DPS move between grid times :math:`t > s` with the DDIM
+kernel of Song et al. (2021) with parameter :math:`\eta` (:math:`\eta = 1` is DDPM's ancestral
+step): :math:`x_s\sim\mathcal N(\alpha_s\hat x_0 + \sqrt{\sigma_s^2 - c^2}\,\hat\varepsilon,\ c^2I)`,
+:math:`c = \eta\,\sigma_s\sqrt{1 - \frac{\alpha_t^2\sigma_s^2}{\alpha_s^2\sigma_t^2}}`
+(:math:`c^2` is the variance of :math:`q(x_s\mid x_t, x_0)`),
+with :math:`\hat x_0 = (x_t + \sigma_t^2 s)/\alpha_t` and :math:`\hat\varepsilon = -\sigma_t s`.
+Their last step goes to :math:`t = 0` deterministically, :math:`x_0 = \hat x_0(x_{t_{\min}})`.
+
+Each sampler is an explicit state (:class:`PosteriorState`) and a ``step`` method on a small
+configuration object; the public function is a thin loop.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field, fields
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from mcsample.diagnostics import ess as _ess
+from mcsample.resampling import resample as _resample
+from mcsample.weighted import WeightedSamples
+
+__all__ = [
+    "PosteriorState",
+    "DPS",
+    "TDS",
+    "MCGdiff",
+    "EnsembleSampler",
+    "dps",
+    "tds",
+    "mcgdiff",
+    "ensemble_sampler",
+    "posterior_time_grid",
+    "laplacian",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# shared pieces
+
+
+def posterior_time_grid(schedule, num_steps: int, kind: str = "uniform", t_max: float = 1.0,
+                        t_min: float = 1e-3) -> Tensor:
+    r"""Decreasing float64 times :math:`t_{\max} = t_0 > \dots > t_{\text{num\_steps}} = t_{\min}`,
+    uniform in :math:`t` or (``kind="log_snr"``) in :math:`\lambda_t` via ``schedule.t_of_log_snr``."""
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    if not 0.0 < t_min < t_max <= 1.0:
+        raise ValueError(f"need 0 < t_min < t_max <= 1, got t_min={t_min}, t_max={t_max}")
+    if kind == "uniform":
+        return torch.linspace(t_max, t_min, num_steps + 1, dtype=torch.float64)
+    if kind == "log_snr":
+        ends = torch.tensor([t_max, t_min], dtype=torch.float64)
+        lam = schedule.log_snr(ends)
+        grid = schedule.t_of_log_snr(torch.linspace(float(lam[0]), float(lam[1]), num_steps + 1,
+                                                    dtype=torch.float64)).to(torch.float64)
+        grid[0], grid[-1] = t_max, t_min
+        return grid
+    raise ValueError(f"time grid kind must be 'uniform' or 'log_snr', got {kind!r}")
+
+
+@dataclass
+class PosteriorState:
+    """Particles at grid index ``index`` with float64 log-weights since the last resampling.
+
+    ``log_scale`` carries the log-evidence folded in at resampling events; ``cache`` holds
+    per-particle tensors a method reuses at the next step (resampled with the particles).
+    """
+
+    x: Tensor
+    log_w: Tensor
+    log_scale: Tensor
+    ancestors: Tensor
+    generations: int = 1
+    index: int = 0
+    nfe: int = 0
+    vjp: int = 0
+    ess_history: list = field(default_factory=list)
+    resampled: list = field(default_factory=list)
+    cache: dict = field(default_factory=dict)
+
+    @property
+    def log_evidence(self) -> Tensor:
+        """:math:`c + \\log\\frac1N\\sum_i w_i`."""
+        return self.log_scale + torch.logsumexp(self.log_w, 0) - math.log(self.log_w.numel())
+
+    def to_dict(self) -> dict:
+        """Plain tensors and numbers (a checkpoint, loadable with ``weights_only=True``)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PosteriorState":
+        return cls(**d)
+
+    def take(self, idx: Tensor) -> None:
+        """Keep particles ``idx`` (after resampling): fold the evidence, reset the weights."""
+        n = self.log_w.numel()
+        self.log_scale = self.log_scale + torch.logsumexp(self.log_w, 0) - math.log(n)
+        self.x = self.x[idx]
+        self.ancestors = self.ancestors[idx]
+        self.cache = {k: (v[idx] if isinstance(v, Tensor) and v.ndim > 0 and v.shape[0] == n else v)
+                      for k, v in self.cache.items()}
+        self.log_w = torch.zeros(idx.numel(), dtype=torch.float64, device=self.log_w.device)
+        self.generations += 1
+
+
+def _new_state(x: Tensor, log_w: Tensor | None = None, log_scale: float = 0.0) -> PosteriorState:
+    n = x.shape[0]
+    if log_w is None:
+        log_w = torch.zeros(n, dtype=torch.float64, device=x.device)
+    return PosteriorState(
+        x=x, log_w=log_w.to(torch.float64),
+        log_scale=torch.as_tensor(float(log_scale), dtype=torch.float64, device=x.device),
+        ancestors=torch.arange(n, device=x.device))
+
+
+def _check_weights(log_w: Tensor, where: str) -> None:
+    nan = torch.isnan(log_w)
+    if bool(nan.any()):
+        raise ValueError(f"{where}: NaN log-weight for {int(nan.sum())} of {log_w.numel()} particles "
+                         "(the score or the measurement returned NaN/inf)")
+
+
+def _maybe_resample(state: PosteriorState, threshold: float, scheme: str, generator) -> float:
+    """Resample when ESS < threshold·N; returns the ESS before resampling."""
+    _check_weights(state.log_w, "posterior sampler")
+    e = float(_ess(state.log_w))
+    n = state.log_w.numel()
+    if e < threshold * n:
+        idx = _resample(state.log_w, n, scheme=scheme, generator=generator)
+        state.take(idx)
+        state.resampled.append(state.index)
+    return e
+
+
+def _sqsum(v: Tensor) -> Tensor:
+    return v.reshape(v.shape[0], -1).pow(2).sum(-1)
+
+
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    return (a * b).reshape(a.shape[0], -1).sum(-1)
+
+
+def _randn_like(x: Tensor, generator) -> Tensor:
+    return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+
+
+class _Base:
+    """Model, measurement, observation and time grid shared by the samplers."""
+
+    name = "base"
+
+    def __init__(self, model, measurement, y: Tensor, *, num_steps: int = 100, grid: str = "uniform",
+                 t_max: float = 1.0, t_min: float = 1e-3, times: Tensor | None = None):
+        if not callable(getattr(model, "score", None)) or getattr(model, "schedule", None) is None:
+            raise TypeError(f"{type(model).__name__} is not a DiffusionModel: needs .schedule and .score(x, t)")
+        self.model = model
+        self.schedule = model.schedule
+        self.measurement = measurement
+        self.y = y
+        self.times = (posterior_time_grid(self.schedule, num_steps, grid, t_max, t_min)
+                      if times is None else torch.as_tensor(times, dtype=torch.float64))
+        if self.times.ndim != 1 or self.times.numel() < 2 or not bool((self.times[1:] < self.times[:-1]).all()):
+            raise ValueError("times must be a decreasing 1-D grid with at least two points")
+        t = self.times
+        self.alpha = self.schedule.alpha(t).to(torch.float64).tolist()
+        self.sigma = self.schedule.sigma(t).to(torch.float64).tolist()
+        self.event_shape = None
+
+    # -- model evaluations ------------------------------------------------------------------
+    def _t(self, x: Tensor, j: int) -> Tensor:
+        return torch.full((x.shape[0],), float(self.times[j]), dtype=x.dtype, device=x.device)
+
+    def score(self, state: PosteriorState, x: Tensor, j: int) -> Tensor:
+        state.nfe += 1
+        return self.model.score(x, self._t(x, j))
+
+    def x0_from_score(self, x: Tensor, s: Tensor, j: int) -> Tensor:
+        """Tweedie: :math:`\\hat x_0 = (x + \\sigma_t^2 s)/\\alpha_t`."""
+        return (x + self.sigma[j] ** 2 * s) / self.alpha[j]
+
+    def prior_std(self) -> float:
+        r""":math:`\rho = \sqrt{\alpha_{t_0}^2 + \sigma_{t_0}^2}` (1 for VP): the start
+        :math:`\mathcal N(0,\rho^2 I)` assumes data of unit scale, as every diffusion sampler does."""
+        return math.sqrt(self.alpha[0] ** 2 + self.sigma[0] ** 2)
+
+    def kernel(self, x: Tensor, s: Tensor, j: int, eta: float, x0: Tensor | None = None):
+        r"""Mean and std of the DDIM-:math:`\eta` kernel from grid time ``j`` to ``j+1``; also the
+        coefficient :math:`\kappa` with which the mean moves per unit change of the score."""
+        a_t, s_t = self.alpha[j], self.sigma[j]
+        a_s, s_s = self.alpha[j + 1], self.sigma[j + 1]
+        c = eta * s_s * math.sqrt(max(0.0, 1.0 - (a_t * s_s) ** 2 / (a_s * s_t) ** 2))
+        r = math.sqrt(max(0.0, s_s**2 - c**2))
+        if x0 is None:
+            x0 = self.x0_from_score(x, s, j)
+        eps = -s_t * s
+        mean = a_s * x0 + r * eps
+        kappa = a_s * s_t**2 / a_t - r * s_t  # d mean / d score
+        return mean, c, kappa
+
+    def initial_noise(self, num: int, generator, dtype, device, event_shape) -> Tensor:
+        return self.prior_std() * torch.randn((num, *event_shape), generator=generator, dtype=dtype,
+                                              device=device)
+
+    def result(self, state: PosteriorState, seconds: float, **info) -> WeightedSamples:
+        info = {"method": self.name, "nfe": state.nfe, "vjp": state.vjp, "seconds": seconds,
+                "resampled_at": list(state.resampled), "times": self.times, **info}
+        return WeightedSamples(state.x.detach(), state.log_w, log_scale=state.log_scale,
+                               ancestors=state.ancestors, generations=state.generations,
+                               ess_history=torch.tensor(state.ess_history, dtype=torch.float64),
+                               info=info)
+
+    @property
+    def num_steps(self) -> int:
+        """Steps of :meth:`step` in a full run."""
+        return self.times.numel()  # num grid intervals + the final step to t = 0
+
+    def done(self, state: PosteriorState) -> bool:
+        return state.index >= self.num_steps
+
+    def run(self, num: int, *, generator=None, dtype=torch.float32, device=None, event_shape=None,
+            progress: bool = False) -> WeightedSamples:
+        """Initialize ``num`` particles and step to the end: the thin driver."""
+        start = time.perf_counter()
+        state = self.init(num, generator=generator, dtype=dtype, device=device, event_shape=event_shape)
+        bar = tqdm(total=self.num_steps, disable=not progress, desc=self.name)
+        while not self.done(state):
+            state = self.step(state, generator=generator)
+            bar.update(1)
+        bar.close()
+        return self.result(state, time.perf_counter() - start)
+
+    def _event_shape(self, event_shape):
+        if event_shape is not None:
+            return torch.Size(event_shape)
+        es = getattr(self.measurement, "event_shape", None)
+        if es is None:
+            raise ValueError("pass event_shape= (the measurement has no event_shape attribute)")
+        return torch.Size(es)
+
+
+def _gaussian_measurement(measurement) -> bool:
+    return callable(getattr(measurement, "forward", None)) and getattr(measurement, "sigma_y", None) is not None
+
+
+def _potential_and_grad(measurement, x: Tensor, y: Tensor, need_value: bool = False):
+    r""":math:`\nabla\mu_y(x)` (and :math:`\mu_y` if asked), closed form for linear measurements."""
+    if getattr(measurement, "linear", False) and _gaussian_measurement(measurement):
+        pg = getattr(measurement, "potential_grad", None)
+        sig2 = measurement.sigma_y**2
+        grad = pg(x, y) if callable(pg) else measurement.adjoint(measurement.forward(x) - y) / sig2
+        val = -measurement.log_likelihood(x, y) if need_value else None
+        return val, grad
+    with torch.enable_grad():
+        xr = x.detach().requires_grad_(True)
+        mu = -measurement.log_likelihood(xr, y)
+        (grad,) = torch.autograd.grad(mu.sum(), xr)
+    return mu.detach(), grad.detach()
+
+
+def laplacian(fn, x: Tensor, method: str = "exact", num_probes: int = 1,
+              generator: torch.Generator | None = None) -> Tensor:
+    r"""Laplacian :math:`\Delta\phi(x) = \operatorname{tr}\nabla^2\phi` of a batched scalar field,
+    shape ``(B,)``.
+
+    ``method="exact"``: :math:`d` Hessian-diagonal backward passes. ``"hutchinson"``: the
+    unbiased estimate :math:`\frac1P\sum_p\zeta_p^\top\nabla^2\phi\,\zeta_p` with Rademacher
+    probes (Hutchinson 1990), one Hessian-vector product per probe.
+    """
+    with torch.enable_grad():
+        xr = x.detach().requires_grad_(True)
+        (g,) = torch.autograd.grad(fn(xr).sum(), xr, create_graph=True)
+        if method == "exact":
+            gf = g.reshape(x.shape[0], -1)
+            out = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+            for i in range(gf.shape[1]):
+                (h,) = torch.autograd.grad(gf[:, i].sum(), xr, retain_graph=True)
+                out = out + h.reshape(x.shape[0], -1)[:, i]
+            return out.detach()
+        if method == "hutchinson":
+            out = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+            for _ in range(num_probes):
+                z = torch.randint(0, 2, x.shape, generator=generator, device=x.device).to(x.dtype) * 2 - 1
+                (hz,) = torch.autograd.grad((g * z).sum(), xr, retain_graph=True)
+                out = out + _dot(z, hz)
+            return (out / num_probes).detach()
+    raise ValueError(f"laplacian method must be 'exact' or 'hutchinson', got {method!r}")
+
+
+def _svd_pieces(measurement, y: Tensor, dtype, device):
+    """``(U, S, V, ybar, y_perp_sq)`` in the working dtype, ``ybar = Uᵀy/S``."""
+    U, S, V = measurement.svd()
+    U, S, V = (t.to(dtype=torch.float64, device=device) for t in (U, S, V))
+    yf = y.reshape(-1).to(dtype=torch.float64, device=device)
+    uy = U.T @ yf
+    y_perp_sq = float((yf @ yf - uy @ uy).clamp(min=0.0))
+    return U.to(dtype), S.to(dtype), V.to(dtype), (uy / S).to(dtype), uy, S, y_perp_sq
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. DPS
+
+
+class DPS(_Base):
+    r"""Diffusion Posterior Sampling (Chung, Kim, McCann, Klasky & Ye 2023, ICLR, Algorithm 1).
+
+    Each step draws the DDIM-:math:`\eta` (default ancestral) move and subtracts
+    :math:`\zeta\nabla_{x_t}\|y - \mathcal A(\hat x_0(x_t))\|` (the norm, not its square, as in
+    the authors' code). Approximate: weights are all equal.
+    """
+
+    name = "DPS"
+
+    def __init__(self, model, measurement, y, *, zeta: float = 1.0, eta: float = 1.0, **grid):
+        super().__init__(model, measurement, y, **grid)
+        self.zeta = float(zeta)
+        self.eta = float(eta)
+
+    def init(self, num: int, *, generator=None, dtype=torch.float32, device=None, event_shape=None):
+        es = self._event_shape(event_shape)
+        x = self.initial_noise(num, generator, dtype, device, es)
+        state = _new_state(x)
+        state.ess_history.append(float(num))
+        return state
+
+    def step(self, state: PosteriorState, generator=None) -> PosteriorState:
+        j = state.index
+        with torch.enable_grad():
+            xr = state.x.detach().requires_grad_(True)
+            s = self.score(state, xr, j)
+            x0 = self.x0_from_score(xr, s, j)
+            res = (self.y - self.measurement.forward(x0)).reshape(xr.shape[0], -1)
+            norm = res.pow(2).sum(-1).sqrt()
+            (grad,) = torch.autograd.grad(norm.sum(), xr)
+        state.vjp += 1
+        s, x0 = s.detach(), x0.detach()
+        if j + 1 < self.times.numel():
+            mean, c, _ = self.kernel(state.x, s, j, self.eta, x0=x0)
+            x_new = mean + c * _randn_like(mean, generator) - self.zeta * grad
+        else:
+            x_new = x0  # last step: t_min -> 0
+        state.x = x_new.detach()
+        state.index += 1
+        state.ess_history.append(float(state.x.shape[0]))
+        return state
+
+
+def dps(model, measurement, y: Tensor, num_samples: int, *, num_steps: int = 100, zeta: float = 1.0,
+        eta: float = 1.0, generator=None, dtype=torch.float32, device=None, event_shape=None,
+        progress: bool = False, **grid) -> WeightedSamples:
+    """Run :class:`DPS` on ``num_samples`` independent chains (equal weights)."""
+    return DPS(model, measurement, y, zeta=zeta, eta=eta, num_steps=num_steps, **grid).run(
+        num_samples, generator=generator, dtype=dtype, device=device, event_shape=event_shape,
+        progress=progress)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. TDS
+
+
+class TDS(_Base):
+    r"""Twisted Diffusion Sampler (Wu et al. 2023, Algorithm 1) for a measurement likelihood.
+
+    Twisting function at grid time :math:`t_k`: for a Gaussian measurement,
+    :math:`\log\tilde p_k(y\mid x) = \log\mathcal N(y;\ \mathcal A(\hat x_0(x)),\ (\sigma_y^2 + r_k^2)I)`
+    with the inflation :math:`r_k^2 = \text{inflation}\cdot\sigma_{t_k}^2/(\alpha_{t_k}^2 + \sigma_{t_k}^2)`
+    (the conditional variance of :math:`x_0` given :math:`x_t` for unit-variance data); for any
+    other measurement, ``log_likelihood(x̂₀, y)``. The proposal is the model kernel with the
+    score replaced by :math:`s + \nabla\log\tilde p_k`. Resampling (``scheme``, default
+    systematic as in the paper) happens when ESS/N < ``resample_threshold`` (1.0: every step).
+    """
+
+    name = "TDS"
+
+    def __init__(self, model, measurement, y, *, eta: float = 1.0, inflation: float = 1.0,
+                 resample_threshold: float = 0.5, scheme: str = "systematic", **grid):
+        super().__init__(model, measurement, y, **grid)
+        if eta <= 0:
+            raise ValueError("TDS needs a stochastic kernel: eta must be > 0")
+        self.eta = float(eta)
+        self.inflation = float(inflation)
+        self.resample_threshold = float(resample_threshold)
+        self.scheme = scheme
+
+    def log_twist(self, x0: Tensor, j: int) -> Tensor:
+        if _gaussian_measurement(self.measurement):
+            a, s = self.alpha[j], self.sigma[j]
+            var = self.measurement.sigma_y**2 + self.inflation * s * s / (a * a + s * s)
+            r = (self.y - self.measurement.forward(x0)).reshape(x0.shape[0], -1)
+            return -0.5 * r.pow(2).sum(-1) / var - 0.5 * r.shape[1] * math.log(2 * math.pi * var)
+        return self.measurement.log_likelihood(x0, self.y)
+
+    def _evaluate(self, state: PosteriorState, x: Tensor, j: int) -> dict:
+        with torch.enable_grad():
+            xr = x.detach().requires_grad_(True)
+            s = self.score(state, xr, j)
+            x0 = self.x0_from_score(xr, s, j)
+            lt = self.log_twist(x0, j)
+            (grad,) = torch.autograd.grad(lt.sum(), xr)
+        state.vjp += 1
+        return {"score": s.detach(), "x0": x0.detach(), "log_twist": lt.detach().to(torch.float64),
+                "twist_grad": grad.detach()}
+
+    def init(self, num: int, *, generator=None, dtype=torch.float32, device=None, event_shape=None):
+        es = self._event_shape(event_shape)
+        x = self.initial_noise(num, generator, dtype, device, es)
+        state = _new_state(x)
+        state.cache = self._evaluate(state, x, 0)
+        state.log_w = state.cache["log_twist"].clone()
+        _check_weights(state.log_w, "TDS init")
+        state.ess_history.append(float(_ess(state.log_w)))
+        return state
+
+    def step(self, state: PosteriorState, generator=None) -> PosteriorState:
+        j = state.index
+        _maybe_resample(state, self.resample_threshold, self.scheme, generator)
+        c = state.cache
+        if j + 1 < self.times.numel():
+            mean, sd, kappa = self.kernel(state.x, c["score"], j, self.eta, x0=c["x0"])
+            shift = kappa * c["twist_grad"]
+            x_new = mean + shift + sd * _randn_like(mean, generator)
+            # log p(x'|x) - log q̃(x'|x): both Gaussians with std sd
+            d_model = _sqsum(x_new - mean)
+            d_prop = _sqsum(x_new - mean - shift)
+            log_ratio = (-0.5 * (d_model - d_prop) / sd**2).to(torch.float64)
+            new = self._evaluate(state, x_new, j + 1)
+            state.log_w = state.log_w + log_ratio + new["log_twist"] - c["log_twist"]
+            state.x, state.cache = x_new.detach(), new
+        else:  # t_min -> 0: x0 = x̂0(x), exact likelihood replaces the twist
+            x0 = c["x0"]
+            ll = self.measurement.log_likelihood(x0, self.y).to(torch.float64)
+            state.log_w = state.log_w + ll - c["log_twist"]
+            state.x, state.cache = x0, {}
+        _check_weights(state.log_w, f"TDS step {j}")
+        state.index += 1
+        state.ess_history.append(float(_ess(state.log_w)))
+        return state
+
+
+def tds(model, measurement, y: Tensor, num_particles: int, *, num_steps: int = 100, eta: float = 1.0,
+        inflation: float = 1.0, resample_threshold: float = 0.5, scheme: str = "systematic",
+        generator=None, dtype=torch.float32, device=None, event_shape=None, progress: bool = False,
+        **grid) -> WeightedSamples:
+    """Run :class:`TDS` with ``num_particles`` particles; weighted particles target
+    :math:`p_\\theta(x_0)p(y\\mid x_0)`."""
+    return TDS(model, measurement, y, eta=eta, inflation=inflation, resample_threshold=resample_threshold,
+               scheme=scheme, num_steps=num_steps, **grid).run(
+        num_particles, generator=generator, dtype=dtype, device=device, event_shape=event_shape,
+        progress=progress)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. MCGdiff
+
+
+class MCGdiff(_Base):
+    r"""Monte Carlo guided diffusion (Cardoso et al. 2023) for :math:`y = Ax + \sigma_y\xi`.
+
+    See the module docstring. ``kappa`` is the paper's small variance :math:`\kappa` that keeps
+    the potential at :math:`\tau_i` from being a point mass; :math:`\tau_i` is the grid time whose
+    :math:`\log(\sigma_t/\alpha_t)` is closest to :math:`\log\bar\sigma_i` (any choice keeps the
+    final weights exact; a good one keeps them even). Needs ``measurement.svd()``.
+    """
+
+    name = "MCGdiff"
+
+    def __init__(self, model, measurement, y, *, eta: float = 1.0, kappa: float = 1e-4,
+                 resample_threshold: float = 1.0, scheme: str = "systematic", **grid):
+        super().__init__(model, measurement, y, **grid)
+        if not callable(getattr(measurement, "svd", None)) or getattr(measurement, "sigma_y", None) is None:
+            raise TypeError("MCGdiff needs a linear Gaussian measurement with .svd() and .sigma_y")
+        if eta <= 0 or kappa <= 0:
+            raise ValueError("MCGdiff needs eta > 0 and kappa > 0")
+        self.eta = float(eta)
+        self.kappa = float(kappa)
+        self.resample_threshold = float(resample_threshold)
+        self.scheme = scheme
+        self._pieces = None
+
+    def _setup(self, dtype, device):
+        U, S, V, ybar, _, S64, _ = _svd_pieces(self.measurement, self.y, dtype, device)
+        sig_bar = self.measurement.sigma_y / S64  # (r,) float64
+        ratio = torch.tensor([s / a for a, s in zip(self.alpha, self.sigma)], dtype=torch.float64,
+                             device=S64.device)
+        # tau index per coordinate (grid points only, never the final t = 0)
+        dist = (torch.log(ratio)[None, :] - torch.log(sig_bar)[:, None]).abs()
+        tau = dist.argmin(1)  # (r,)
+        self._pieces = {"V": V, "ybar": ybar, "tau": tau}
+        return self._pieces
+
+    def potential(self, j: int, tau: Tensor):
+        r"""Mean factor :math:`\alpha_{t_j}` and variances :math:`v_i = \sigma_{t_j|\tau_i}^2 +
+        \kappa\alpha_{t_j|\tau_i}^2` of the potentials at grid index ``j``; active mask
+        :math:`j\le\tau_i`."""
+        a_tau = torch.tensor(self.alpha, dtype=torch.float64, device=tau.device)[tau]
+        s_tau = torch.tensor(self.sigma, dtype=torch.float64, device=tau.device)[tau]
+        a_rel = self.alpha[j] / a_tau
+        var = (self.sigma[j] ** 2 - a_rel**2 * s_tau**2).clamp(min=0.0) + self.kappa * a_rel**2
+        return self.alpha[j], var, (j <= tau)
+
+    def _log_g(self, z: Tensor, j: int) -> Tensor:
+        p = self._pieces
+        a, var, active = self.potential(j, p["tau"])
+        var = var.to(z.dtype)
+        lg = -0.5 * ((z - a * p["ybar"]) ** 2 / var + torch.log(2 * math.pi * var))
+        return (lg * active.to(z.dtype)).sum(-1).to(torch.float64)
+
+    def init(self, num: int, *, generator=None, dtype=torch.float32, device=None, event_shape=None):
+        es = self._event_shape(event_shape)
+        p = self._setup(dtype, device)
+        V, ybar = p["V"], p["ybar"]
+        rho2 = self.prior_std() ** 2
+        a, var, active = self.potential(0, p["tau"])
+        var = var.to(dtype)
+        x = self.initial_noise(num, generator, dtype, device, es).reshape(num, -1)
+        # active coordinates: N(0, ρ²) × N(a ȳ; z, v) -> Gaussian; weight = N(a ȳ; 0, ρ² + v)
+        prec = 1.0 / rho2 + 1.0 / var
+        m = (a * ybar / var) / prec
+        z = m + torch.randn((num, ybar.numel()), generator=generator, dtype=dtype, device=device) / prec.sqrt()
+        z_old = x @ V
+        z = torch.where(active, z, z_old)
+        x = x + (z - z_old) @ V.T
+        log_norm = (-0.5 * ((a * ybar) ** 2 / (rho2 + var) + torch.log(2 * math.pi * (rho2 + var))))
+        log_norm = (log_norm * active.to(dtype)).sum().to(torch.float64)
+        state = _new_state(x.reshape(num, *es), log_scale=float(log_norm))
+        state.cache = {"log_g": self._log_g(z, 0)}
+        state.ess_history.append(float(num))
+        return state
+
+    def step(self, state: PosteriorState, generator=None) -> PosteriorState:
+        j = state.index
+        p = self._pieces
+        V, ybar = p["V"], p["ybar"]
+        n = state.x.shape[0]
+        s = self.score(state, state.x, j)
+        if j + 1 < self.times.numel():
+            mean, sd, _ = self.kernel(state.x, s, j, self.eta)
+            mflat = mean.reshape(n, -1)
+            zm = mflat @ V
+            a, var, active = self.potential(j + 1, p["tau"])
+            var = var.to(mflat.dtype)
+            act = active.to(mflat.dtype)
+            tot = sd**2 + var
+            log_pred = (-0.5 * ((a * ybar - zm) ** 2 / tot + torch.log(2 * math.pi * tot)) * act).sum(-1)
+            state.log_w = state.log_w + log_pred.to(torch.float64) - state.cache["log_g"]
+            _check_weights(state.log_w, f"MCGdiff step {j}")
+            state.cache = {"mflat": mflat, "zm": zm}
+            ess_before = _maybe_resample(state, self.resample_threshold, self.scheme, generator)
+            mflat, zm = state.cache["mflat"], state.cache["zm"]
+            x_new = mflat + sd * _randn_like(mflat, generator)
+            prec = 1.0 / sd**2 + 1.0 / var
+            zc = (zm / sd**2 + a * ybar / var) / prec
+            z_act = zc + _randn_like(zm, generator) / prec.sqrt()
+            z_free = x_new @ V
+            z_new = torch.where(active, z_act, z_free)
+            x_new = x_new + (z_new - z_free) @ V.T
+            state.x = x_new.reshape(state.x.shape)
+            state.cache = {"log_g": self._log_g(z_new, j + 1)}
+        else:  # t_min -> 0: exact likelihood replaces the potential
+            x0 = self.x0_from_score(state.x, s, j)
+            ll = self.measurement.log_likelihood(x0, self.y).to(torch.float64)
+            state.log_w = state.log_w + ll - state.cache["log_g"]
+            state.x, state.cache = x0, {}
+            _check_weights(state.log_w, f"MCGdiff step {j}")
+            ess_before = float(_ess(state.log_w))
+        state.index += 1
+        state.ess_history.append(ess_before)
+        return state
+
+
+def mcgdiff(model, measurement, y: Tensor, num_particles: int, *, num_steps: int = 100, eta: float = 1.0,
+            kappa: float = 1e-4, resample_threshold: float = 1.0, scheme: str = "systematic",
+            generator=None, dtype=torch.float32, device=None, event_shape=None, progress: bool = False,
+            **grid) -> WeightedSamples:
+    """Run :class:`MCGdiff` (resampling every step by default, as in the paper's code)."""
+    return MCGdiff(model, measurement, y, eta=eta, kappa=kappa, resample_threshold=resample_threshold,
+                   scheme=scheme, num_steps=num_steps, **grid).run(
+        num_particles, generator=generator, dtype=dtype, device=device, event_shape=event_shape,
+        progress=progress)
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. approximation-free ensemble sampler
+
+
+class EnsembleSampler(_Base):
+    r"""Weighted ensemble of Chen, Ren, Min, Ying & Izzo (2025); see the module docstring.
+
+    Args:
+        v_scale: :math:`v = \text{v\_scale}\cdot g(t)` (1: the paper's SDE variant).
+        likelihood_drift: :math:`\lambda` in the drift :math:`H - \lambda v^2\nabla\mu_y`
+            (1: the paper; 0.5: Langevin force, no Laplacian needed).
+        laplacian: ``"auto"`` (the measurement's ``potential_laplacian``, else ``"exact"`` up to
+            ``exact_max_dim`` dimensions, else ``"hutchinson"``), ``"exact"`` or ``"hutchinson"``.
+        integrator: ``"auto"`` (``"exponential"`` for a linear measurement with an SVD, else
+            ``"euler"``), ``"exponential"`` or ``"euler"`` (Euler–Maruyama).
+        resample_threshold, scheme: resample (default multinomial, as in the paper) when
+            ESS/N < threshold.
+    The path ends at :math:`t_{\min}` (particles are not denoised at the end).
+    """
+
+    name = "ensemble"
+
+    def __init__(self, model, measurement, y, *, v_scale: float = 1.0, likelihood_drift: float = 1.0,
+                 laplacian: str = "auto", num_probes: int = 1, exact_max_dim: int = 64,
+                 integrator: str = "auto", resample_threshold: float = 0.5, scheme: str = "multinomial",
+                 **grid):
+        super().__init__(model, measurement, y, **grid)
+        self.v_scale = float(v_scale)
+        self.lam = float(likelihood_drift)
+        self.laplacian = laplacian
+        self.num_probes = int(num_probes)
+        self.exact_max_dim = int(exact_max_dim)
+        self.resample_threshold = float(resample_threshold)
+        self.scheme = scheme
+        has_svd = getattr(measurement, "linear", False) and callable(getattr(measurement, "svd", None))
+        if integrator == "auto":
+            integrator = "exponential" if has_svd else "euler"
+        if integrator not in ("exponential", "euler"):
+            raise ValueError(f"integrator must be 'auto', 'exponential' or 'euler', got {integrator!r}")
+        if integrator == "exponential" and not has_svd:
+            raise ValueError("the exponential integrator needs a linear measurement with .svd()")
+        self.integrator = integrator
+        self.f = self.schedule.f(self.times).to(torch.float64).tolist()
+        self.g2 = self.schedule.g2(self.times).to(torch.float64).tolist()
+        self._pieces = None
+
+    @property
+    def num_steps(self) -> int:
+        return self.times.numel() - 1
+
+    def _lap(self, x: Tensor, generator) -> Tensor:
+        m = self.measurement
+        method = self.laplacian
+        if method == "auto":
+            if callable(getattr(m, "potential_laplacian", None)):
+                return m.potential_laplacian(x)
+            method = "exact" if x[0].numel() <= self.exact_max_dim else "hutchinson"
+        return laplacian(lambda z: -m.log_likelihood(z, self.y), x, method, self.num_probes, generator)
+
+    def init(self, num: int, *, generator=None, dtype=torch.float32, device=None, event_shape=None):
+        es = self._event_shape(event_shape)
+        rho2 = self.prior_std() ** 2
+        x = self.initial_noise(num, generator, dtype, device, es)
+        m = self.measurement
+        if getattr(m, "linear", False) and callable(getattr(m, "svd", None)):
+            # exact Gaussian N(0, ρ²I) e^{-μ}: in the SVD basis, precision 1/ρ² + S²/σ²
+            U, S, V, ybar, uy, S64, y_perp_sq = _svd_pieces(m, self.y, dtype, device)
+            self._pieces = {"V": V, "S": S, "ybar": ybar}
+            sig2 = m.sigma_y**2
+            prec = 1.0 / rho2 + S**2 / sig2
+            mean = (S * S * ybar / sig2) / prec
+            xf = x.reshape(num, -1)
+            z_old = xf @ V
+            z = mean + torch.randn(z_old.shape, generator=generator, dtype=dtype, device=device) / prec.sqrt()
+            x = (xf + (z - z_old) @ V.T).reshape(num, *es)
+            # log Z_0 = log N(y; 0, σ²I + ρ²AAᵀ)
+            var = sig2 + rho2 * S64**2
+            mdim = int(math.prod(m.obs_shape)) if hasattr(m, "obs_shape") else self.y.numel()
+            log_z0 = (-0.5 * (uy**2 / var + torch.log(2 * math.pi * var)).sum()
+                      - 0.5 * y_perp_sq / sig2 - 0.5 * (mdim - S64.numel()) * math.log(2 * math.pi * sig2))
+            state = _new_state(x, log_scale=float(log_z0))
+        else:  # importance sampling from N(0, ρ²I): weights e^{-μ}
+            mu, _ = _potential_and_grad(m, x, self.y, need_value=True)
+            state = _new_state(x, log_w=-mu.to(torch.float64))
+        _check_weights(state.log_w, "ensemble init")
+        state.ess_history.append(float(_ess(state.log_w)))
+        return state
+
+    def step(self, state: PosteriorState, generator=None) -> PosteriorState:
+        j = state.index
+        h = float(self.times[j] - self.times[j + 1])
+        x = state.x
+        n = x.shape[0]
+        s = self.score(state, x, j)
+        f, g2 = self.f[j], self.g2[j]
+        v2 = self.v_scale**2 * g2
+        H = -f * x + 0.5 * (g2 + v2) * s
+        _, gmu = _potential_and_grad(self.measurement, x, self.y)
+        gsq = _sqsum(gmu)
+        G = -_dot(H, gmu)
+        if self.lam != 0.5:
+            lap = self._lap(x, generator)
+            G = G + 0.5 * v2 * (gsq - lap) + (1.0 - self.lam) * v2 * (_dot(s, gmu) - gsq + lap)
+        else:
+            G = G + 0.5 * v2 * _dot(s, gmu)
+        state.log_w = state.log_w + h * G.to(torch.float64)
+        v = math.sqrt(v2)
+        if self.integrator == "euler":
+            x_new = x + h * (H - self.lam * v2 * gmu) + v * math.sqrt(h) * _randn_like(x, generator)
+        else:
+            p = self._pieces
+            V, S, ybar = p["V"], p["S"], p["ybar"]
+            xf = (x + h * H).reshape(n, -1)
+            z = xf @ V
+            k = self.lam * v2 * S**2 / self.measurement.sigma_y**2  # OU rates (r,)
+            decay = torch.exp(-k * h)
+            var = torch.where(k * h > 1e-8, -torch.expm1(-2 * k * h) / (2 * k).clamp(min=1e-30),
+                              torch.full_like(k, h))
+            z_new = ybar + (z - ybar) * decay + v * var.sqrt() * torch.randn(z.shape, generator=generator,
+                                                                             dtype=z.dtype, device=z.device)
+            noise = _randn_like(xf, generator)
+            noise = noise - (noise @ V) @ V.T  # null-space part of the Brownian increment
+            x_new = (xf + v * math.sqrt(h) * noise + (z_new - z) @ V.T).reshape(x.shape)
+        state.x = x_new.detach()
+        state.index += 1
+        if self.done(state):  # keep the final weights: no resampling after the last move
+            _check_weights(state.log_w, "ensemble final")
+            state.ess_history.append(float(_ess(state.log_w)))
+        else:
+            state.ess_history.append(_maybe_resample(state, self.resample_threshold, self.scheme, generator))
+        return state
+
+
+def ensemble_sampler(model, measurement, y: Tensor, num_particles: int, *, num_steps: int = 100,
+                     v_scale: float = 1.0, likelihood_drift: float = 1.0, laplacian: str = "auto",
+                     num_probes: int = 1, integrator: str = "auto", resample_threshold: float = 0.5,
+                     scheme: str = "multinomial", generator=None, dtype=torch.float32, device=None,
+                     event_shape=None, progress: bool = False, **grid) -> WeightedSamples:
+    """Run :class:`EnsembleSampler` with ``num_particles`` particles; the log-evidence of the
+    result estimates :math:`\\log\\int q_{t_{\\min}}(x)p(y\\mid x)dx` (for linear measurements)."""
+    return EnsembleSampler(model, measurement, y, v_scale=v_scale, likelihood_drift=likelihood_drift,
+                           laplacian=laplacian, num_probes=num_probes, integrator=integrator,
+                           resample_threshold=resample_threshold, scheme=scheme, num_steps=num_steps,
+                           **grid).run(num_particles, generator=generator, dtype=dtype, device=device,
+                                       event_shape=event_shape, progress=progress)
