@@ -114,8 +114,10 @@ class ParticlesWorker:
             raise RuntimeError(f"the particles worker did not start: {err}")
         self.versions = json.loads(line)["versions"]
 
-    def time(self, scheme: str, n: int, variant: str, calls: int, min_time: float) -> list[float]:
-        """Seconds of ``calls`` (at least, and at least ``min_time`` s) calls of ``scheme``.
+    def time(
+        self, scheme: str, n: int, variant: str, calls: int, min_time: float
+    ) -> dict[str, list[float]]:
+        """Wall and CPU seconds of each of ``calls`` (or more, ``min_time`` s) calls of ``scheme``.
 
         ``variant="W"``: ``particles.resampling.<scheme>(W, N)`` on normalized weights;
         ``variant="lw"``: ``exp_and_normalise(lw)`` first, from the log-weights.
@@ -128,7 +130,7 @@ class ParticlesWorker:
         if not line:
             err = " | ".join(self.proc.stderr.read().strip().splitlines()[-3:])
             raise RuntimeError(f"the particles worker died: {err}")
-        return json.loads(line)["times"]
+        return json.loads(line)
 
     def close(self) -> None:
         """Stop the worker (it exits when its stdin closes)."""
@@ -144,15 +146,23 @@ class ParticlesWorker:
 # the timing script, run by the environment's interpreter (numpy<2, numba, particles)
 
 
-def timed_calls(fn, calls: int, min_time: float) -> list[float]:
-    """Wall times of ``fn()`` over at least ``calls`` calls and ``min_time`` seconds (<= 1000)."""
-    times: list[float] = []
+def timed_calls(fn, calls: int, min_time: float) -> dict[str, list[float]]:
+    """Times of ``fn()`` over at least ``calls`` calls and ``min_time`` wall seconds (<= 1000).
+
+    Returns ``{"wall": [...], "cpu": [...]}``: wall-clock seconds of each call and the CPU
+    seconds this process spent in it (user + system, all threads). On a shared machine the
+    wall time of a single-threaded call swings with the load of others; its CPU time much less.
+    """
+    wall: list[float] = []
+    cpu: list[float] = []
     start = time.perf_counter()
-    while len(times) < calls or (time.perf_counter() - start < min_time and len(times) < 1000):
-        t0 = time.perf_counter()
+    while len(wall) < calls or (time.perf_counter() - start < min_time and len(wall) < 1000):
+        c0, t0 = time.process_time(), time.perf_counter()
         fn()
-        times.append(time.perf_counter() - t0)
-    return times
+        t1, c1 = time.perf_counter(), time.process_time()
+        wall.append(t1 - t0)
+        cpu.append(c1 - c0)
+    return {"wall": wall, "cpu": cpu}
 
 
 def _median(xs: list[float]) -> float:
@@ -203,8 +213,7 @@ def _main(argv: list[str]) -> None:
         for line in sys.stdin:
             req = json.loads(line)
             fn = call(req["scheme"], req["n"], req["variant"])
-            times = timed_calls(fn, req["calls"], req["min_time"])
-            print(json.dumps({"times": times}), flush=True)
+            print(json.dumps(timed_calls(fn, req["calls"], req["min_time"])), flush=True)
         return
     out: dict = {"_versions": versions}
     for scheme in args.schemes:
@@ -214,7 +223,8 @@ def _main(argv: list[str]) -> None:
             for variant, key in (("W", "resample"), ("lw", "normalize_resample")):
                 fn = call(scheme, n, variant)
                 fn()  # warm caches at this size
-                out[scheme][str(n)][key] = _median(timed_calls(fn, args.repeats, args.min_time))
+                times = timed_calls(fn, args.repeats, args.min_time)
+                out[scheme][str(n)][key] = {clock: _median(ts) for clock, ts in times.items()}
     print(json.dumps(out))
 
 

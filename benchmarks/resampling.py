@@ -72,32 +72,39 @@ def median(xs: list[float]) -> float:
 
 
 def interleaved(
-    contenders: dict[str, Callable[[int, float], list[float]]], rounds: int, calls: int,
-    min_time: float,
-) -> dict[str, float]:
-    """Median time of each contender, measured in ``rounds`` interleaved rounds.
+    contenders: dict[str, Callable[[int, float], dict[str, list[float]]]], rounds: int,
+    calls: int, min_time: float,
+) -> dict[str, dict[str, float]]:
+    """Median wall and CPU time of each contender, measured in ``rounds`` interleaved rounds.
 
     ``contenders[name](calls, min_time)`` runs at least ``calls`` calls and ``min_time``
-    seconds and returns the wall time of each call. Round ``r`` visits the contenders in an
-    order rotated by ``r``, so a burst of load on a shared machine hits all of them.
+    seconds and returns ``{"wall": [...], "cpu": [...]}``, the times of each call. Round ``r``
+    visits the contenders in an order rotated by ``r``, so a burst of load on a shared machine
+    hits all of them. Returns ``{name: {"wall": median, "cpu": median}}``.
     """
     names = list(contenders)
-    times: dict[str, list[float]] = {name: [] for name in names}
+    times = {name: {"wall": [], "cpu": []} for name in names}
     for r in range(rounds):
         for k in range(len(names)):
             name = names[(k + r) % len(names)]
-            times[name] += contenders[name](calls, min_time)
-    return {name: median(ts) for name, ts in times.items()}
+            for clock, ts in contenders[name](calls, min_time).items():
+                times[name][clock] += ts
+    return {name: {clock: median(ts) for clock, ts in t.items()} for name, t in times.items()}
 
 
 def run(
     ns: list[int], schemes: list[str], *, rounds: int, calls: int, min_time: float, seed: int,
-    scale: float, threads: int, use_particles: bool, ours: Callable | None = None, log=print,
+    scale: float, threads: int, use_particles: bool, clock: str = "cpu",
+    ours: Callable | None = None, variants: dict[str, Callable] | None = None, log=print,
 ) -> dict:
     """Time every (N, scheme) for ours, numpy and particles; returns a JSON-able dict.
 
-    ``ours(log_w, scheme, generator)`` defaults to :func:`mcsample.resample`; passing another
-    function lets an engine change be measured against the same baselines.
+    ``ours(log_w, scheme, generator)`` defaults to :func:`mcsample.resample`. ``variants``
+    (``{name: fn}`` with the same signature) are timed in the same rounds and reported as
+    ``name_s`` and ``name/ours``: the way to measure a change to the engine against the
+    released one and the same baselines before making it. Each row holds both clocks
+    (``wall`` and ``cpu``, each ``{name_s: seconds, ratio: value}``); the table and the
+    top-level ``name_s`` / ratio keys of a row use ``clock``.
     """
     import numpy as np
     import torch
@@ -108,7 +115,7 @@ def run(
     ours = ours or (lambda lw, scheme, gen: mc.resample(lw, scheme=scheme, generator=gen))
     all_lw = np.random.default_rng(seed).normal(size=max(ns)) * scale
     out: dict = {
-        "config": {"ns": ns, "schemes": schemes, "rounds": rounds, "calls": calls,
+        "config": {"ns": ns, "schemes": schemes, "clock": clock, "rounds": rounds, "calls": calls,
                    "min_time": min_time, "seed": seed, "scale": scale,
                    "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                    "numpy": np.__version__,
@@ -135,7 +142,7 @@ def run(
         else:
             out["particles_missing"] = "--no-particles"
         try:
-            _header(log, worker is not None)
+            _header(log, worker is not None, list(variants or {}), clock)
             for n in ns:
                 lw_np = np.ascontiguousarray(all_lw[:n])
                 lw_t = torch.from_numpy(lw_np.copy())
@@ -143,19 +150,32 @@ def run(
                 rng = np.random.default_rng(seed)
                 for scheme in schemes:
                     contenders = _contenders(n, scheme, lw_np, lw_t, gen, rng, ours, worker)
+                    for name, fn in (variants or {}).items():
+                        contenders[name] = _timed(
+                            lambda fn=fn, scheme=scheme: fn(lw_t, scheme, gen))
                     for fn in contenders.values():  # warm-up: first-touch, caches
                         fn(1, 0.0)
                     t = interleaved(contenders, rounds, calls, min_time)
-                    row = {"n": n, "scheme": scheme, **{f"{k}_s": v for k, v in t.items()}}
-                    for other in ("numpy", "particles_W", "particles_lw"):
-                        if other in t:
-                            row[f"ours/{other}"] = t["ours"] / t[other]
+                    row = {"n": n, "scheme": scheme}
+                    for c in ("wall", "cpu"):
+                        row[c] = _ratios({name: v[c] for name, v in t.items()}, variants)
+                    row.update(row[clock])
                     out["results"].append(row)
-                    _print_row(log, row, worker is not None)
+                    _print_row(log, row, worker is not None, list(variants or {}))
         finally:
             if worker is not None:
                 worker.close()
     return out
+
+
+def _ratios(t: dict[str, float], variants: dict | None) -> dict[str, float]:
+    row = {f"{k}_s": v for k, v in t.items()}
+    for other in ("numpy", "particles_W", "particles_lw"):
+        if other in t:
+            row[f"ours/{other}"] = t["ours"] / t[other]
+    for name in variants or {}:
+        row[f"{name}/ours"] = t[name] / t["ours"]
+    return row
 
 
 def _timed(fn: Callable[[], object]) -> Callable[[int, float], list[float]]:
@@ -181,14 +201,21 @@ _COLS = [("ours", "ours_s"), ("numpy", "numpy_s"), ("particles(W)", "particles_W
          ("ours/part(W)", "ours/particles_W"), ("ours/part(lw)", "ours/particles_lw")]
 
 
-def _header(log, with_particles: bool) -> None:
+def _columns(with_particles: bool, variants: list[str]) -> list[tuple[str, str]]:
     cols = [c for c in _COLS if with_particles or "part" not in c[0]]
-    log("times in ms (median), ratios ours/theirs (< 1: mcsample faster)")
+    for name in variants:
+        cols += [(name, f"{name}_s"), (f"{name}/ours", f"{name}/ours")]
+    return cols
+
+
+def _header(log, with_particles: bool, variants: list[str], clock: str) -> None:
+    cols = _columns(with_particles, variants)
+    log(f"{clock} times in ms (median), ratios ours/theirs (< 1: mcsample faster)")
     log(f"{'N':>9} {'scheme':<12}" + "".join(f"{name:>14}" for name, _ in cols))
 
 
-def _print_row(log, row: dict, with_particles: bool) -> None:
-    cols = [c for c in _COLS if with_particles or "part" not in c[0]]
+def _print_row(log, row: dict, with_particles: bool, variants: list[str]) -> None:
+    cols = _columns(with_particles, variants)
     cells = []
     for name, key in cols:
         v = row.get(key)
@@ -225,6 +252,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--scale", type=float, default=1.0,
                         help="log-weights ~ N(0, scale^2); ESS/N = exp(-scale^2)")
     parser.add_argument("--no-particles", action="store_true")
+    parser.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
+                        help="which time the table shows (the JSON has both); see the docstring")
     parser.add_argument("--thp", action="store_true",
                         help="set THP_MEM_ALLOC_ENABLE=1 (torch huge pages) before importing torch")
     args = parser.parse_args(argv)
@@ -238,7 +267,7 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
     out = run(ns, args.schemes, rounds=args.rounds, calls=calls, min_time=min_time,
               seed=args.seed, scale=args.scale, threads=args.threads,
-              use_particles=not args.no_particles)
+              use_particles=not args.no_particles, clock=args.clock)
     out["wall_s"] = time.perf_counter() - t0
     summary(out)
     print(f"wall time {out['wall_s']:.0f} s")

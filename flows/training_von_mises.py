@@ -182,23 +182,48 @@ class TrainingSet:
 
 def _nll(net, graphs, samples, batch: int, generator) -> Tensor:
     """Mean negative log-likelihood per torsion over a random minibatch of each molecule's
-    samples, with the mirrored copy of each molecule (negated torsions)."""
-    from mcsample.flows.von_mises import VonMisesProposal, batch_graphs
+    samples (one graph-network pass over all molecules batched together). Independent mode:
+    one mixture log-density call over all (sample, torsion) pairs of all molecules;
+    autoregressive mode: per molecule (its context runs over its own torsions only)."""
+    from mcsample.flows.von_mises import NUM_PROXIMITY, _mixture, _wrap, batch_graphs
 
     big, sizes = batch_graphs(graphs)
     emb = net.embed(big)
-    total, count, start = 0.0, 0, 0
-    for g, x, T in zip(graphs, samples, sizes):
-        e = emb[start:start + T]
+    if not net.config.autoregressive:
+        thetas, which, start = [], [], 0
+        for x, T in zip(samples, sizes):
+            if T:
+                idx = torch.randint(0, x.shape[0], (min(batch, x.shape[0]),), generator=generator)
+                thetas.append(x[idx].reshape(-1))
+                which.append((start + torch.arange(T)).repeat(len(idx)))
+            start += T
+        theta, which = torch.cat(thetas).to(emb.dtype), torch.cat(which)
+        logits, loc, conc = net.mixture_params(emb)
+        lp = _mixture(logits[which], loc[which], conc[which]).log_prob(_wrap(theta))
+        return -lp.mean()
+    # autoregressive: pad every molecule to the largest torsion count and run all at once
+    M, Tm, H = len(graphs), max(sizes), emb.shape[-1]
+    if Tm == 0:
+        return emb.sum() * 0.0
+    B = max(min(batch, x.shape[0]) for x in samples)
+    E = emb.new_zeros(M, Tm, H)
+    prox = torch.full((M, Tm, Tm), NUM_PROXIMITY - 1, dtype=torch.long)
+    theta = emb.new_zeros(M, B, Tm)
+    valid = torch.zeros(M, B, Tm, dtype=torch.bool)
+    start = 0
+    for m, (g, x, T) in enumerate(zip(graphs, samples, sizes)):
+        if T:
+            E[m, :T] = emb[start:start + T]
+            prox[m, :T, :T] = g.proximity
+            idx = torch.randint(0, x.shape[0], (min(B, x.shape[0]),), generator=generator)
+            theta[m, : len(idx), :T] = x[idx].to(emb.dtype)
+            valid[m, : len(idx), :T] = True
         start += T
-        if T == 0:
-            continue
-        idx = torch.randint(0, x.shape[0], (min(batch, x.shape[0]),), generator=generator)
-        q = VonMisesProposal(net, g, emb=e)
-        lp = q.log_prob_terms(x[idx].to(e.dtype))
-        total = total - lp.sum()
-        count += lp.numel()
-    return total / max(count, 1)
+    gates = net.gates(E, prox)                              # (M, Tm, Tm, H)
+    ctx = torch.einsum("mtsh,mbsh->mbth", gates, net.values(E, theta))
+    logits, loc, conc = net.mixture_params(E[:, None], ctx)  # (M, B, Tm, K)
+    lp = _mixture(logits, loc, conc).log_prob(_wrap(theta))
+    return -lp[valid].mean()
 
 
 def fit_maximum_likelihood(net, train: TrainingSet, steps: int = 2000, lr: float = 2e-3,
@@ -217,7 +242,7 @@ def fit_maximum_likelihood(net, train: TrainingSet, steps: int = 2000, lr: float
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     log = []
     net.train()
-    bar = tqdm(range(steps), disable=not progress, desc="maximum likelihood")
+    bar = tqdm(range(steps), disable=not progress, desc="maximum likelihood", mininterval=10)
     for step in bar:
         loss = _nll(net, graphs, samples, batch, gen)
         opt.zero_grad()
@@ -226,7 +251,7 @@ def fit_maximum_likelihood(net, train: TrainingSet, steps: int = 2000, lr: float
         opt.step()
         sched.step()
         if step % log_every == 0 or step == steps - 1:
-            entry = {"step": step, "train_nll": float(loss)}
+            entry = {"step": step, "train_nll": float(loss.detach())}
             if valid is not None and len(valid):
                 with torch.no_grad():
                     entry["valid_nll"] = float(_nll(net, valid.graphs, [s.float() for s in valid.samples], 10**9, gen))

@@ -321,6 +321,8 @@ class VonMisesNet(nn.Module):
         for layer in self.layers:
             h = layer(h, g.edges, g.edge_attr)
         T = g.num_torsions
+        if T == 0:
+            return h.new_zeros(0, h.shape[1])
         msg = self.side(torch.cat([h[g.side_atom], g.side_angle.to(h.dtype)], -1))
         slot = g.side_torsion * 2 + g.side_which
         sides = torch.zeros(2 * T, h.shape[1], dtype=h.dtype, device=h.device).index_add_(0, slot, msg)
@@ -338,19 +340,22 @@ class VonMisesNet(nn.Module):
 
     # -- autoregressive context -----------------------------------------------------------
     def gates(self, emb: Tensor, proximity: Tensor) -> Tensor:
-        """Gates ``(T, T, H)``, zero on and above the diagonal (only earlier torsions)."""
-        T = emb.shape[0]
+        """Gates ``(..., T, T, H)`` from embeddings ``(..., T, H)`` and fragment distances
+        ``(..., T, T)``; zero on and above the diagonal (torsion t sees only s < t)."""
+        T, H = emb.shape[-2], emb.shape[-1]
         prox = nn.functional.one_hot(proximity, NUM_PROXIMITY).to(emb.dtype)
-        pair = torch.cat([emb[:, None].expand(T, T, -1), emb[None].expand(T, T, -1), prox], -1)
+        full = emb.shape[:-2] + (T, T, H)
+        pair = torch.cat([emb.unsqueeze(-2).expand(full), emb.unsqueeze(-3).expand(full), prox], -1)
         mask = torch.tril(torch.ones(T, T, dtype=emb.dtype, device=emb.device), -1)
         return torch.sigmoid(self.gate(pair)) * mask[..., None]
 
     def values(self, emb: Tensor, theta: Tensor) -> Tensor:
-        """Values ``(B, T, H)`` of drawn torsions ``(B, T)``."""
+        """Values ``(..., B, T, H)`` of drawn torsions ``theta (..., B, T)``, embeddings
+        ``(..., T, H)``: :math:`v(e_s, \cos k\theta_s, \sin k\theta_s)_{k=1,2,3}`."""
         k = torch.arange(1, 4, dtype=emb.dtype, device=emb.device)
         ang = theta[..., None].to(emb.dtype) * k
         feats = torch.cat([torch.cos(ang), torch.sin(ang)], -1)
-        return self.value(torch.cat([emb.expand(theta.shape[:1] + emb.shape), feats], -1))
+        return self.value(torch.cat([emb.unsqueeze(-3).expand(theta.shape + emb.shape[-1:]), feats], -1))
 
     def proposal(self, target_or_graph) -> "VonMisesProposal":
         """The proposal for one molecule (a TorsionTarget or a featurized MolGraph)."""

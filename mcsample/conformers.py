@@ -9,8 +9,10 @@ vectors from the shipped von Mises mixture network
 
 * ``method="is"``: self-normalized importance sampling, conformer i gets weight
   :math:`W_i = w_i/\sum_j w_j`, :math:`w = p/q` (:func:`mcsample.importance_sample`);
-* ``method="smc"``: annealed SMC from the network to the target with random-walk moves
-  (:func:`mcsample.smc`); the particles and their final weights are the conformers.
+* ``method="smc"``: annealed SMC from the network to the target (:func:`mcsample.smc`) with
+  :class:`TorsionMoves`: a random-walk move followed by an independence move that redraws the
+  whole torsion vector from the network (it crosses torsion barriers a random walk cannot);
+  the particles and their final weights are the conformers.
 
 The result holds the molecule with one RDKit conformer per sample, each carrying its
 normalized weight (conformer property ``boltzmann_weight``) and MMFF energy
@@ -40,7 +42,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["ConformerDiagnostics", "ConformerEnsemble", "sample_conformers", "read_conformers"]
+from mcsample.kernels import RandomWalk, tempered
+from mcsample.protocols import draw
+
+__all__ = ["ConformerDiagnostics", "ConformerEnsemble", "TorsionMoves", "sample_conformers",
+           "read_conformers"]
 
 
 @dataclass
@@ -159,6 +165,27 @@ def _as_proposal(proposal, target):
     return proposal
 
 
+@dataclass(frozen=True)
+class TorsionMoves(RandomWalk):
+    r"""SMC moves for torsions: a Gaussian random walk (its step size adapted by the SMC driver
+    from the walk's acceptance), then a Metropolized independence move :math:`y\sim q`
+    (Tierney 1994) accepted with probability
+    :math:`\min(1, e^{\beta[(\log p-\log q)(y)-(\log p-\log q)(x)]})`, which leaves
+    :math:`\pi_\beta\propto q^{1-\beta}p^\beta` invariant because :math:`q` is the path's own
+    initial density. ``proposal`` must be that initial distribution."""
+
+    proposal: object = None
+
+    def step(self, point, evaluate, beta, step_size, scale=None, generator=None):
+        point, prob = super().step(point, evaluate, beta, step_size, scale, generator)
+        y, _ = draw(self.proposal, point.x.shape[0], generator)
+        prop = evaluate(y.to(point.x.dtype), False)
+        log_alpha = (tempered(prop.parts, beta) - prop.parts[:, 0]) - (tempered(point.parts, beta) - point.parts[:, 0])
+        u = torch.rand(log_alpha.shape, dtype=torch.float64, generator=generator, device=log_alpha.device)
+        accept = torch.log(u) < torch.nan_to_num(log_alpha, nan=-math.inf)
+        return point.where(accept, prop), prob
+
+
 class _Float64:
     """Casts a proposal's samples to float64 (the target's dtype) for the engine."""
 
@@ -196,12 +223,12 @@ def sample_conformers(
             :class:`~mcsample.systems.molecules.TorsionTarget`.
         num_conformers: conformers returned (= importance samples, or SMC particles).
         temperature: kelvin.
-        method: ``"is"`` (importance sampling) or ``"smc"`` (annealed SMC, random-walk moves).
+        method: ``"is"`` (importance sampling) or ``"smc"`` (annealed SMC, :class:`TorsionMoves`).
         proposal: ``None`` (the shipped network), a
             :class:`~mcsample.flows.von_mises.VonMisesNet`, or any proposal over the torsions.
         generator: ``torch.Generator`` for reproducibility.
         forcefield: ``"MMFF94"`` or ``"MMFF94s"``.
-        smc_steps: random-walk moves per SMC step.
+        smc_steps: :class:`TorsionMoves` per SMC step.
         **target_kwargs: passed to :class:`~mcsample.systems.molecules.TorsionTarget`
             (``hydrogen_rotors``, ``seed``, ``backend``...).
 
@@ -227,8 +254,8 @@ def sample_conformers(
         if method == "is":
             ws = mc.importance_sample(target, q, num_conformers, generator=generator)
         else:
-            res = mc.smc(target, q, num_conformers, kernel=mc.kernels.RandomWalk(num_steps=smc_steps),
-                         generator=generator)
+            kernel = TorsionMoves(num_steps=smc_steps, proposal=q)
+            res = mc.smc(target, q, num_conformers, kernel=kernel, generator=generator)
             ws = res.particles
     theta = torch.remainder(ws.samples.to(torch.float64) + math.pi, 2 * math.pi) - math.pi
     weights = ws.normalized_weights.to(torch.float64)

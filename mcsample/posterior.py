@@ -533,10 +533,30 @@ def tds(model, measurement, y: Tensor, num_particles: int, *, num_steps: int = 1
 class MCGdiff(_Base):
     r"""Monte Carlo guided diffusion (Cardoso et al. 2023) for :math:`y = Ax + \sigma_y\xi`.
 
-    See the module docstring. ``kappa`` is the paper's small variance :math:`\kappa` that keeps
-    the potential at :math:`\tau_i` from being a point mass; :math:`\tau_i` is the grid time whose
-    :math:`\log(\sigma_t/\alpha_t)` is closest to :math:`\log\bar\sigma_i` (any choice keeps the
-    final weights exact; a good one keeps them even). Needs ``measurement.svd()``.
+    In the SVD basis, :math:`\bar y_i = (U^\top y)_i/S_i = (V^\top x_0)_i + \bar\sigma_i\xi_i`,
+    :math:`\bar\sigma_i = \sigma_y/S_i`. At the time :math:`\tau_i` with
+    :math:`\sigma_{\tau_i}/\alpha_{\tau_i} = \bar\sigma_i` (inserted into the grid, found with
+    ``schedule.t_of_log_snr``), :math:`\alpha_{\tau_i}\bar y_i` has the law of the noised
+    coordinate :math:`(V^\top x_{\tau_i})_i`, so
+    :math:`p(x_0\mid y)\propto\int p(x_0\mid x_{\tau})\,q_\tau(x_\tau)\prod_i
+    \delta\big((V^\top x_{\tau_i})_i - \alpha_{\tau_i}\bar y_i\big)`: the noisy problem at
+    time 0 is a noiseless one at :math:`\tau_i`. The SMC targets
+    :math:`p_\theta(x_{t_j:t_K})\prod_i g_{j,i}(x_{t_j})` with potentials
+    :math:`g_{j,i}(x) = \mathcal N\big(\alpha_{t_j}\bar y_i;\ (V^\top x)_i,\ \sigma_{t_j|\tau_i}^2 +
+    \alpha_{t_j|\tau_i}^2(\kappa + e_i)\big)` while :math:`t_j\ge\tau_i` (the paper's, with
+    :math:`\alpha_{t|\tau} = \alpha_t/\alpha_\tau`, :math:`\sigma^2_{t|\tau} = \sigma_t^2 -
+    \alpha_{t|\tau}^2\sigma_\tau^2`); the potential at :math:`\tau_i` itself stays in the target
+    (it *is* the likelihood, up to :math:`\kappa`), and afterwards the coordinate follows the
+    prior kernel. Proposals are the exact product of the Gaussian kernel and the next
+    potential, the weights its normalizer over the current potential (fully adapted:
+    resampling happens before moving). A coordinate so noisy that :math:`\tau_i` would lie
+    beyond :math:`t_{\max}` is attached at :math:`t_{\max}` with the extra variance
+    :math:`e_i = \alpha_{t_{\max}}^2\bar\sigma_i^2 - \sigma_{t_{\max}}^2` (else :math:`e_i = 0`).
+
+    Asymptotically exact as :math:`N\to\infty` when the reverse kernels are those of the
+    forward process (exact score, fine grid) and :math:`\kappa\to0`; ``kappa`` (default
+    :math:`10^{-4}`, the authors' code) keeps the pinned potential from being a point mass.
+    The log-evidence of the result estimates :math:`\log p(y)`. Needs ``measurement.svd()``.
     """
 
     name = "MCGdiff"
@@ -552,55 +572,75 @@ class MCGdiff(_Base):
         self.kappa = float(kappa)
         self.resample_threshold = float(resample_threshold)
         self.scheme = scheme
+        # observation times tau_i, inserted into the grid
+        _, S, _ = measurement.svd()
+        sig_bar = measurement.sigma_y / S.to(torch.float64)
+        t_max = float(self.times[0])
+        lam_max = float(self.schedule.log_snr(torch.tensor(t_max, dtype=torch.float64)))
+        lam = -torch.log(sig_bar)
+        tau = torch.where(lam <= lam_max, torch.full_like(lam, t_max),
+                          self.schedule.t_of_log_snr(lam).to(torch.float64))
+        times = torch.cat([self.times, tau]).unique(sorted=True).flip(0)
+        keep = torch.ones_like(times, dtype=torch.bool)
+        keep[1:] = (times[:-1] - times[1:]) > 1e-12  # merge near-duplicates
+        self.times = times[keep]
+        self.tau_index = torch.searchsorted(-self.times, -tau - 1e-12)  # grid index of each tau_i
+        self.tau_index = self.tau_index.clamp(max=self.times.numel() - 1)
+        t = self.times
+        self.alpha = self.schedule.alpha(t).to(torch.float64).tolist()
+        self.sigma = self.schedule.sigma(t).to(torch.float64).tolist()
+        a0, s0 = self.alpha[0], self.sigma[0]
+        self.extra = torch.where(lam <= lam_max, (a0 * sig_bar) ** 2 - s0**2, torch.zeros_like(sig_bar)).clamp(min=0)
         self._pieces = None
 
     def _setup(self, dtype, device):
-        U, S, V, ybar, _, S64, _ = _svd_pieces(self.measurement, self.y, dtype, device)
-        sig_bar = self.measurement.sigma_y / S64  # (r,) float64
-        ratio = torch.tensor([s / a for a, s in zip(self.alpha, self.sigma)], dtype=torch.float64,
-                             device=S64.device)
-        # tau index per coordinate (grid points only, never the final t = 0)
-        dist = (torch.log(ratio)[None, :] - torch.log(sig_bar)[:, None]).abs()
-        tau = dist.argmin(1)  # (r,)
-        self._pieces = {"V": V, "ybar": ybar, "tau": tau}
+        U, S, V, ybar, uy, S64, y_perp_sq = _svd_pieces(self.measurement, self.y, dtype, device)
+        self._pieces = {"V": V, "ybar": ybar, "tau": self.tau_index.to(device), "S64": S64,
+                        "y_perp_sq": y_perp_sq}
         return self._pieces
 
-    def potential(self, j: int, tau: Tensor):
-        r"""Mean factor :math:`\alpha_{t_j}` and variances :math:`v_i = \sigma_{t_j|\tau_i}^2 +
-        \kappa\alpha_{t_j|\tau_i}^2` of the potentials at grid index ``j``; active mask
-        :math:`j\le\tau_i`."""
-        a_tau = torch.tensor(self.alpha, dtype=torch.float64, device=tau.device)[tau]
-        s_tau = torch.tensor(self.sigma, dtype=torch.float64, device=tau.device)[tau]
+    def potential(self, j: int, dtype=torch.float64, device=None):
+        r"""Mean factor :math:`\alpha_{t_j}`, variances of the potentials at grid index ``j`` and
+        the mask of coordinates with :math:`t_j\ge\tau_i`."""
+        tau = self.tau_index
+        a_tau = torch.tensor(self.alpha, dtype=torch.float64)[tau]
+        s_tau = torch.tensor(self.sigma, dtype=torch.float64)[tau]
         a_rel = self.alpha[j] / a_tau
-        var = (self.sigma[j] ** 2 - a_rel**2 * s_tau**2).clamp(min=0.0) + self.kappa * a_rel**2
-        return self.alpha[j], var, (j <= tau)
+        var = (self.sigma[j] ** 2 - a_rel**2 * s_tau**2).clamp(min=0.0) + a_rel**2 * (self.kappa + self.extra)
+        return self.alpha[j], var.to(dtype=dtype, device=device), (j <= tau).to(device)
 
-    def _log_g(self, z: Tensor, j: int) -> Tensor:
+    def _log_g_twist(self, z: Tensor, j: int) -> Tensor:
+        """Sum of the potentials at ``j`` that are twists (coordinates with :math:`t_j > \\tau_i`)."""
         p = self._pieces
-        a, var, active = self.potential(j, p["tau"])
-        var = var.to(z.dtype)
+        a, var, _ = self.potential(j, z.dtype, z.device)
+        twist = (j < p["tau"]).to(z.dtype)
         lg = -0.5 * ((z - a * p["ybar"]) ** 2 / var + torch.log(2 * math.pi * var))
-        return (lg * active.to(z.dtype)).sum(-1).to(torch.float64)
+        return (lg * twist).sum(-1).to(torch.float64)
 
     def init(self, num: int, *, generator=None, dtype=torch.float32, device=None, event_shape=None):
         es = self._event_shape(event_shape)
         p = self._setup(dtype, device)
         V, ybar = p["V"], p["ybar"]
         rho2 = self.prior_std() ** 2
-        a, var, active = self.potential(0, p["tau"])
-        var = var.to(dtype)
+        a, var, active = self.potential(0, dtype, device)  # every coordinate is active at t_max
         x = self.initial_noise(num, generator, dtype, device, es).reshape(num, -1)
-        # active coordinates: N(0, ρ²) × N(a ȳ; z, v) -> Gaussian; weight = N(a ȳ; 0, ρ² + v)
+        # N(0, ρ²) × N(a ȳ; z, v) -> Gaussian; weight = N(a ȳ; 0, ρ² + v)
         prec = 1.0 / rho2 + 1.0 / var
         m = (a * ybar / var) / prec
         z = m + torch.randn((num, ybar.numel()), generator=generator, dtype=dtype, device=device) / prec.sqrt()
-        z_old = x @ V
-        z = torch.where(active, z, z_old)
-        x = x + (z - z_old) @ V.T
-        log_norm = (-0.5 * ((a * ybar) ** 2 / (rho2 + var) + torch.log(2 * math.pi * (rho2 + var))))
-        log_norm = (log_norm * active.to(dtype)).sum().to(torch.float64)
-        state = _new_state(x.reshape(num, *es), log_scale=float(log_norm))
-        state.cache = {"log_g": self._log_g(z, 0)}
+        x = x + (z - x @ V) @ V.T
+        var64 = var.to(torch.float64)
+        ybar64 = ybar.to(torch.float64)
+        log_norm = -0.5 * ((a * ybar64) ** 2 / (rho2 + var64) + torch.log(2 * math.pi * (rho2 + var64))).sum()
+        # from the pseudo-observations α_τ ȳ back to y: log p(y) = log p(α_τ ȳ) + Σ log(α_τ/S) + log p(y_⊥)
+        a_tau = torch.tensor(self.alpha, dtype=torch.float64)[self.tau_index]
+        m_dim = self.y.numel()
+        r = ybar.numel()
+        sig2 = self.measurement.sigma_y**2
+        log_jac = (torch.log(a_tau).sum() - torch.log(p["S64"].cpu()).sum()
+                   - 0.5 * p["y_perp_sq"] / sig2 - 0.5 * (m_dim - r) * math.log(2 * math.pi * sig2))
+        state = _new_state(x.reshape(num, *es), log_scale=float(log_norm) + float(log_jac))
+        state.cache = {"log_g": self._log_g_twist(z, 0)}
         state.ess_history.append(float(num))
         return state
 
@@ -614,8 +654,7 @@ class MCGdiff(_Base):
             mean, sd, _ = self.kernel(state.x, s, j, self.eta)
             mflat = mean.reshape(n, -1)
             zm = mflat @ V
-            a, var, active = self.potential(j + 1, p["tau"])
-            var = var.to(mflat.dtype)
+            a, var, active = self.potential(j + 1, mflat.dtype, mflat.device)
             act = active.to(mflat.dtype)
             tot = sd**2 + var
             log_pred = (-0.5 * ((a * ybar - zm) ** 2 / tot + torch.log(2 * math.pi * tot)) * act).sum(-1)
@@ -632,13 +671,11 @@ class MCGdiff(_Base):
             z_new = torch.where(active, z_act, z_free)
             x_new = x_new + (z_new - z_free) @ V.T
             state.x = x_new.reshape(state.x.shape)
-            state.cache = {"log_g": self._log_g(z_new, j + 1)}
-        else:  # t_min -> 0: exact likelihood replaces the potential
-            x0 = self.x0_from_score(state.x, s, j)
-            ll = self.measurement.log_likelihood(x0, self.y).to(torch.float64)
-            state.log_w = state.log_w + ll - state.cache["log_g"]
-            state.x, state.cache = x0, {}
-            _check_weights(state.log_w, f"MCGdiff step {j}")
+            state.cache = {"log_g": self._log_g_twist(z_new, j + 1)}
+        else:  # t_min -> 0 deterministically; every potential left is a pinned likelihood
+            state.x = self.x0_from_score(state.x, s, j)
+            state.log_w = state.log_w - state.cache["log_g"]  # zero unless tau_i = t_min was skipped
+            state.cache = {}
             ess_before = float(_ess(state.log_w))
         state.index += 1
         state.ess_history.append(ess_before)
@@ -660,15 +697,123 @@ def mcgdiff(model, measurement, y: Tensor, num_particles: int, *, num_steps: int
 # 4. approximation-free ensemble sampler
 
 
+class _LinearPotential:
+    r"""Closed-form :math:`\mu_y(x, t) = -\log\mathcal N(y;\ Ax/a_t,\ \sigma_y^2I + \gamma r_t^2AA^\top)`
+    in the SVD basis (:math:`z = V^\top x`, :math:`\tilde u = U^\top y`,
+    :math:`w_i = \sigma_y^2 + \gamma r_t^2S_i^2`, :math:`e_i = S_iz_i/a_t - \tilde u_i`):
+
+    * ``"fixed"``: :math:`a_t = 1`, :math:`\gamma = 0` — the likelihood applied to the noisy state as is;
+    * ``"rescaled"``: :math:`a_t = \alpha_t`, :math:`\gamma = 0` — the likelihood of
+      :math:`x_t/\alpha_t = x_0 + (\sigma_t/\alpha_t)\varepsilon` (what the noisy state is for a
+      variance-exploding diffusion);
+    * ``"predictive"``: :math:`a_t = \alpha_t`, :math:`\gamma = 1`, :math:`r_t = \sigma_t/\alpha_t` —
+      :math:`p(y\mid x_t)` exactly when the prior of :math:`x_0` is flat.
+
+    All give :math:`\mu_y(x, 0) = -\log p(y\mid x)`. Gradient :math:`V(S e/(a w))`, Laplacian
+    :math:`\sum S^2/(a^2w)`, and, with :math:`\dot a/a = f` and :math:`\dot{(r^2)} = g^2/\alpha^2`,
+    :math:`\partial_t\mu = \sum_i[e_i\dot e_i/w_i - \tfrac12 e_i^2\dot w_i/w_i^2 + \tfrac12\dot w_i/w_i]`.
+    """
+
+    def __init__(self, sampler, mode: str, dtype, device):
+        m = sampler.measurement
+        U, S, V, ybar, uy, S64, y_perp_sq = _svd_pieces(m, sampler.y, dtype, device)
+        self.V, self.S, self.u = V, S, uy.to(dtype)
+        self.sig2 = m.sigma_y**2
+        self.mode = mode
+        self.gamma = 1.0 if mode == "predictive" else 0.0
+        n_obs = sampler.y.numel()
+        self.const = 0.5 * y_perp_sq / self.sig2 + 0.5 * (n_obs - S64.numel()) * math.log(2 * math.pi * self.sig2)
+        self.sampler = sampler
+
+    def _coef(self, j: int):
+        smp = self.sampler
+        if self.mode == "fixed":
+            a, fdot, r2dot, r2 = 1.0, 0.0, 0.0, 0.0
+        else:
+            a = smp.alpha[j]
+            fdot = smp.f[j]
+            r2 = (smp.sigma[j] / a) ** 2
+            r2dot = smp.g2[j] / a**2
+        w = self.sig2 + self.gamma * r2 * self.S**2
+        wdot = self.gamma * r2dot * self.S**2
+        return a, fdot, w, wdot
+
+    def evaluate(self, x: Tensor, j: int, need_lap: bool = True):
+        """``(grad, laplacian, d mu/dt)`` at grid index ``j``."""
+        n = x.shape[0]
+        a, fdot, w, wdot = self._coef(j)
+        z = x.reshape(n, -1) @ self.V
+        sz = self.S * z / a
+        e = sz - self.u
+        grad = ((self.S * e / (a * w)) @ self.V.T).reshape(x.shape)
+        lap = (self.S**2 / (a * a * w)).sum().expand(n)
+        edot = -sz * fdot
+        dmu_dt = (e * edot / w - 0.5 * e * e * wdot / w**2 + 0.5 * wdot / w).sum(-1)
+        return grad, lap, dmu_dt
+
+    def ou(self, j: int, lam_v2: float):
+        """Rates :math:`\\kappa_i` and centres of the stiff part :math:`-\\lambda v^2\\nabla\\mu` in the SVD basis."""
+        a, _, w, _ = self._coef(j)
+        return lam_v2 * self.S**2 / (a * a * w), a * self.u / self.S
+
+    def initial(self, num: int, rho2: float, generator, dtype, device, event_shape):
+        r"""Exact draws of :math:`\mathcal N(0,\rho^2I)e^{-\mu_y(\cdot, t_0)}` and :math:`\log Z_0`."""
+        a, _, w, _ = self._coef(0)
+        x = math.sqrt(rho2) * torch.randn((num, *event_shape), generator=generator, dtype=dtype, device=device)
+        xf = x.reshape(num, -1)
+        prec = 1.0 / rho2 + self.S**2 / (a * a * w)
+        mean = (self.S * self.u / (a * w)) / prec
+        z_old = xf @ self.V
+        z = mean + torch.randn(z_old.shape, generator=generator, dtype=dtype, device=device) / prec.sqrt()
+        x = (xf + (z - z_old) @ self.V.T).reshape(num, *event_shape)
+        var = (w + rho2 * self.S**2 / a**2).to(torch.float64)
+        u = self.u.to(torch.float64)
+        log_z0 = float(-0.5 * (u * u / var + torch.log(2 * math.pi * var)).sum()) - self.const
+        return x, log_z0
+
+
+class _GenericPotential:
+    r""":math:`\mu_y(x, t) = \tilde\mu(x/a_t)`, :math:`\tilde\mu = -\log p(y\mid\cdot)` from the
+    measurement's ``log_likelihood`` by autograd; ``"fixed"``: :math:`a_t = 1`; ``"rescaled"``:
+    :math:`a_t = \alpha_t` (then :math:`\partial_t\mu = -f\langle\nabla\tilde\mu(u), u\rangle`,
+    :math:`\nabla\mu = \nabla\tilde\mu(u)/a`, :math:`\Delta\mu = \Delta\tilde\mu(u)/a^2`)."""
+
+    def __init__(self, sampler, mode: str):
+        if mode not in ("fixed", "rescaled"):
+            raise ValueError(f"potential {mode!r} needs a linear measurement with .svd(); "
+                             "use 'fixed' or 'rescaled'")
+        self.sampler = sampler
+        self.mode = mode
+
+    def evaluate(self, x: Tensor, j: int, need_lap: bool = True, generator=None):
+        smp = self.sampler
+        a = 1.0 if self.mode == "fixed" else smp.alpha[j]
+        u = x / a
+        _, g = _potential_and_grad(smp.measurement, u, smp.y)
+        lap = smp._lap(u, generator) / a**2 if need_lap else None
+        dmu_dt = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device) if self.mode == "fixed" else \
+            -smp.f[j] * _dot(g, u)
+        return g / a, lap, dmu_dt
+
+
 class EnsembleSampler(_Base):
     r"""Weighted ensemble of Chen, Ren, Min, Ying & Izzo (2025); see the module docstring.
+
+    The path is :math:`\hat q_y(x, t)\propto q_t(x)e^{-\mu_y(x,t)}` with
+    :math:`\mu_y(x, 0) = -\log p(y\mid x)`, so it ends at the posterior. ``potential`` chooses
+    :math:`\mu_y` at the noisy state (see :class:`_LinearPotential`): ``"fixed"`` (the
+    likelihood of :math:`x_t` itself, time-independent), ``"rescaled"`` (the likelihood of
+    :math:`x_t/\alpha_t`) or ``"predictive"`` (default for linear measurements with an SVD:
+    :math:`\mathcal N(y; Ax_t/\alpha_t, \sigma_y^2I + (\sigma_t/\alpha_t)^2AA^\top)`). A
+    time-dependent :math:`\mu_y` adds :math:`-\partial_\tau\mu_y = \partial_t\mu_y` to the weight rate.
 
     Args:
         v_scale: :math:`v = \text{v\_scale}\cdot g(t)` (1: the paper's SDE variant).
         likelihood_drift: :math:`\lambda` in the drift :math:`H - \lambda v^2\nabla\mu_y`
             (1: the paper; 0.5: Langevin force, no Laplacian needed).
-        laplacian: ``"auto"`` (the measurement's ``potential_laplacian``, else ``"exact"`` up to
-            ``exact_max_dim`` dimensions, else ``"hutchinson"``), ``"exact"`` or ``"hutchinson"``.
+        laplacian: for measurements without a closed form: ``"auto"`` (``"exact"`` up to
+            ``exact_max_dim`` dimensions, else ``"hutchinson"`` with ``num_probes`` probes),
+            ``"exact"`` or ``"hutchinson"``.
         integrator: ``"auto"`` (``"exponential"`` for a linear measurement with an SVD, else
             ``"euler"``), ``"exponential"`` or ``"euler"`` (Euler–Maruyama).
         resample_threshold, scheme: resample (default multinomial, as in the paper) when
@@ -678,10 +823,10 @@ class EnsembleSampler(_Base):
 
     name = "ensemble"
 
-    def __init__(self, model, measurement, y, *, v_scale: float = 1.0, likelihood_drift: float = 1.0,
-                 laplacian: str = "auto", num_probes: int = 1, exact_max_dim: int = 64,
-                 integrator: str = "auto", resample_threshold: float = 0.5, scheme: str = "multinomial",
-                 **grid):
+    def __init__(self, model, measurement, y, *, potential: str = "auto", v_scale: float = 1.0,
+                 likelihood_drift: float = 1.0, laplacian: str = "auto", num_probes: int = 1,
+                 exact_max_dim: int = 64, integrator: str = "auto", resample_threshold: float = 0.5,
+                 scheme: str = "multinomial", **grid):
         super().__init__(model, measurement, y, **grid)
         self.v_scale = float(v_scale)
         self.lam = float(likelihood_drift)
@@ -690,61 +835,58 @@ class EnsembleSampler(_Base):
         self.exact_max_dim = int(exact_max_dim)
         self.resample_threshold = float(resample_threshold)
         self.scheme = scheme
-        has_svd = getattr(measurement, "linear", False) and callable(getattr(measurement, "svd", None))
+        self.has_svd = bool(getattr(measurement, "linear", False)) and callable(getattr(measurement, "svd", None))
+        if potential == "auto":
+            potential = "predictive" if self.has_svd else "rescaled"
+        if potential not in ("fixed", "rescaled", "predictive"):
+            raise ValueError(f"potential must be 'auto', 'fixed', 'rescaled' or 'predictive', got {potential!r}")
+        if potential == "predictive" and not self.has_svd:
+            raise ValueError("the 'predictive' potential needs a linear measurement with .svd()")
+        self.potential = potential
         if integrator == "auto":
-            integrator = "exponential" if has_svd else "euler"
+            integrator = "exponential" if self.has_svd else "euler"
         if integrator not in ("exponential", "euler"):
             raise ValueError(f"integrator must be 'auto', 'exponential' or 'euler', got {integrator!r}")
-        if integrator == "exponential" and not has_svd:
+        if integrator == "exponential" and not self.has_svd:
             raise ValueError("the exponential integrator needs a linear measurement with .svd()")
         self.integrator = integrator
         self.f = self.schedule.f(self.times).to(torch.float64).tolist()
         self.g2 = self.schedule.g2(self.times).to(torch.float64).tolist()
-        self._pieces = None
+        self._pot = None
 
     @property
     def num_steps(self) -> int:
         return self.times.numel() - 1
 
-    def _lap(self, x: Tensor, generator) -> Tensor:
+    def _lap(self, u: Tensor, generator) -> Tensor:
         m = self.measurement
         method = self.laplacian
         if method == "auto":
             if callable(getattr(m, "potential_laplacian", None)):
-                return m.potential_laplacian(x)
-            method = "exact" if x[0].numel() <= self.exact_max_dim else "hutchinson"
-        return laplacian(lambda z: -m.log_likelihood(z, self.y), x, method, self.num_probes, generator)
+                return m.potential_laplacian(u)
+            method = "exact" if u[0].numel() <= self.exact_max_dim else "hutchinson"
+        return laplacian(lambda z: -m.log_likelihood(z, self.y), u, method, self.num_probes, generator)
 
     def init(self, num: int, *, generator=None, dtype=torch.float32, device=None, event_shape=None):
         es = self._event_shape(event_shape)
         rho2 = self.prior_std() ** 2
-        x = self.initial_noise(num, generator, dtype, device, es)
-        m = self.measurement
-        if getattr(m, "linear", False) and callable(getattr(m, "svd", None)):
-            # exact Gaussian N(0, ρ²I) e^{-μ}: in the SVD basis, precision 1/ρ² + S²/σ²
-            U, S, V, ybar, uy, S64, y_perp_sq = _svd_pieces(m, self.y, dtype, device)
-            self._pieces = {"V": V, "S": S, "ybar": ybar}
-            sig2 = m.sigma_y**2
-            prec = 1.0 / rho2 + S**2 / sig2
-            mean = (S * S * ybar / sig2) / prec
-            xf = x.reshape(num, -1)
-            z_old = xf @ V
-            z = mean + torch.randn(z_old.shape, generator=generator, dtype=dtype, device=device) / prec.sqrt()
-            x = (xf + (z - z_old) @ V.T).reshape(num, *es)
-            # log Z_0 = log N(y; 0, σ²I + ρ²AAᵀ)
-            var = sig2 + rho2 * S64**2
-            mdim = int(math.prod(m.obs_shape)) if hasattr(m, "obs_shape") else self.y.numel()
-            log_z0 = (-0.5 * (uy**2 / var + torch.log(2 * math.pi * var)).sum()
-                      - 0.5 * y_perp_sq / sig2 - 0.5 * (mdim - S64.numel()) * math.log(2 * math.pi * sig2))
-            state = _new_state(x, log_scale=float(log_z0))
-        else:  # importance sampling from N(0, ρ²I): weights e^{-μ}
-            mu, _ = _potential_and_grad(m, x, self.y, need_value=True)
+        if self.has_svd:
+            self._pot = _LinearPotential(self, self.potential, dtype, device)
+            x, log_z0 = self._pot.initial(num, rho2, generator, dtype, device, es)
+            state = _new_state(x, log_scale=log_z0)
+        else:  # importance sampling from N(0, ρ²I) with weights e^{-μ}
+            self._pot = _GenericPotential(self, self.potential)
+            x = self.initial_noise(num, generator, dtype, device, es)
+            a = 1.0 if self.potential == "fixed" else self.alpha[0]
+            mu, _ = _potential_and_grad(self.measurement, x / a, self.y, need_value=True)
             state = _new_state(x, log_w=-mu.to(torch.float64))
         _check_weights(state.log_w, "ensemble init")
         state.ess_history.append(float(_ess(state.log_w)))
         return state
 
     def step(self, state: PosteriorState, generator=None) -> PosteriorState:
+        if self._pot is None:
+            raise RuntimeError("call init() before step()")
         j = state.index
         h = float(self.times[j] - self.times[j + 1])
         x = state.x
@@ -753,11 +895,14 @@ class EnsembleSampler(_Base):
         f, g2 = self.f[j], self.g2[j]
         v2 = self.v_scale**2 * g2
         H = -f * x + 0.5 * (g2 + v2) * s
-        _, gmu = _potential_and_grad(self.measurement, x, self.y)
+        need_lap = self.lam != 0.5
+        if isinstance(self._pot, _GenericPotential):
+            gmu, lap, dmu_dt = self._pot.evaluate(x, j, need_lap, generator)
+        else:
+            gmu, lap, dmu_dt = self._pot.evaluate(x, j, need_lap)
         gsq = _sqsum(gmu)
-        G = -_dot(H, gmu)
-        if self.lam != 0.5:
-            lap = self._lap(x, generator)
+        G = dmu_dt - _dot(H, gmu)  # -∂_τ μ = +∂_t μ
+        if need_lap:
             G = G + 0.5 * v2 * (gsq - lap) + (1.0 - self.lam) * v2 * (_dot(s, gmu) - gsq + lap)
         else:
             G = G + 0.5 * v2 * _dot(s, gmu)
@@ -765,17 +910,16 @@ class EnsembleSampler(_Base):
         v = math.sqrt(v2)
         if self.integrator == "euler":
             x_new = x + h * (H - self.lam * v2 * gmu) + v * math.sqrt(h) * _randn_like(x, generator)
-        else:
-            p = self._pieces
-            V, S, ybar = p["V"], p["S"], p["ybar"]
+        else:  # Euler for H, exact Ornstein-Uhlenbeck step for the likelihood force and the noise
+            V = self._pot.V
+            k, centre = self._pot.ou(j, self.lam * v2)
             xf = (x + h * H).reshape(n, -1)
             z = xf @ V
-            k = self.lam * v2 * S**2 / self.measurement.sigma_y**2  # OU rates (r,)
             decay = torch.exp(-k * h)
             var = torch.where(k * h > 1e-8, -torch.expm1(-2 * k * h) / (2 * k).clamp(min=1e-30),
                               torch.full_like(k, h))
-            z_new = ybar + (z - ybar) * decay + v * var.sqrt() * torch.randn(z.shape, generator=generator,
-                                                                             dtype=z.dtype, device=z.device)
+            z_new = centre + (z - centre) * decay + v * var.sqrt() * torch.randn(
+                z.shape, generator=generator, dtype=z.dtype, device=z.device)
             noise = _randn_like(xf, generator)
             noise = noise - (noise @ V) @ V.T  # null-space part of the Brownian increment
             x_new = (xf + v * math.sqrt(h) * noise + (z_new - z) @ V.T).reshape(x.shape)
@@ -790,14 +934,16 @@ class EnsembleSampler(_Base):
 
 
 def ensemble_sampler(model, measurement, y: Tensor, num_particles: int, *, num_steps: int = 100,
-                     v_scale: float = 1.0, likelihood_drift: float = 1.0, laplacian: str = "auto",
-                     num_probes: int = 1, integrator: str = "auto", resample_threshold: float = 0.5,
-                     scheme: str = "multinomial", generator=None, dtype=torch.float32, device=None,
-                     event_shape=None, progress: bool = False, **grid) -> WeightedSamples:
-    """Run :class:`EnsembleSampler` with ``num_particles`` particles; the log-evidence of the
-    result estimates :math:`\\log\\int q_{t_{\\min}}(x)p(y\\mid x)dx` (for linear measurements)."""
-    return EnsembleSampler(model, measurement, y, v_scale=v_scale, likelihood_drift=likelihood_drift,
-                           laplacian=laplacian, num_probes=num_probes, integrator=integrator,
-                           resample_threshold=resample_threshold, scheme=scheme, num_steps=num_steps,
-                           **grid).run(num_particles, generator=generator, dtype=dtype, device=device,
-                                       event_shape=event_shape, progress=progress)
+                     potential: str = "auto", v_scale: float = 1.0, likelihood_drift: float = 1.0,
+                     laplacian: str = "auto", num_probes: int = 1, integrator: str = "auto",
+                     resample_threshold: float = 0.5, scheme: str = "multinomial", generator=None,
+                     dtype=torch.float32, device=None, event_shape=None, progress: bool = False,
+                     **grid) -> WeightedSamples:
+    """Run :class:`EnsembleSampler` with ``num_particles`` particles; for linear measurements the
+    log-evidence of the result estimates :math:`\\log\\int q_{t_{\\min}}(x)p(y\\mid x)dx`."""
+    return EnsembleSampler(model, measurement, y, potential=potential, v_scale=v_scale,
+                           likelihood_drift=likelihood_drift, laplacian=laplacian, num_probes=num_probes,
+                           integrator=integrator, resample_threshold=resample_threshold, scheme=scheme,
+                           num_steps=num_steps, **grid).run(
+        num_particles, generator=generator, dtype=dtype, device=device, event_shape=event_shape,
+        progress=progress)

@@ -378,6 +378,18 @@ class InternalCoordinates(torch.nn.Module):
         """``(n-3, 4)`` atom indices ``(i, a, b, c)`` of each torsion, in z order."""
         return self.zmatrix[3:].copy()
 
+    def torsion_index(self, quad) -> int:
+        """Position in the torsion block of the torsion over atoms ``quad`` (either direction).
+
+        E.g. ``ic.torsion_index(md.compute_phi(traj)[0][0])`` finds φ; the z column is
+        ``ic.torsion_slice.start + index``. Raises ``KeyError`` if it is not a Z-matrix torsion.
+        """
+        q = [int(v) for v in quad]
+        for k, row in enumerate(self.zmatrix[3:].tolist()):
+            if row == q or row == q[::-1]:
+                return k
+        raise KeyError(f"atoms {q} are not a torsion of this Z-matrix")
+
     # Cartesian -> internal ------------------------------------------------------------------
     def to_internal(self, x: Tensor) -> Tensor:
         """Internal coordinates ``(B, 3n)`` of Cartesian ``x`` of shape ``(B, n, 3)`` (nm)."""

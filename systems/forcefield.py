@@ -2,44 +2,55 @@ r"""A batched, differentiable torch copy of an OpenMM System's potential energy.
 
 :class:`TorchForceField` reads every parameter out of an ``openmm.System`` and evaluates the
 potential energy :math:`U(x)` (kJ/mol) of a whole batch ``x`` of shape ``(B, n_atoms, 3)``
-(nm) at once, on CPU or GPU, in float32 or float64; forces :math:`-\nabla U` come from
-autograd. In float64 it reproduces OpenMM's Reference platform to ~1e-9 relative precision.
-``log_prob = -U/kT`` is the Boltzmann log-density the samplers use.
+(nm) at once, on CPU or GPU, in float32 or float64, with forces :math:`-\nabla U`. In float64
+it reproduces OpenMM's Reference platform to ~1e-12 relative precision. ``log_prob = -U/kT``
+is the Boltzmann log-density the samplers use.
 
-Terms (OpenMM's definitions, see the OpenMM user guide, "Standard Forces"):
+Terms (OpenMM's definitions; OpenMM user guide, "Standard Forces"):
 
-* ``HarmonicBondForce``   :math:`\tfrac12 k (r-r_0)^2`
-* ``HarmonicAngleForce``  :math:`\tfrac12 k (\theta-\theta_0)^2`
+* ``HarmonicBondForce``    :math:`\tfrac12 k (r-r_0)^2`
+* ``HarmonicAngleForce``   :math:`\tfrac12 k (\theta-\theta_0)^2`
 * ``PeriodicTorsionForce`` :math:`k\,(1+\cos(n\phi-\phi_0))`
-* ``NonbondedForce`` :math:`\sum_{i<j}\ 4\epsilon_{ij}[(\sigma_{ij}/r)^{12}-(\sigma_{ij}/r)^6]
+* ``NonbondedForce`` :math:`\sum_{i<j} 4\epsilon_{ij}[(\sigma_{ij}/r)^{12}-(\sigma_{ij}/r)^6]
   + k_e q_iq_j/r` over all pairs but the excluded ones (Lorentz-Berthelot mixing), plus the
-  exceptions (1-4 pairs, scaled) with their own parameters and no cutoff. With
-  ``CutoffNonPeriodic`` the Coulomb term becomes the reaction field
-  :math:`k_e q_iq_j(1/r + k_{rf} r^2 - c_{rf})`, :math:`k_{rf} = r_c^{-3}(\epsilon-1)/(2\epsilon+1)`,
-  :math:`c_{rf} = r_c^{-1}\, 3\epsilon/(2\epsilon+1)`, and pairs beyond :math:`r_c` are dropped.
-* Generalized Born, OBC model (Onufriev, Bashford & Case, Proteins 2004), either as
-  ``GBSAOBCForce`` or as the ``CustomGBForce`` that amber14's ``implicit/obc1.xml`` and
-  ``obc2.xml`` and AMBER prmtop files (``igb=2``/``igb=5``) create. Born radii
-  :math:`B_i = 1/(1/\rho_i - \tanh(\alpha\psi_i-\beta\psi_i^2+\gamma\psi_i^3)/R_i)` with
-  :math:`\psi_i = \rho_i I_i`, :math:`I_i` the HCT pair integral (Hawkins, Cramer & Truhlar
-  1996), :math:`\rho_i = R_i - 0.009` nm; polar energy
+  exceptions (scaled 1-4 pairs) with their own parameters, never cut off. With
+  ``CutoffNonPeriodic`` the Coulomb term of regular pairs within :math:`r_c` becomes the
+  reaction field :math:`k_e q_iq_j(1/r + k_{rf} r^2 - c_{rf})`,
+  :math:`k_{rf} = r_c^{-3}(\epsilon_{rf}-1)/(2\epsilon_{rf}+1)`,
+  :math:`c_{rf} = r_c^{-1}\,3\epsilon_{rf}/(2\epsilon_{rf}+1)` (amber's implicit-solvent files
+  set :math:`\epsilon_{rf}=1`, i.e. a shifted Coulomb), and pairs beyond :math:`r_c` drop out.
+* Generalized Born, OBC model (Onufriev, Bashford & Case, Proteins 2004), as ``GBSAOBCForce``
+  or as the ``CustomGBForce`` that amber14's ``implicit/obc1.xml`` and ``obc2.xml`` and AMBER
+  prmtop files (``igb=2``/``igb=5``) create. Born radii
+  :math:`B_i = 1/(1/\rho_i - \tanh(\alpha\psi_i-\beta\psi_i^2+\gamma\psi_i^3)/R_i)`,
+  :math:`\psi_i = \rho_i I_i` with :math:`I_i` the pairwise descreening integral (Hawkins,
+  Cramer & Truhlar 1996), :math:`\rho_i = R_i - 0.009` nm; polar energy
   :math:`-\tfrac{k_e}{2}(1/\epsilon_{in}-1/\epsilon_{out})\sum_{i,j} q_iq_j/f_{ij}`,
-  :math:`f_{ij}=\sqrt{r_{ij}^2 + B_iB_j e^{-r_{ij}^2/4B_iB_j}}` (Still et al. 1990), and the
-  ACE surface term :math:`28.39\,(R_i+0.14)^2 (R_i/B_i)^6` (Schaefer, Bartels & Karplus 1998).
+  :math:`f_{ij}=\sqrt{r_{ij}^2 + B_iB_j e^{-r_{ij}^2/4B_iB_j}}` (Still et al. 1990; the
+  diagonal is the self energy), and the ACE surface term :math:`28.39\,(R_i+0.14)^2(R_i/B_i)^6`
+  (Schaefer, Bartels & Karplus 1998).
 * ``CMMotionRemover`` contributes no energy. Any other force raises an error naming it.
 
 Custom forces are never interpreted generically: a ``CustomGBForce`` is accepted only when its
-per-particle parameters, computed values and energy terms are the OBC1/OBC2 expressions
-OpenMM's ``openmm.app.internal.customgbforces`` generates (constants are read out of them).
+per-particle parameters, computed values and energy terms are the OBC1/OBC2 expressions that
+``openmm.app.internal.customgbforces`` generates; its constants are read out of them.
+
+Two evaluation paths give the same numbers. The default fused path computes every pair term
+(nonbonded, exceptions, GB) together with its analytic gradient on dense ``(B, n, n)``
+matrices in one pass (``_FusedPairs``): all pair terms depend on :math:`d_{ij} = |x_i-x_j|^2`,
+so with :math:`W_{ij} = \partial U/\partial d_{ij}` the gradient is the batched product
+:math:`\nabla_{x_k} U = 2\sum_j (W_{kj}+W_{jk})(x_k - x_j)`. It is first-order differentiable;
+``TorchForceField(..., analytic=False)`` evaluates the straightforward per-term modules with
+autograd all the way (higher derivatives too). Bonded terms always use autograd.
 
 Clashes: distances in the nonbonded and GB terms are floored at ``min_distance`` (1e-4 nm in
-float64, 1e-2 nm in float32, where LJ walls already exceed 1e15 kJ/mol), so overlapping atoms
-give huge finite energies and finite forces, never NaN; square roots and ``atan2`` are guarded
-so autograd never sees a singular branch ("double where"). :func:`linlogcut` is the separate,
-optional soft regularization used to train Boltzmann generators (Noé et al., Science 2019).
+float64, 1e-2 nm otherwise; LJ walls there exceed 1e15 kJ/mol), so overlapping atoms give
+huge finite energies and finite forces, never NaN; square roots and ``atan2`` are guarded so
+that autograd never meets a singular branch ("double where"). :func:`linlogcut` is the
+separate, optional soft regularization of Boltzmann-generator training (Noé et al. 2019).
 
-Memory: the GB term uses dense ``(B, n, n)`` pair matrices (fine for peptides of 20-150 atoms);
-batches are evaluated in chunks of at most ``max_pairs_per_chunk`` pair entries.
+Memory: dense pair matrices, fine for peptides (20-200 atoms); batches are evaluated in chunks
+of at most ``max_pairs_per_chunk`` pair entries.
 """
 
 from __future__ import annotations
@@ -56,6 +67,7 @@ __all__ = [
     "TorchForceField",
     "UnsupportedForceError",
     "linlogcut",
+    "dihedral",
     "ONE_4PI_EPS0",
 ]
 
@@ -89,13 +101,18 @@ def _safe_atan2(y: Tensor, x: Tensor) -> Tensor:
                        torch.where(bad, torch.ones_like(x), x))
 
 
+def _gather(x: Tensor, idx: Tensor) -> Tensor:
+    """``x[:, idx]`` for an index array of any shape, by ``index_select`` (cheap backward)."""
+    return torch.index_select(x, 1, idx.reshape(-1)).view(x.shape[0], *idx.shape, x.shape[-1])
+
+
 def linlogcut(energy: Tensor, high: float = 1e3, max: float = 1e9) -> Tensor:
     r"""Soft energy regularization of Boltzmann-generator training (Noé et al. 2019, bgflow).
 
-    :math:`u \mapsto u` for :math:`u < h`, :math:`h + \log(1 + u - h)` above it, after capping
-    at ``max``: unchanged in the physical range, logarithmic in clashes, so that gradients of
-    clashing samples stay bounded. Not the exact energy: never use it for importance weights
-    unless the target is defined with it. Double where keeps gradients finite for ``inf``.
+    :math:`u \mapsto u` below ``high``, :math:`h + \log(1 + u - h)` above it, after capping at
+    ``max`` (NaN and +inf become ``max``): unchanged in the physical range, logarithmic in
+    clashes, so that gradients of clashing samples stay bounded. It is *not* the exact energy:
+    importance weights need the exact one. Double where keeps the gradients finite.
     """
     e = torch.nan_to_num(energy, nan=max, posinf=max)
     e = torch.minimum(e, torch.full_like(e, max))
@@ -104,8 +121,25 @@ def linlogcut(energy: Tensor, high: float = 1e3, max: float = 1e9) -> Tensor:
     return torch.where(above, high + torch.log1p(safe - high), e)
 
 
+def dihedral(x: Tensor, idx: Tensor) -> Tensor:
+    r"""IUPAC dihedral angles in :math:`(-\pi, \pi]` of quadruplets ``idx`` (T, 4): (B, T).
+
+    :math:`\phi = \operatorname{atan2}(|b_2|\, b_1\cdot(b_2\times b_3),\ (b_1\times b_2)\cdot(b_2\times b_3))`
+    with :math:`b_k = x_k - x_{k-1}` (Blondel & Karplus 1996); trans is :math:`\pi`, as in
+    OpenMM and mdtraj; NaN-free gradients at collinear atoms.
+    """
+    p = _gather(x, idx)
+    b1 = p[:, :, 1] - p[:, :, 0]
+    b2 = p[:, :, 2] - p[:, :, 1]
+    b3 = p[:, :, 3] - p[:, :, 2]
+    n1 = torch.linalg.cross(b1, b2)
+    n2 = torch.linalg.cross(b2, b3)
+    b2n = _safe_sqrt(b2.square().sum(-1), 1e-36)
+    return _safe_atan2(b2n * (b1 * n2).sum(-1), (n1 * n2).sum(-1))
+
+
 # --------------------------------------------------------------------------------------------
-# bonded terms
+# bonded terms (autograd)
 
 
 class HarmonicBonds(nn.Module):
@@ -116,20 +150,23 @@ class HarmonicBonds(nn.Module):
     def __init__(self, force):
         super().__init__()
         rows = [force.getBondParameters(i) for i in range(force.getNumBonds())]
-        self.register_buffer("idx", torch.tensor([[r[0], r[1]] for r in rows], dtype=torch.long).reshape(-1, 2))
+        self.register_buffer("idx", torch.tensor([r[:2] for r in rows], dtype=torch.long).reshape(-1, 2))
         self.register_buffer("r0", torch.tensor([r[2]._value for r in rows], dtype=torch.float64))
         self.register_buffer("k", torch.tensor([r[3]._value for r in rows], dtype=torch.float64))
 
-    def forward(self, x: Tensor, geo: "_Geometry") -> Tensor:
+    def forward(self, x: Tensor) -> Tensor:
         if self.idx.numel() == 0:
             return x.new_zeros(x.shape[0])
-        d = x[:, self.idx[:, 1]] - x[:, self.idx[:, 0]]
-        r = _safe_sqrt(d.square().sum(-1), 1e-24)
+        p = _gather(x, self.idx)
+        r = _safe_sqrt((p[:, :, 1] - p[:, :, 0]).square().sum(-1), 1e-24)
         return (0.5 * self.k.to(x) * (r - self.r0.to(x)).square()).sum(-1)
 
 
 class HarmonicAngles(nn.Module):
-    r""":math:`U = \sum_a \tfrac12 k_a (\theta_a - \theta_{0,a})^2` (``HarmonicAngleForce``)."""
+    r""":math:`U = \sum_a \tfrac12 k_a (\theta_a - \theta_{0,a})^2` (``HarmonicAngleForce``).
+
+    :math:`\theta = \operatorname{atan2}(|u\times v|, u\cdot v)`, accurate near 0 and π.
+    """
 
     name = "HarmonicAngleForce"
 
@@ -140,11 +177,12 @@ class HarmonicAngles(nn.Module):
         self.register_buffer("theta0", torch.tensor([r[3]._value for r in rows], dtype=torch.float64))
         self.register_buffer("k", torch.tensor([r[4]._value for r in rows], dtype=torch.float64))
 
-    def forward(self, x: Tensor, geo: "_Geometry") -> Tensor:
+    def forward(self, x: Tensor) -> Tensor:
         if self.idx.numel() == 0:
             return x.new_zeros(x.shape[0])
-        u = x[:, self.idx[:, 0]] - x[:, self.idx[:, 1]]
-        v = x[:, self.idx[:, 2]] - x[:, self.idx[:, 1]]
+        p = _gather(x, self.idx)
+        u = p[:, :, 0] - p[:, :, 1]
+        v = p[:, :, 2] - p[:, :, 1]
         cross = _safe_sqrt(torch.linalg.cross(u, v).square().sum(-1), 1e-36)
         theta = _safe_atan2(cross, (u * v).sum(-1))
         return (0.5 * self.k.to(x) * (theta - self.theta0.to(x)).square()).sum(-1)
@@ -153,7 +191,7 @@ class HarmonicAngles(nn.Module):
 class PeriodicTorsions(nn.Module):
     r""":math:`U = \sum_t k_t (1 + \cos(n_t\phi_t - \phi_{0,t}))` (``PeriodicTorsionForce``).
 
-    :math:`\phi` is the IUPAC dihedral (trans = π) of atoms 1-2-3-4, as OpenMM computes it.
+    :math:`\phi` is the IUPAC dihedral of atoms 1-2-3-4 (:func:`dihedral`), as in OpenMM.
     """
 
     name = "PeriodicTorsionForce"
@@ -166,51 +204,71 @@ class PeriodicTorsions(nn.Module):
         self.register_buffer("phase", torch.tensor([r[5]._value for r in rows], dtype=torch.float64))
         self.register_buffer("k", torch.tensor([r[6]._value for r in rows], dtype=torch.float64))
 
-    def forward(self, x: Tensor, geo: "_Geometry") -> Tensor:
+    def forward(self, x: Tensor) -> Tensor:
         if self.idx.numel() == 0:
             return x.new_zeros(x.shape[0])
-        phi = dihedral(x, self.idx)
-        arg = self.n.to(x) * phi - self.phase.to(x)
+        arg = self.n.to(x) * dihedral(x, self.idx) - self.phase.to(x)
         return (self.k.to(x) * (1.0 + torch.cos(arg))).sum(-1)
 
 
-def dihedral(x: Tensor, idx: Tensor) -> Tensor:
-    r"""IUPAC dihedral angles in :math:`(-\pi, \pi]` for quadruplets ``idx`` (T, 4): (B, T).
+# --------------------------------------------------------------------------------------------
+# pair geometry
 
-    :math:`\phi = \operatorname{atan2}(|b_2|\, b_1\cdot(b_2\times b_3),\ (b_1\times b_2)\cdot(b_2\times b_3))`
-    with :math:`b_k = x_{k} - x_{k-1}` (Blondel & Karplus 1996); NaN-free at collinear atoms.
+
+class _Pairs:
+    """Dense pair geometry of a batch, shared by the nonbonded and GB terms.
+
+    ``diff[b,i,j] = x_i - x_j``, ``d2 = |diff|^2`` (exactly 0 on the diagonal), ``r`` and
+    ``inv_r`` from the distances floored at the clash floor (the diagonal set to 1 first, so
+    nothing is singular), ``live`` marks entries above the floor (their gradient is not cut).
     """
-    b1 = x[:, idx[:, 1]] - x[:, idx[:, 0]]
-    b2 = x[:, idx[:, 2]] - x[:, idx[:, 1]]
-    b3 = x[:, idx[:, 3]] - x[:, idx[:, 2]]
-    n1 = torch.linalg.cross(b1, b2)
-    n2 = torch.linalg.cross(b2, b3)
-    b2n = _safe_sqrt(b2.square().sum(-1), 1e-36)
-    y = b2n * (b1 * n2).sum(-1)
-    xx = (n1 * n2).sum(-1)
-    return _safe_atan2(y, xx)
+
+    def __init__(self, x: Tensor, floor: float):
+        n = x.shape[1]
+        self.x = x
+        self.n = n
+        self.floor2 = floor * floor
+        self.eye = torch.eye(n, dtype=torch.bool, device=x.device)
+        self.diff = x[:, :, None, :] - x[:, None, :, :]
+        self.d2 = self.diff.square().sum(-1)
+        raw = self.d2.masked_fill(self.eye, 1.0)
+        self.live = raw >= self.floor2
+        d2c = torch.clamp(raw, min=self.floor2)
+        self.d2c = d2c
+        self.inv_r = torch.rsqrt(d2c)
+        self.r = d2c * self.inv_r
+
+    def flat(self, t: Tensor) -> Tensor:
+        return t.reshape(t.shape[0], self.n * self.n)
 
 
 # --------------------------------------------------------------------------------------------
 # nonbonded
 
 
-class _Geometry:
-    """Per-batch pair geometry shared by the nonbonded and GB terms (dense when GB needs it)."""
-
-    def __init__(self, x: Tensor, dense: bool, floor: float):
-        self.x = x
-        self.floor2 = floor * floor
-        self.d2_dense = None
-        if dense:
-            diff = x[:, :, None, :] - x[:, None, :, :]
-            self.d2_dense = diff.square().sum(-1)  # (B, n, n), exactly 0 on the diagonal
-
-    def pair_d2(self, i: Tensor, j: Tensor) -> Tensor:
-        if self.d2_dense is not None:
-            n = self.x.shape[1]
-            return self.d2_dense.reshape(self.x.shape[0], n * n)[:, i * n + j]
-        return (self.x[:, j] - self.x[:, i]).square().sum(-1)
+def _lj_coulomb(d2: Tensor, inv2: Tensor, inv_r: Tensor, sig2: Tensor, eps4: Tensor, qq: Tensor,
+                k_rf: float | None, c_rf: float | None, switch: tuple[float, float] | None,
+                need_grad: bool):
+    """LJ + Coulomb (or reaction field) energies of pairs and, if asked, ``dE/d(r^2)``."""
+    s6 = (sig2 * inv2) ** 3
+    lj = eps4 * s6 * (s6 - 1.0)
+    coul = qq * inv_r if k_rf is None else qq * (inv_r + k_rf * d2 - c_rf)
+    dlj = dcoul = None
+    if need_grad:
+        dlj = -3.0 * eps4 * s6 * (2.0 * s6 - 1.0) * inv2
+        dcoul = -0.5 * qq * inv_r * inv2
+        if k_rf is not None:
+            dcoul = dcoul + qq * k_rf
+    if switch is not None:   # OpenMM's LJ switch S(t) = 1 - 10t^3 + 15t^4 - 6t^5
+        r_sw, r_c = switch
+        r = d2 * inv_r
+        t = torch.clamp((r - r_sw) / (r_c - r_sw), 0.0, 1.0)
+        sw = 1.0 + t**3 * (-10.0 + t * (15.0 - 6.0 * t))
+        if need_grad:
+            dsw = -30.0 * (t * (1.0 - t)).square() / (r_c - r_sw) * 0.5 * inv_r
+            dlj = dlj * sw + lj * dsw
+        lj = lj * sw
+    return lj + coul, (dlj + dcoul if need_grad else None)
 
 
 class Nonbonded(nn.Module):
@@ -218,10 +276,10 @@ class Nonbonded(nn.Module):
 
     Regular pairs :math:`i<j` (all but the exceptions): LJ with Lorentz-Berthelot mixing
     :math:`\sigma_{ij}=(\sigma_i+\sigma_j)/2`, :math:`\epsilon_{ij}=\sqrt{\epsilon_i\epsilon_j}`
-    and Coulomb :math:`k_e q_iq_j/r`, or within the cutoff the reaction field
-    :math:`k_e q_iq_j(1/r + k_{rf}r^2 - c_{rf})` and (optionally) OpenMM's LJ switching function.
+    and Coulomb :math:`k_e q_iq_j/r`; with a cutoff, within :math:`r_c` the reaction field
+    :math:`k_e q_iq_j(1/r + k_{rf}r^2 - c_{rf})` and optionally OpenMM's LJ switching function.
     Exceptions: :math:`k_e\,\mathrm{chargeProd}/r + 4\epsilon[(\sigma/r)^{12}-(\sigma/r)^6]`,
-    never cut off and without reaction field.
+    never cut off and without reaction field (as OpenMM computes them).
     """
 
     name = "NonbondedForce"
@@ -244,133 +302,96 @@ class Nonbonded(nn.Module):
                 "LJ) is not supported"
             )
         n = force.getNumParticles()
-        q = np.zeros(n)
-        sig = np.zeros(n)
-        eps = np.zeros(n)
+        q, sig, eps = np.zeros(n), np.zeros(n), np.zeros(n)
         for i in range(n):
             c, s, e = force.getParticleParameters(i)
             q[i], sig[i], eps[i] = c._value, s._value, e._value
-        excluded = set()
+        regular = ~np.eye(n, dtype=bool)
         ex_rows = []
         for k in range(force.getNumExceptions()):
             a, b, qq, s, e = force.getExceptionParameters(k)
-            excluded.add((min(a, b), max(a, b)))
+            regular[a, b] = regular[b, a] = False
             if qq._value != 0.0 or e._value != 0.0:
                 ex_rows.append((a, b, qq._value, s._value, e._value))
-        ii, jj = np.triu_indices(n, 1)
-        keep = np.array([(a, b) not in excluded for a, b in zip(ii, jj)], dtype=bool) \
-            if excluded else np.ones(len(ii), dtype=bool)
-        ii, jj = ii[keep], jj[keep]
-        qq = q[ii] * q[jj]
-        s_ij = 0.5 * (sig[ii] + sig[jj])
-        e_ij = np.sqrt(eps[ii] * eps[jj])
-        nz = (qq != 0.0) | (e_ij != 0.0)
-        ii, jj, qq, s_ij, e_ij = ii[nz], jj[nz], qq[nz], s_ij[nz], e_ij[nz]
-        self.register_buffer("i", torch.as_tensor(ii, dtype=torch.long))
-        self.register_buffer("j", torch.as_tensor(jj, dtype=torch.long))
-        self.register_buffer("qq", torch.as_tensor(ONE_4PI_EPS0 * qq, dtype=torch.float64))
-        self.register_buffer("sig2", torch.as_tensor(s_ij**2, dtype=torch.float64))
-        self.register_buffer("eps4", torch.as_tensor(4.0 * e_ij, dtype=torch.float64))
+        # dense parameter matrices (zero on the diagonal and on excluded pairs) ...
+        qq_m = np.where(regular, ONE_4PI_EPS0 * np.outer(q, q), 0.0)
+        sig2_m = np.where(regular, (0.5 * (sig[:, None] + sig[None, :])) ** 2, 0.0)
+        eps4_m = np.where(regular, 4.0 * np.sqrt(np.outer(eps, eps)), 0.0)
+        self.register_buffer("qq_m", torch.as_tensor(qq_m))
+        self.register_buffer("sig2_m", torch.as_tensor(sig2_m))
+        self.register_buffer("eps4_m", torch.as_tensor(eps4_m))
+        # ... and the same as a list of interacting pairs i<j for the reference path
+        ii, jj = np.nonzero(np.triu(regular & ((qq_m != 0.0) | (eps4_m != 0.0)), 1))
+        self.register_buffer("pairs", torch.as_tensor(np.stack([ii, jj], 1), dtype=torch.long).reshape(-1, 2))
+        self.register_buffer("qq", torch.as_tensor(qq_m[ii, jj]))
+        self.register_buffer("sig2", torch.as_tensor(sig2_m[ii, jj]))
+        self.register_buffer("eps4", torch.as_tensor(eps4_m[ii, jj]))
         ex = np.array(ex_rows, dtype=np.float64).reshape(-1, 5)
-        self.register_buffer("ex_i", torch.as_tensor(ex[:, 0], dtype=torch.long))
-        self.register_buffer("ex_j", torch.as_tensor(ex[:, 1], dtype=torch.long))
+        ex_pairs = torch.as_tensor(ex[:, :2], dtype=torch.long)
+        self.register_buffer("ex_pairs", ex_pairs)
+        self.register_buffer("ex_flat", ex_pairs[:, 0] * n + ex_pairs[:, 1])
         self.register_buffer("ex_qq", torch.as_tensor(ONE_4PI_EPS0 * ex[:, 2]))
         self.register_buffer("ex_sig2", torch.as_tensor(ex[:, 3] ** 2))
         self.register_buffer("ex_eps4", torch.as_tensor(4.0 * ex[:, 4]))
-        self.register_buffer("flat", self.i * n + self.j)          # into a flattened (n, n)
-        self.register_buffer("ex_flat", self.ex_i * n + self.ex_j)
-        self.cutoff = None if method == openmm.NonbondedForce.NoCutoff \
-            else float(force.getCutoffDistance()._value)
+        self.cutoff = None
+        self.k_rf = self.c_rf = None
         self.switch = None
-        if self.cutoff is not None:
+        if method == openmm.NonbondedForce.CutoffNonPeriodic:
+            self.cutoff = float(force.getCutoffDistance()._value)
             erf = float(force.getReactionFieldDielectric())
             self.k_rf = (erf - 1.0) / (2.0 * erf + 1.0) / self.cutoff**3
             self.c_rf = 3.0 * erf / (2.0 * erf + 1.0) / self.cutoff
             if force.getUseSwitchingFunction():
-                self.switch = float(force.getSwitchingDistance()._value)
+                self.switch = (float(force.getSwitchingDistance()._value), self.cutoff)
 
-    def forward(self, x: Tensor, geo: _Geometry) -> Tensor:
+    def forward(self, x: Tensor, floor2: float) -> Tensor:
+        """Reference path: pair lists, autograd."""
         out = x.new_zeros(x.shape[0])
-        if self.i.numel():
-            d2 = torch.clamp(geo.pair_d2(self.i, self.j), min=geo.floor2)
+        for pairs, qq, sig2, eps4, regular in ((self.pairs, self.qq, self.sig2, self.eps4, True),
+                                               (self.ex_pairs, self.ex_qq, self.ex_sig2, self.ex_eps4, False)):
+            if pairs.numel() == 0:
+                continue
+            p = _gather(x, pairs)
+            d2 = torch.clamp((p[:, :, 1] - p[:, :, 0]).square().sum(-1), min=floor2)
             inv2 = 1.0 / d2
-            s6 = (self.sig2.to(x) * inv2) ** 3
-            lj = self.eps4.to(x) * s6 * (s6 - 1.0)
-            inv_r = torch.sqrt(inv2)
-            qq = self.qq.to(x)
-            if self.cutoff is None:
-                e = lj + qq * inv_r
-            else:
-                coul = qq * (inv_r + self.k_rf * d2 - self.c_rf)
-                if self.switch is not None:
-                    r = d2 * inv_r
-                    t = torch.clamp((r - self.switch) / (self.cutoff - self.switch), 0.0, 1.0)
-                    lj = lj * (1.0 + t**3 * (-10.0 + t * (15.0 - 6.0 * t)))
-                e = torch.where(d2 < self.cutoff**2, lj + coul, torch.zeros_like(d2))
-            out = out + e.sum(-1)
-        if self.ex_i.numel():
-            d2 = torch.clamp(geo.pair_d2(self.ex_i, self.ex_j), min=geo.floor2)
-            inv2 = 1.0 / d2
-            s6 = (self.ex_sig2.to(x) * inv2) ** 3
-            e = self.ex_eps4.to(x) * s6 * (s6 - 1.0) + self.ex_qq.to(x) * torch.sqrt(inv2)
+            cut = regular and self.cutoff is not None
+            e, _ = _lj_coulomb(d2, inv2, torch.sqrt(inv2), sig2.to(x), eps4.to(x), qq.to(x),
+                               self.k_rf if cut else None, self.c_rf if cut else None,
+                               self.switch if cut else None, False)
+            if cut:
+                e = torch.where(d2 < self.cutoff**2, e, torch.zeros_like(e))
             out = out + e.sum(-1)
         return out
 
+    def dense_energy_grad(self, g: _Pairs, need_grad: bool):
+        """Fused path: energy (B,) and ``W = dU/d(d_ij)`` (B, n, n) on dense matrices.
 
-    def energy_grad_d2(self, d2_flat: Tensor, floor2: float, need_grad: bool):
-        """Energy (B,) and, if asked, ``dU/d(r_ij^2)`` scattered into a flat (B, n*n) matrix.
-
-        The analytic twin of :meth:`forward` used by the fused path (same formulas).
+        Each unordered pair appears twice in the dense sums, hence the factors 1/2.
         """
-        B = d2_flat.shape[0]
-        x = d2_flat
-        energy = x.new_zeros(B)
-        w_flat = x.new_zeros(d2_flat.shape) if need_grad else None
-        for flat, qq_, sig2_, eps4_, regular in (
-            (self.flat, self.qq, self.sig2, self.eps4, True),
-            (self.ex_flat, self.ex_qq, self.ex_sig2, self.ex_eps4, False),
-        ):
-            if flat.numel() == 0:
-                continue
-            raw = d2_flat[:, flat]
-            d2 = torch.clamp(raw, min=floor2)
+        x = g.x
+        inv2 = g.inv_r.square()
+        cut = self.cutoff is not None
+        e, w = _lj_coulomb(g.d2c, inv2, g.inv_r, self.sig2_m.to(x), self.eps4_m.to(x),
+                           self.qq_m.to(x), self.k_rf, self.c_rf, self.switch, need_grad)
+        if cut:
+            inside = g.d2c < self.cutoff**2
+            e = torch.where(inside, e, torch.zeros_like(e))
+        energy = 0.5 * e.sum((-1, -2))
+        W = None
+        if need_grad:
+            keep = g.live & inside if cut else g.live
+            W = torch.where(keep, 0.5 * w, torch.zeros_like(w))
+        if self.ex_flat.numel():
+            raw = g.flat(g.d2)[:, self.ex_flat]
+            d2 = torch.clamp(raw, min=g.floor2)
             inv2 = 1.0 / d2
-            s6 = (sig2_.to(x) * inv2) ** 3
-            eps4 = eps4_.to(x)
-            lj = eps4 * s6 * (s6 - 1.0)
-            inv_r = torch.sqrt(inv2)
-            qq = qq_.to(x)
-            cut = regular and self.cutoff is not None
-            if cut:
-                coul = qq * (inv_r + self.k_rf * d2 - self.c_rf)
-            else:
-                coul = qq * inv_r
-            if need_grad:
-                dlj = -3.0 * eps4 * s6 * (2.0 * s6 - 1.0) * inv2
-                dcoul = -0.5 * qq * inv_r * inv2
-                if cut:
-                    dcoul = dcoul + qq * self.k_rf
-            if cut and self.switch is not None:
-                r = d2 * inv_r
-                width = self.cutoff - self.switch
-                t = torch.clamp((r - self.switch) / width, 0.0, 1.0)
-                sw = 1.0 + t**3 * (-10.0 + t * (15.0 - 6.0 * t))
-                if need_grad:
-                    dsw = -30.0 * t.square() * (1.0 - t).square() / width * 0.5 * inv_r
-                    dlj = dlj * sw + lj * dsw
-                lj = lj * sw
-            e = lj + coul
-            if need_grad:
-                w = (dlj + dcoul) * (raw >= floor2)
-            if cut:
-                inside = d2 < self.cutoff**2
-                e = torch.where(inside, e, torch.zeros_like(e))
-                if need_grad:
-                    w = torch.where(inside, w, torch.zeros_like(w))
+            e, w = _lj_coulomb(d2, inv2, torch.sqrt(inv2), self.ex_sig2.to(x), self.ex_eps4.to(x),
+                               self.ex_qq.to(x), None, None, None, need_grad)
             energy = energy + e.sum(-1)
             if need_grad:
-                w_flat.index_add_(1, flat, w)
-        return energy, w_flat
+                w = torch.where(raw >= g.floor2, w, torch.zeros_like(w))
+                W = g.flat(W).index_add(1, self.ex_flat, w).view_as(W)
+        return energy, W
 
 
 # --------------------------------------------------------------------------------------------
@@ -380,20 +401,19 @@ class Nonbonded(nn.Module):
 class OBCGeneralizedBorn(nn.Module):
     r"""OBC generalized Born with the ACE surface-area term, dense over all atom pairs.
 
-    Born radii (Onufriev, Bashford & Case 2004):
+    Born radii (Onufriev, Bashford & Case 2004): for :math:`r + s_j \ge \rho_i`,
     :math:`I_i = \sum_{j\ne i} \tfrac12\big[\tfrac1L - \tfrac1U + \tfrac14(r-\tfrac{s_j^2}{r})
-    (\tfrac1{U^2}-\tfrac1{L^2}) + \tfrac{1}{2r}\log\tfrac LU\big]` for :math:`r + s_j \ge \rho_i`,
-    :math:`U = r+s_j`, :math:`L=\max(\rho_i, |r-s_j|)`, :math:`s_j` the scaled offset radius;
-    :math:`B_i = 1/(1/\rho_i - \tanh(\alpha\psi-\beta\psi^2+\gamma\psi^3)/R_i)`, :math:`\psi=\rho_iI_i`.
-    ``GBSAOBCForce`` also adds :math:`2(1/\rho_i - 1/L)` when atom i lies inside the
-    descreening sphere of j (Tinker's correction), the CustomGBForce versions do not.
-    Energy: :math:`\tfrac12 p\sum_{i,j} q_iq_j (1/f_{ij} - [i\ne j]/r_c) + \sum_i
-    a\,(R_i+0.14)^2(R_i/B_i)^6`, :math:`p = -k_e(1/\epsilon_{in}-1/\epsilon_{out})`; the diagonal
+    (\tfrac1{U^2}-\tfrac1{L^2}) + \tfrac{1}{2r}\log\tfrac LU\big]`, :math:`U = r+s_j`,
+    :math:`L=\max(\rho_i, |r-s_j|)`, :math:`s_j` the scaled offset radius;
+    :math:`B_i = 1/(1/\rho_i - \tanh(\alpha\psi-\beta\psi^2+\gamma\psi^3)/R_i)`,
+    :math:`\psi=\rho_iI_i` (OBC1: 0.8, 0, 2.909125; OBC2: 1, 0.8, 4.85). ``GBSAOBCForce`` adds
+    :math:`1/\rho_i - 1/L` when atom i lies inside j's descreening sphere (Tinker's correction);
+    the CustomGBForce versions do not. Energy:
+    :math:`\tfrac12\sum_{i,j} q_iq_j\,F(f_{ij})(1/f_{ij} - [i\ne j]/r_c) + \sum_i a\,(R_i+0.14)^2(R_i/B_i)^6`,
+    :math:`F = -k_e(1/\epsilon_{in} - e^{-\kappa f}/\epsilon_{out})`; the diagonal
     :math:`f_{ii}=B_i` is the self energy. With a cutoff, pairs beyond it drop out of
     :math:`I_i` and of the pair sum.
     """
-
-    name = "GB"
 
     def __init__(self, *, charge, offset_radius, scaled_radius, offset, alpha, beta, gamma,
                  ke, solute_dielectric, solvent_dielectric, ace, probe, cutoff, kappa,
@@ -409,7 +429,7 @@ class OBCGeneralizedBorn(nn.Module):
         eps_in, eps_out = float(solute_dielectric), float(solvent_dielectric)
         self.inv_eps_in = 1.0 / eps_in if eps_in else 0.0
         self.inv_eps_out = 1.0 / eps_out if eps_out else 0.0
-        # p = -k_e (1/eps_in - 1/eps_out); GBSAOBCForce switches GB off when a dielectric is 0
+        # F = -k_e (1/eps_in - 1/eps_out) without salt; GBSAOBCForce is off when a dielectric is 0
         self.prefactor = -self.ke * (self.inv_eps_in - self.inv_eps_out) if eps_in and eps_out else 0.0
         self.ace = None if ace is None else float(ace)
         self.probe = float(probe)
@@ -417,72 +437,24 @@ class OBCGeneralizedBorn(nn.Module):
         self.kappa = float(kappa)
         self.inside_term = bool(inside_term)
 
-    def born_radii(self, geo: _Geometry) -> Tensor:
-        """Born radii :math:`B_i` (nm), shape (B, n)."""
-        x = geo.x
-        n = x.shape[1]
-        eye = torch.eye(n, dtype=torch.bool, device=x.device)
-        d2 = geo.d2_dense
-        r = _safe_sqrt(torch.where(eye, torch.ones_like(d2), d2), geo.floor2)
-        rho_i = self.rho.to(x)[:, None]               # (n, 1): the atom being descreened
-        s_j = self.sr.to(x)[None, :]                  # (1, n): the descreening atom
-        U = r + s_j
-        L = torch.maximum(rho_i.expand_as(r), (r - s_j).abs())
-        inv_l, inv_u = 1.0 / L, 1.0 / U
-        inv_r = 1.0 / r
-        term = 0.5 * (inv_l - inv_u + 0.25 * (r - s_j.square() * inv_r) * (inv_u.square() - inv_l.square())
-                      + 0.5 * torch.log(L * inv_u) * inv_r)
-        if self.inside_term:
-            term = term + torch.where(rho_i < s_j - r, 1.0 / rho_i - inv_l, torch.zeros_like(r))
-        keep = (U >= rho_i) & ~eye
-        if self.cutoff is not None:
-            keep = keep & (d2 <= self.cutoff**2)
-        integral = torch.where(keep, term, torch.zeros_like(term)).sum(-1)    # I_i, (B, n)
-        rho = self.rho.to(x)
-        psi = integral * rho
-        poly = psi * (self.alpha + psi * (-self.beta + self.gamma * psi))
-        radius = rho + self.offset
-        return 1.0 / (1.0 / rho - torch.tanh(poly) / radius)
+    def forward(self, x: Tensor, floor2: float) -> Tensor:
+        """Reference path (autograd): the same formulas as :meth:`dense_energy_grad`."""
+        return self.dense_energy_grad(_Pairs(x, math.sqrt(floor2)), need_grad=False)[0]
 
-    def forward(self, x: Tensor, geo: _Geometry) -> Tensor:
-        born = self.born_radii(geo)                                       # (B, n)
-        q = self.q.to(x)
-        d2 = geo.d2_dense
-        bb = born[:, :, None] * born[:, None, :]
-        f = torch.sqrt(d2 + bb * torch.exp(-0.25 * d2 / bb))             # f_ii = B_i
-        if self.kappa > 0.0:   # Debye screening: -k_e (1/eps_in - exp(-kappa f)/eps_out)
-            factor = -self.ke * (self.inv_eps_in - torch.exp(-self.kappa * f) * self.inv_eps_out)
-        else:
-            factor = self.prefactor
-        inv_f = 1.0 / f
-        if self.cutoff is None:
-            g = factor * inv_f
-        else:
-            n = x.shape[1]
-            eye = torch.eye(n, dtype=torch.bool, device=x.device)
-            g = factor * (inv_f - torch.where(eye, torch.zeros_like(d2), torch.full_like(d2, 1.0 / self.cutoff)))
-            g = torch.where(eye | (d2 <= self.cutoff**2), g, torch.zeros_like(g))
-        e = 0.5 * torch.einsum("bij,i,j->b", g, q, q)
-        if self.ace is not None:
-            radius = self.rho.to(x) + self.offset
-            e = e + (self.ace * (radius + self.probe).square() * (radius / born) ** 6).sum(-1)
-        return e
+    def dense_energy_grad(self, g: _Pairs, need_grad: bool):
+        """Energy (B,) and, if asked, ``W_ij = dU/d(d_ij)`` (B, n, n), analytic.
 
-
-    def energy_grad_d2(self, x: Tensor, d2: Tensor, floor2: float, need_grad: bool):
-        """Energy (B,) and ``W_ij = dU/d(r_ij^2)`` (B, n, n), analytic (same formulas as forward).
-
-        Chain rule through the Born radii: :math:`dU/dI_i = (dU/dB_i)(dB_i/dI_i)`,
-        :math:`dB/dI = B^2(1-\tanh^2 P)P'(\psi)\rho/R`; :math:`dU/dB_i` collects the ACE term
-        and :math:`\partial(u e^{-r^2/4u})/\partial u = e^{-r^2/4u}(1 + r^2/4u)`, :math:`u=B_iB_j`.
+        Chain rule through the Born radii: :math:`dU/dI_i = (dU/dB_i)(dB_i/dI_i)` with
+        :math:`dB/dI = B^2(1-\\tanh^2 P)\\,P'(\\psi)\\,\\rho/R`; :math:`dU/dB_i` collects the ACE
+        term and :math:`\\partial(u e^{-d/4u})/\\partial u = e^{-d/4u}(1 + d/4u)`, :math:`u=B_iB_j`.
         """
-        n = x.shape[1]
-        eye = torch.eye(n, dtype=torch.bool, device=x.device)
-        raw = torch.where(eye, torch.ones_like(d2), d2)
-        r = torch.sqrt(torch.clamp(raw, min=floor2))
-        inv_r = 1.0 / r
-        rho_i = self.rho.to(x)[:, None]
+        x = g.x
+        eye, d2, r, inv_r = g.eye, g.d2, g.r, g.inv_r
+        rho = self.rho.to(x)
+        rho_i = rho[:, None]
         s_j = self.sr.to(x)[None, :]
+        radius = rho + self.offset
+        # descreening integral I_i
         U = r + s_j
         inv_u = 1.0 / U
         rms = r - s_j
@@ -490,8 +462,7 @@ class OBCGeneralizedBorn(nn.Module):
         L = torch.where(use_d, rms.abs(), rho_i)
         inv_l = 1.0 / L
         log_lu = torch.log(L * inv_u)
-        a2 = inv_l.square()
-        b2 = inv_u.square()
+        a2, b2 = inv_l.square(), inv_u.square()
         t1 = r - s_j.square() * inv_r
         h = 0.5 * (inv_l - inv_u + 0.25 * t1 * (b2 - a2) + 0.5 * log_lu * inv_r)
         keep = (U >= rho_i) & ~eye
@@ -501,63 +472,59 @@ class OBCGeneralizedBorn(nn.Module):
             ins = rho_i < s_j - r
             h = h + torch.where(ins, 1.0 / rho_i - inv_l, torch.zeros_like(h))
         integral = torch.where(keep, h, torch.zeros_like(h)).sum(-1)
-        rho = self.rho.to(x)
-        radius = rho + self.offset
+        # Born radii
         psi = integral * rho
-        poly = psi * (self.alpha + psi * (-self.beta + self.gamma * psi))
-        th = torch.tanh(poly)
+        th = torch.tanh(psi * (self.alpha + psi * (-self.beta + self.gamma * psi)))
         born = 1.0 / (1.0 / rho - th / radius)
-        # polar energy, dense with the self term on the diagonal
+        # polar energy on the dense matrix, self energy on the diagonal
         q = self.q.to(x)
         qq = q[:, None] * q[None, :]
         u = born[:, :, None] * born[:, None, :]
         ex = torch.exp(-0.25 * d2 / u)
-        f = torch.sqrt(d2 + u * ex)
-        inv_f = 1.0 / f
+        inv_f = torch.rsqrt(d2 + u * ex)
         if self.cutoff is not None:
-            sh = torch.where(eye, torch.zeros_like(d2), torch.full_like(d2, 1.0 / self.cutoff))
             pair_in = eye | (d2 <= self.cutoff**2)
-            core = inv_f - sh
+            core = inv_f - (~eye).to(x.dtype) * (1.0 / self.cutoff)
         else:
             core = inv_f
         if self.kappa > 0.0:
-            ek = torch.exp(-self.kappa * f)
+            ek = torch.exp(-self.kappa / inv_f)
             factor = -self.ke * (self.inv_eps_in - ek * self.inv_eps_out)
         else:
             factor = self.prefactor
-        g = factor * core
+        e = factor * core * qq
         if self.cutoff is not None:
-            g = torch.where(pair_in, g, torch.zeros_like(g))
-        energy = 0.5 * (g * qq).sum((-1, -2))
+            e = torch.where(pair_in, e, torch.zeros_like(e))
+        energy = 0.5 * e.sum((-1, -2))
         ace = None
         if self.ace is not None:
             ace = self.ace * (radius + self.probe).square() * (radius / born) ** 6
             energy = energy + ace.sum(-1)
         if not need_grad:
             return energy, None
-        # dg/d(f^2)
+        # dE/d(f^2) per entry, with the 1/2 of the double sum
         dg_df = -factor * inv_f.square()
         if self.kappa > 0.0:
-            dg_df = dg_df + (-self.ke * self.kappa * ek * self.inv_eps_out) * core
-        G = 0.5 * qq * dg_df * 0.5 * inv_f
+            dg_df = dg_df - self.ke * self.kappa * self.inv_eps_out * ek * core
+        G = 0.25 * qq * dg_df * inv_f
         if self.cutoff is not None:
             G = torch.where(pair_in, G, torch.zeros_like(G))
-        w = G * (1.0 - 0.25 * ex)                                          # direct, symmetric
+        W = G * (1.0 - 0.25 * ex)                                     # direct, through d_ij
         dE_dB = 2.0 * torch.einsum("bij,bj->bi", G * ex * (1.0 + 0.25 * d2 / u), born)
         if ace is not None:
             dE_dB = dE_dB - 6.0 * ace / born
         dpoly = self.alpha + psi * (-2.0 * self.beta + 3.0 * self.gamma * psi)
         dE_dI = dE_dB * born.square() * (1.0 - th.square()) * dpoly * rho / radius
-        # dh/dr
+        # dh/dr (L depends on r where L = |r - s_j|)
         lp = torch.where(use_d, torch.sign(rms), torch.zeros_like(rms))
         dh = 0.5 * (-a2 * lp + b2 + 0.25 * (1.0 + s_j.square() * inv_r.square()) * (b2 - a2)
                     + 0.5 * t1 * (a2 * inv_l * lp - b2 * inv_u)
                     + 0.5 * (inv_l * lp - inv_u) * inv_r - 0.5 * log_lu * inv_r.square())
         if self.inside_term:
             dh = dh + torch.where(ins, a2 * lp, torch.zeros_like(dh))
-        dh = torch.where(keep & (raw >= floor2), dh, torch.zeros_like(dh))
-        w = w + dE_dI[:, :, None] * dh * 0.5 * inv_r
-        return energy, w
+        dh = torch.where(keep & g.live, dh, torch.zeros_like(dh))
+        W = W + dE_dI[:, :, None] * dh * (0.5 * inv_r)                # through I_i, d(r)/d(d) = 1/2r
+        return energy, W
 
 
 def _split_expression(expr: str) -> tuple[str, dict[str, str]]:
@@ -714,35 +681,27 @@ def _obc_from_gbsaobc(force) -> OBCGeneralizedBorn:
 
 
 class _FusedPairs(torch.autograd.Function):
-    """Nonbonded + GB energy with the gradient computed alongside in the forward pass.
+    """Nonbonded + GB energy (B,) with the gradient computed alongside in the forward pass.
 
-    Every pair term is a function of the squared distances :math:`d_{ij}=|x_i-x_j|^2`; with
-    :math:`W_{ij}=\partial U/\partial d_{ij}` the gradient is
-    :math:`\nabla_{x_k}U = 2\sum_j (W_{kj}+W_{jk})(x_k-x_j)`, one batched matrix product.
-    First-order only (``once_differentiable``); the autograd path serves higher orders.
+    :math:`\\nabla_{x_k}U = 2\\sum_j (W_{kj}+W_{jk})(x_k-x_j)` with :math:`W = \\partial U/\\partial d`.
+    First-order only (``once_differentiable``).
     """
 
     @staticmethod
-    def forward(ctx, x, nb, gb, floor2):
+    def forward(ctx, x, nb, gb, floor):
         need = bool(ctx.needs_input_grad[0])
-        B, n, _ = x.shape
-        diff = x[:, :, None, :] - x[:, None, :, :]
-        d2 = diff.square().sum(-1)
-        energy = x.new_zeros(B)
+        g = _Pairs(x, floor)
+        energy = x.new_zeros(x.shape[0])
         W = None
-        if nb is not None:
-            e, w = nb.energy_grad_d2(d2.reshape(B, n * n), floor2, need)
-            energy = energy + e
-            if need:
-                W = w.view(B, n, n)
-        if gb is not None:
-            e, w = gb.energy_grad_d2(x, d2, floor2, need)
+        for term in (nb, gb):
+            if term is None:
+                continue
+            e, w = term.dense_energy_grad(g, need)
             energy = energy + e
             if need:
                 W = w if W is None else W + w
         if need:
-            S = W + W.transpose(1, 2)
-            grad = 2.0 * torch.einsum("bij,bijc->bic", S, diff)
+            grad = 2.0 * torch.einsum("bij,bijc->bic", W + W.transpose(1, 2), g.diff)
             ctx.save_for_backward(grad)
         return energy
 
@@ -759,34 +718,35 @@ class _FusedPairs(torch.autograd.Function):
 class TorchForceField(nn.Module):
     r"""Potential energy :math:`U(x)` (kJ/mol) of an OpenMM System, batched in torch.
 
-    ``energy(x)`` for ``x`` of shape ``(B, n_atoms, 3)`` in nm returns ``(B,)``; ``forces(x)``
-    returns :math:`-\nabla U` (kJ/mol/nm) by autograd; ``energy_components(x)`` gives each
-    force's share. ``log_prob = -U/kT``. Parameters are float64 buffers cast to the input's
-    dtype and device; ``.to(device)`` moves them once.
+    ``energy(x)`` for ``x`` of shape ``(B, n_atoms, 3)`` in nm returns ``(B,)``
+    (``log_prob = -U/kT``); ``forces(x)`` returns :math:`-\nabla U` (kJ/mol/nm);
+    ``energy_components(x)`` gives each force's share. Parameters are float64 buffers cast to
+    the input's dtype and device; ``.to(device)`` moves them once. ``analytic=False`` selects
+    the pure-autograd path (twice differentiable, slower); ``min_distance`` (nm) overrides the
+    clash floor.
     """
 
     def __init__(self, terms: list[nn.Module], n_atoms: int, min_distance: float | None = None,
-                 max_pairs_per_chunk: int = 1 << 22, analytic: bool = True):
+                 max_pairs_per_chunk: int = 1 << 21, analytic: bool = True):
         super().__init__()
         self.terms = nn.ModuleList(terms)
         self.n_atoms = int(n_atoms)
         self.min_distance = min_distance
         self.max_pairs_per_chunk = int(max_pairs_per_chunk)
-        self.dense = any(isinstance(t, OBCGeneralizedBorn) for t in terms)
         self.analytic = bool(analytic)
         nbs = [t for t in terms if isinstance(t, Nonbonded)]
         gbs = [t for t in terms if isinstance(t, OBCGeneralizedBorn)]
-        self._nb = nbs[0] if len(nbs) == 1 else None
-        self._gb = gbs[0] if len(gbs) == 1 else None
-        # the fused path covers one NonbondedForce and at most one GB force
-        self._fusable = len(nbs) <= 1 and len(gbs) <= 1 and (nbs or gbs)
+        if len(nbs) > 1 or len(gbs) > 1:
+            raise UnsupportedForceError("more than one NonbondedForce or GB force in the System")
+        self._nb = nbs[0] if nbs else None
+        self._gb = gbs[0] if gbs else None
 
     @classmethod
     def from_openmm(cls, system, temperature: float | None = None, **kwargs) -> "TorchForceField":
         """Read every force of ``system``; raise :class:`UnsupportedForceError` naming others.
 
-        ``temperature`` is accepted for symmetry with the peptide constructors and unused: the
-        energy does not depend on it.
+        ``temperature`` is accepted for symmetry with the peptide constructors and unused (the
+        energy does not depend on it).
         """
         import openmm
 
@@ -796,12 +756,13 @@ class TorchForceField(nn.Module):
                 raise UnsupportedForceError(f"virtual sites are not supported (particle {i})")
         terms: list[nn.Module] = []
         for force in system.getForces():
-            if force.usesPeriodicBoundaryConditions():
+            if isinstance(force, openmm.CMMotionRemover):
+                continue
+            if force.usesPeriodicBoundaryConditions() and not isinstance(
+                    force, (openmm.NonbondedForce, openmm.CustomGBForce, openmm.GBSAOBCForce)):
                 raise UnsupportedForceError(
                     f"{type(force).__name__} uses periodic boundary conditions, not supported"
                 )
-            if isinstance(force, openmm.CMMotionRemover):
-                continue
             if isinstance(force, openmm.HarmonicBondForce):
                 terms.append(HarmonicBonds(force))
             elif isinstance(force, openmm.HarmonicAngleForce):
@@ -818,8 +779,8 @@ class TorchForceField(nn.Module):
                 raise UnsupportedForceError(
                     f"force {type(force).__name__} ({force.getName()!r}) is not supported by "
                     "TorchForceField: supported are HarmonicBondForce, HarmonicAngleForce, "
-                    "PeriodicTorsionForce, NonbondedForce, GBSAOBCForce, the OBC CustomGBForce "
-                    "and CMMotionRemover"
+                    "PeriodicTorsionForce, NonbondedForce, GBSAOBCForce, the OBC1/OBC2 "
+                    "CustomGBForce and CMMotionRemover"
                 )
         return cls(terms, n, **kwargs)
 
@@ -832,51 +793,58 @@ class TorchForceField(nn.Module):
         return x
 
     def _chunk(self) -> int:
-        per = self.n_atoms * self.n_atoms if self.dense else max(1, self.n_atoms * self.n_atoms // 2)
-        return max(1, self.max_pairs_per_chunk // per)
+        return max(1, self.max_pairs_per_chunk // (self.n_atoms * self.n_atoms))
 
-    def _energy_terms(self, x: Tensor, fused: bool | None = None) -> list[Tensor]:
-        floor = self.min_distance if self.min_distance is not None else _floor_for(x.dtype)
-        fused = self.analytic and self._fusable if fused is None else fused
-        if fused:
-            geo = _Geometry(x, False, floor)
-            out = [t(x, geo) for t in self.terms if not isinstance(t, (Nonbonded, OBCGeneralizedBorn))]
-            out.append(_FusedPairs.apply(x, self._nb, self._gb, floor * floor))
-            return out
-        geo = _Geometry(x, self.dense, floor)
-        return [t(x, geo) for t in self.terms]
+    def _floor(self, x: Tensor) -> float:
+        return self.min_distance if self.min_distance is not None else _floor_for(x.dtype)
+
+    def _terms(self, x: Tensor, fused: bool) -> list[tuple[str, Tensor]]:
+        floor = self._floor(x)
+        out = []
+        for t in self.terms:
+            if isinstance(t, (Nonbonded, OBCGeneralizedBorn)):
+                if not fused:
+                    out.append((t.name, t(x, floor * floor)))
+            else:
+                out.append((t.name, t(x)))
+        if fused and (self._nb is not None or self._gb is not None):
+            out.append(("pairs", _FusedPairs.apply(x, self._nb, self._gb, floor)))
+        return out
+
+    def _energy(self, x: Tensor) -> Tensor:
+        return torch.stack([e for _, e in self._terms(x, self.analytic)]).sum(0)
 
     def energy(self, x: Tensor) -> Tensor:
         """:math:`U(x)` in kJ/mol, shape ``(B,)``; differentiable (``log_prob = -U/kT``)."""
         x = self._check(x)
         c = self._chunk()
         if x.shape[0] <= c:
-            return torch.stack(self._energy_terms(x)).sum(0)
-        return torch.cat([torch.stack(self._energy_terms(xc)).sum(0) for xc in x.split(c)])
+            return self._energy(x)
+        return torch.cat([self._energy(xc) for xc in x.split(c)])
 
     forward = energy
 
     def energy_components(self, x: Tensor) -> dict[str, Tensor]:
         """Each force's energy (kJ/mol), keyed by its OpenMM class name, shape ``(B,)`` each."""
         x = self._check(x)
-        return {t.name: e for t, e in zip(self.terms, self._energy_terms(x, fused=False))}
+        return dict(self._terms(x, fused=False))
 
     def energy_and_forces(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """:math:`U(x)` and :math:`F = -\\nabla_x U` (detached), chunked to bound memory."""
+        """:math:`U(x)` and :math:`F = -\\nabla_x U` (both detached), chunked to bound memory."""
         x = self._check(x)
         es, fs = [], []
         for xc in x.detach().split(self._chunk()):
             with torch.enable_grad():
                 xc = xc.requires_grad_(True)
-                e = torch.stack(self._energy_terms(xc)).sum(0)
+                e = self._energy(xc)
                 (g,) = torch.autograd.grad(e.sum(), xc)
             es.append(e.detach())
             fs.append(-g)
         return torch.cat(es), torch.cat(fs)
 
     def forces(self, x: Tensor) -> Tensor:
-        """:math:`F = -\\nabla_x U(x)` in kJ/mol/nm, same shape as ``x`` (autograd)."""
+        """:math:`F = -\\nabla_x U(x)` in kJ/mol/nm, same shape as ``x``."""
         return self.energy_and_forces(x)[1]
 
     def extra_repr(self) -> str:
-        return f"n_atoms={self.n_atoms}"
+        return f"n_atoms={self.n_atoms}, analytic={self.analytic}"

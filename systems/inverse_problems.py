@@ -585,7 +585,7 @@ def gmm_benchmark_problem(dim: int, obs_dim: int, generator: torch.Generator | N
     V = Vh.T
     cov = torch.eye(dim, dtype=f64) - V @ torch.diag(s**2 / (s**2 + sigma_y**2)) @ V.T
     cov = 0.5 * (cov + cov.T)
-    post_means = (cov @ (A.T @ y / sigma_y**2 + means.T)).T
+    post_means = (cov @ ((A.T @ y / sigma_y**2)[:, None] + means.T)).T
     S = sigma_y**2 * torch.eye(obs_dim, dtype=f64) + A @ A.T
     evid = torch.distributions.MultivariateNormal(means @ A.T, S).log_prob(y) + torch.log(weights)
     post_w = torch.softmax(evid, 0)

@@ -133,10 +133,15 @@ def check_molecule(mol, forcefield: str = "MMFF94") -> None:
 
     if not FH.MMFFHasAllMoleculeParams(mol):
         bad = _untyped_atoms(mol)
-        where = ", ".join(f"{s}{i}" for i, s in bad[:8]) or "unknown atoms"
+        if bad:
+            where = ", ".join(f"{s}{i}" for i, s in bad[:8])
+            raise MoleculeError(
+                f"MMFF94 has no atom type for {len(bad)} atom(s) ({where}); MMFF covers H, C, N, "
+                "O, F, Si, P, S, Cl, Br, I and common ions, not e.g. B, Se or metals"
+            )
         raise MoleculeError(
-            f"MMFF94 has no atom type for {len(bad) or 'some'} atom(s) ({where}); MMFF covers "
-            "H, C, N, O, F, Si, P, S, Cl, Br, I and common ions, not e.g. B, Se or metals"
+            "MMFF94 could not assign atom types or parameters to this molecule (every element is "
+            "covered, so an unusual valence, charge or hypervalent state is the likely cause)"
         )
 
 

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["Peptide", "alanine_dipeptide", "boltzmann_constant", "ONE_LETTER_CODES"]
+__all__ = ["Peptide", "alanine_dipeptide", "boltzmann_constant", "ONE_LETTER_CODES", "SUPPORTED_RESIDUES"]
 
 # k_B * N_A in kJ/(mol K), as OpenMM defines it (openmm.unit.MOLAR_GAS_CONSTANT_R).
 _R_KJ = 0.00831446261815324
@@ -45,6 +45,13 @@ ONE_LETTER_CODES = {
     "A": "ALA", "R": "ARG", "N": "ASN", "D": "ASP", "C": "CYS", "Q": "GLN", "E": "GLU",
     "G": "GLY", "H": "HIS", "I": "ILE", "L": "LEU", "K": "LYS", "M": "MET", "F": "PHE",
     "P": "PRO", "S": "SER", "T": "THR", "W": "TRP", "Y": "TYR", "V": "VAL",
+}
+
+
+#: residue names accepted by ``from_pdb``/``from_sequence`` with amber14 (PDB names are
+#: normalized by OpenMM's reader first, e.g. HSD -> HIS)
+SUPPORTED_RESIDUES = frozenset(ONE_LETTER_CODES.values()) | {
+    "HID", "HIE", "HIP", "CYX", "CYM", "ASH", "GLH", "LYN", "ACE", "NME", "NHE",
 }
 
 
@@ -218,13 +225,22 @@ class Peptide:
         import openmm.app as app
 
         ff = _forcefield(forcefield, solvent)
+        if forcefield == "amber14":
+            unknown = [f"{r.name} {r.id} (chain {r.chain.id})" for r in topology.residues()
+                       if r.name not in SUPPORTED_RESIDUES]
+            if unknown:
+                raise ValueError(
+                    f"unsupported residue(s) {unknown}: amber14 here covers the 20 standard amino "
+                    f"acids, their protonation variants and ACE/NME/NHE caps "
+                    f"({sorted(SUPPORTED_RESIDUES)})"
+                )
         modeller = app.Modeller(topology, positions)
-        if add_hydrogens:
-            try:
+        try:
+            if add_hydrogens:
                 modeller.addHydrogens(ff, pH=7.0)
-            except ValueError as err:
-                raise ValueError(f"cannot add hydrogens: {_explain(err)}") from err
-        system = _create_system(ff, modeller.topology, cutoff)
+            system = _create_system(ff, modeller.topology, cutoff)
+        except ValueError as err:
+            raise ValueError(f"cannot parametrize the peptide: {_explain(err, ff, topology)}") from err
         return cls(modeller.topology, system, modeller.positions, temperature,
                    sequence=sequence, **kwargs)
 
@@ -313,6 +329,17 @@ class Peptide:
     def log_prob(self, x: Tensor, backend: str = "torch") -> Tensor:
         """Unnormalized Boltzmann log-density :math:`-U(x)/kT`, shape ``(B,)``."""
         return -self.energy(x, backend=backend) / self.kT
+
+    def regularized_log_prob(self, x: Tensor, high_energy: float = 1e3, max_energy: float = 1e9,
+                             backend: str = "torch") -> Tensor:
+        """:math:`-\\mathrm{linlogcut}(U(x))/kT`: the soft-capped energy of Boltzmann-generator
+        training (Noé et al. 2019), identical to :meth:`log_prob` while :math:`U <` ``high_energy``
+        (kJ/mol), logarithmic above, capped at ``max_energy``. Not the exact density: use it for
+        training losses, never for importance weights.
+        """
+        from .forcefield import linlogcut
+
+        return -linlogcut(self.energy(x, backend=backend), high_energy, max_energy) / self.kT
 
     def score(self, x: Tensor) -> Tensor:
         """:math:`\\nabla_x \\log\\pi = F(x)/kT` (torch backend)."""
@@ -507,18 +534,32 @@ def _create_system(ff, topology, cutoff):
 
     method = app.NoCutoff if cutoff is None else app.CutoffNonPeriodic
     kw = {} if cutoff is None else {"nonbondedCutoff": float(cutoff) * unit.nanometer}
-    try:
-        return ff.createSystem(topology, nonbondedMethod=method, constraints=None,
-                               rigidWater=False, removeCMMotion=True, **kw)
-    except ValueError as err:
-        raise ValueError(f"cannot parametrize the peptide: {_explain(err)}") from err
+    return ff.createSystem(topology, nonbondedMethod=method, constraints=None,
+                           rigidWater=False, removeCMMotion=True, **kw)
 
 
-def _explain(err: Exception) -> str:
-    """OpenMM's template errors already name the residue; keep them and say what to do."""
+def _explain(err: Exception, ff=None, topology=None) -> str:
+    """OpenMM's template errors name the residue; add the heavy atoms its template lacks."""
+    import re
+
     msg = str(err)
-    if "template" in msg.lower():
-        msg += (" (unsupported residue or atom: amber14 covers the 20 standard amino acids, "
-                "ACE/NME caps and standard termini)")
-    return msg
+    m = re.search(r"residue (\d+) \((\w+)\)", msg)
+    if "template" not in msg.lower() or m is None:
+        return msg
+    extra = []
+    try:   # the residue's templates (with terminal variants N*/C*), heavy atoms by name
+        res = list(topology.residues())[int(m.group(1))]
+        known = set()
+        for key in (res.name, "N" + res.name, "C" + res.name):
+            if key in ff._templates:
+                known |= {a.name for a in ff._templates[key].atoms}
+        if known:
+            extra = [a.name for a in res.atoms()
+                     if a.element is not None and a.element.symbol != "H" and a.name not in known]
+    except Exception:  # diagnosis only: never hide OpenMM's own message
+        extra = []
+    if extra:
+        msg += f" Atom(s) {extra} of {m.group(2)} {m.group(1)} are not in its template."
+    return msg + (" (amber14 covers the 20 standard amino acids, their protonation variants, "
+                  "ACE/NME caps and standard termini)")
 

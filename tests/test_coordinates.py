@@ -89,9 +89,11 @@ def test_backbone_phi_psi_are_zmatrix_torsions(ala2, ic):
     tors = ic.torsion_atoms()  # rows (i, a, b, c); dihedral(i,a,b,c) == dihedral(c,b,a,i)
     for idx, ref in ((phi_idx[0], phi[:, 0]), (psi_idx[0], psi[:, 0])):
         k = [r for r in range(len(tors)) if list(tors[r][::-1]) == list(idx)]
-        assert len(k) == 1
+        assert len(k) == 1 and ic.torsion_index(idx) == k[0]
         got = z[:, ic.torsion_slice][:, k[0]].numpy()
         assert np.abs(np.angle(np.exp(1j * (got - ref)))).max() < 1e-5
+    with pytest.raises(KeyError, match="not a torsion"):
+        ic.torsion_index([0, 1, 2, 3])
 
 
 def test_zmatrix_errors_name_the_problem():

@@ -26,7 +26,7 @@ OUTPUTS = ROOT / "outputs" / "molecules"
 
 # reference settings: (samples, chains, replicas, burn-in, thin)
 TRAIN_REFERENCE = dict(num_samples=3000, num_chains=16, num_replicas=6, burn_in=500, thin=4)
-EVAL_REFERENCE = dict(num_samples=20000, num_chains=32, num_replicas=6, burn_in=1000, thin=5)
+EVAL_REFERENCE = dict(num_samples=10000, num_chains=32, num_replicas=6, burn_in=500, thin=4)
 
 
 def load_molecules(split: str | None = None) -> list[dict]:

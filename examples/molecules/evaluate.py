@@ -3,14 +3,16 @@
 For every held-out molecule of ``systems/data/molecules/molecules.csv`` (scaffolds never seen in
 training) and each sampler, ``--num-conformers`` conformers are drawn and their torsion
 marginals compared with a long parallel-tempering reference of the same
-:class:`~mcsample.systems.molecules.TorsionTarget` (MMFF94, 300 K; 20000 samples, settings
+:class:`~mcsample.systems.molecules.TorsionTarget` (MMFF94, 300 K; 10000 samples, settings
 ``common.EVAL_REFERENCE``, cached in ``outputs/molecules/reference/heldout/``):
 
 (a) ``etkdg``: RDKit ETKDGv3 embedding + MMFF94 minimization of every conformer (the standard
     cheminformatics recipe), torsions measured on the minimized structures;
 (b) ``network``: the von Mises mixture network alone (the shipped checkpoint);
 (c) ``network+IS``: its samples importance-weighted to the Boltzmann density;
-(d) ``network+SMC``: annealed SMC from the network to the target (random-walk moves);
+(d) ``network+SMC``: annealed SMC from the network to the target, moves
+    :class:`~mcsample.conformers.TorsionMoves` (random walk + independence redraws from the
+    network), as ``sample_conformers(method="smc")`` does;
 (ref) ``reference subsample``: N reference samples: the finite-sample floor of the metrics.
 
 Metrics (VonMisesNet's, Swanson et al. 2023): KL(reference || sampler) of 32-bin histograms
@@ -46,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import EVAL_REFERENCE, OUTPUTS, circular_emd, histogram, histogram_kl, load_molecules, make_target, reference  # noqa: E402
 
 import mcsample as mc  # noqa: E402
+from mcsample.conformers import TorsionMoves  # noqa: E402
 from mcsample.flows.von_mises import DEFAULT_CHECKPOINT, load_checkpoint  # noqa: E402
 
 METHODS = ["etkdg", "network", "network+IS", "network+SMC", "reference subsample"]
@@ -97,7 +100,8 @@ def run_is(target, q, n, gen):
 
 def run_smc(target, q, n, gen):
     t0 = time.perf_counter()
-    res = mc.smc(target, _F64(q), n, kernel=mc.kernels.RandomWalk(num_steps=5), generator=gen)
+    q64 = _F64(q)
+    res = mc.smc(target, q64, n, kernel=TorsionMoves(num_steps=5, proposal=q64), generator=gen)
     dt = time.perf_counter() - t0
     p = res.particles
     return p.samples, p.normalized_weights, dt, float(p.ess) / n

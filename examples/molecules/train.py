@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import OUTPUTS, TRAIN_REFERENCE, load_molecules, make_target, reference  # noqa: E402
+from common import EVAL_REFERENCE, OUTPUTS, TRAIN_REFERENCE, load_molecules, make_target, reference  # noqa: E402
 
 from mcsample.flows.training_von_mises import TrainingSet, fine_tune_snis, fit_maximum_likelihood  # noqa: E402
 from mcsample.flows.von_mises import DEFAULT_CHECKPOINT, VonMisesConfig, VonMisesNet, featurize, save_checkpoint  # noqa: E402
@@ -69,6 +69,8 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--references-only", action="store_true", help="only compute/cache the references")
     ap.add_argument("--limit", type=int, default=None, help="use only the first N training molecules")
+    ap.add_argument("--valid", action="store_true",
+                    help="also report the held-out NLL (computes/reads the held-out references of evaluate.py)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
@@ -80,9 +82,10 @@ def main(argv=None):
     config = VonMisesConfig(hidden=args.hidden, num_layers=args.layers, components=args.components,
                             autoregressive=args.autoregressive)
     net = VonMisesNet(config)
+    valid = build_set(load_molecules("heldout"), EVAL_REFERENCE, "heldout")[0] if args.valid else None
     t0 = time.time()
     log = fit_maximum_likelihood(net, train, steps=args.steps, lr=args.lr, batch=args.batch,
-                                 seed=args.seed, progress=True)
+                                 seed=args.seed, valid=valid, progress=True)
     fit_time = time.time() - t0
     snis = []
     if args.snis_steps:
@@ -93,7 +96,8 @@ def main(argv=None):
         "script": "examples/molecules/train.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "reference": TRAIN_REFERENCE, "steps": args.steps, "lr": args.lr, "batch": args.batch,
         "seed": args.seed, "snis_steps": args.snis_steps, "num_molecules": len(train),
-        "final_train_nll": log[-1]["train_nll"], "fit_seconds": round(fit_time),
+        "final_train_nll": log[-1]["train_nll"], "final_valid_nll": log[-1].get("valid_nll"),
+        "fit_seconds": round(fit_time),
     }
     save_checkpoint(net, args.out, meta)
     OUTPUTS.mkdir(parents=True, exist_ok=True)

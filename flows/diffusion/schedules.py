@@ -129,7 +129,8 @@ class VPSchedule(_Schedule):
         t = _as_tensor(t)
         if self.kind == "linear":
             return -0.5 * t * (self.beta_min + 0.5 * (self.beta_max - self.beta_min) * t)
-        return torch.log(torch.cos(self._phi(t))) - self._log_cos_phi0
+        # clamp: at t = 0 round-off could make log α slightly positive and σ NaN
+        return (torch.log(torch.cos(self._phi(t))) - self._log_cos_phi0).clamp(max=0.0)
 
     def log_sigma(self, t) -> Tensor:
         r""":math:`\log\sigma_t = \tfrac12\log(1-\alpha_t^2)`, via ``expm1`` for small t."""
