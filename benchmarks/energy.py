@@ -5,7 +5,9 @@ dipeptide (AMBER ff96 + OBC1 GB, openmmtools' ``AlanineDipeptideImplicit``, 22 a
 other system below:
 
 * ours: ``TorchForceField.energy_and_forces`` on a batch of B configurations at once, for
-  B in 1 … 16384, float32 and float64, on the CPU (and on CUDA when torch sees a GPU);
+  B in 1 … 16384, float32 and float64: on the CPU with the default engine (a compiled numba
+  loop per configuration, parallel over the batch) and with the pure-torch ``fused`` engine,
+  with 1 and 2 threads; on CUDA (``fused``) when torch sees a GPU;
 * theirs: OpenMM's CPU platform evaluating the same configurations one by one in one process
   (one Context; ``setPositions`` + ``getState(getEnergy=True, getForces=True)``), the way
   Boltzmann-generator codes call it; OpenMM's CUDA platform too when it is available.
@@ -92,6 +94,9 @@ def main(argv=None):
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16, 256, 1024, 4096, 16384])
     ap.add_argument("--dtypes", nargs="+", default=["float32", "float64"])
     ap.add_argument("--device", default=None, help="cpu, cuda (default: cpu, plus cuda if available)")
+    ap.add_argument("--engines", nargs="+", default=["numba", "fused"])
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2],
+                    help="CPU threads for the torch/numba runs (OpenMM keeps its default)")
     ap.add_argument("--openmm-configs", type=int, default=500)
     ap.add_argument("--min-time", type=float, default=1.0)
     args = ap.parse_args(argv)
@@ -112,16 +117,27 @@ def main(argv=None):
           f"{openmm.__version__}, {platform.processor() or platform.machine()}")
     omm_before = openmm_throughput(peptide.system, xyz[: args.openmm_configs], "CPU", 2 * args.min_time)
     rows = []
+    default_threads = torch.get_num_threads()
     for device in devices:
         ffd = ff.to(device)
-        for dt in args.dtypes:
-            dtype = getattr(torch, dt)
-            for b in args.batches:
-                x = torch.as_tensor(xyz[:b], dtype=dtype, device=device)
-                rate = torch_throughput(ffd, x, args.min_time)
-                rows.append({"device": device, "dtype": dt, "batch": b, "configs_per_s": rate})
-                print(f"  torch {device:4s} {dt:7s} B={b:6d}: {rate:12.0f} conf/s", flush=True)
+        engines = args.engines if device == "cpu" else ["fused"]
+        threads = args.threads if device == "cpu" else [default_threads]
+        for engine in engines:
+            ffd.engine = engine
+            for nt in threads:
+                torch.set_num_threads(nt)
+                for dt in args.dtypes:
+                    dtype = getattr(torch, dt)
+                    for b in args.batches:
+                        x = torch.as_tensor(xyz[:b], dtype=dtype, device=device)
+                        rate = torch_throughput(ffd, x, args.min_time)
+                        rows.append({"device": device, "engine": engine, "threads": nt, "dtype": dt,
+                                     "batch": b, "configs_per_s": rate})
+                        print(f"  {device:4s} {engine:6s} {nt}t {dt:7s} B={b:6d}: {rate:12.0f} conf/s",
+                              flush=True)
+        torch.set_num_threads(default_threads)
         ff.to("cpu")
+        ff.engine = "auto"
     omm_after = openmm_throughput(peptide.system, xyz[: args.openmm_configs], "CPU", 2 * args.min_time)
     omm_cpu = 0.5 * (omm_before + omm_after)
     omm_cuda = None
@@ -131,13 +147,14 @@ def main(argv=None):
     print(f"\nOpenMM CPU platform, one by one: {omm_before:.0f} (before) / {omm_after:.0f} (after) conf/s")
     if omm_cuda:
         print(f"OpenMM CUDA platform, one by one: {omm_cuda:.0f} conf/s")
-    print(f"\n{'device':6s} {'dtype':8s} {'batch':>6s} {'conf/s':>12s} {'x OpenMM-CPU':>13s}")
+    print(f"\n{'device':6s} {'engine':6s} {'thr':>3s} {'dtype':8s} {'batch':>6s} {'conf/s':>12s} "
+          f"{'x OpenMM-CPU':>13s}")
     for r in rows:
         r["ratio_vs_openmm_cpu"] = r["configs_per_s"] / omm_cpu
         if omm_cuda:
             r["ratio_vs_openmm_cuda"] = r["configs_per_s"] / omm_cuda
-        print(f"{r['device']:6s} {r['dtype']:8s} {r['batch']:6d} {r['configs_per_s']:12.0f} "
-              f"{r['ratio_vs_openmm_cpu']:12.1f}x")
+        print(f"{r['device']:6s} {r['engine']:6s} {r['threads']:3d} {r['dtype']:8s} {r['batch']:6d} "
+              f"{r['configs_per_s']:12.0f} {r['ratio_vs_openmm_cpu']:12.1f}x")
     big = [r["ratio_vs_openmm_cpu"] for r in rows if r["device"] == "cpu" and r["batch"] >= 1024]
     summary = {
         "benchmark": "energy_forces_throughput",

@@ -45,10 +45,21 @@ CFG :math:`\tfrac12 g^2\beta(\beta-1)\|s^1-s^2\|^2` (their :math:`(B-1)d f` vani
 \mathcal N(0,\sigma_{t_{\max}}^2I/B)`: the particles start there (for annealing,
 :math:`\mathcal N(0, \sigma^2 I/\beta)`). When every model offers ``log_prob(x, t)`` the start is
 made exact with the initial weight :math:`\sum_i\beta_i\log q^i_{t_{\max}} - \log\mathcal
-N(0,\sigma^2/B)`. Time is discretized by Euler–Maruyama for :math:`x` and the left-point rule for
-the weights; resampling (``mcsample.resample``) happens when the ESS falls below
-``resample_threshold`` · N, after which the log-weights are reset and
-:math:`\log\frac1N\sum w` is banked in the evidence (``log_scale``).
+N(0,\sigma^2/B)`.
+
+**Discretization.** Euler–Maruyama for :math:`x`; the left-point rule for the state-dependent
+part of :math:`G`, and the exact integral :math:`(B-1)\,d\,[\log\alpha]` for the constant part.
+Resampling (``mcsample.resample``) happens when the ESS falls below ``resample_threshold`` · N,
+after which the log-weights are reset and :math:`\log\frac1N\sum w` is banked in the evidence
+(``log_scale``). Measured on Gaussian mixtures (linear VP, 200 uniform steps, 2,000 particles):
+moments within the Monte Carlo error; the log-evidence of targets with :math:`B\ne1` carries a
+first-order bias (≈ +0.6 nats at 200 steps, ≈ 0.06 at 800), for :math:`B=1` it is accurate.
+
+**Which SDE.** For Gaussian data and :math:`t` near 1 the particles of the family above relax to
+variance :math:`c/((1+c)B-1)` (times :math:`\sigma_t^2`) while the target has :math:`1/B`; the
+importance weights have finite variance only if the former exceeds :math:`1/(2B)`. The
+target-score SDE (c = 1) always satisfies this; the tempered-noise SDE (c = 1/β) only for
+β < 2. Use ``"target_score"`` to sharpen (β > 1) and ``"tempered_noise"`` to broaden (β < 1).
 
 **FK steering** (Singhal et al. 2025, "A General Framework for Inference-time Scaling and
 Steering of Diffusion Models") tilts the target to :math:`\pi(x)\,e^{\lambda r(x)}` with a
@@ -193,6 +204,13 @@ class Steering:
         potential: ``"difference"`` (:math:`\lambda(r_k-r_{k-1})`), ``"max"``
             (:math:`\lambda\max_{j\le k}r_j`) or ``"sum"`` (:math:`\lambda\sum_{j\le k}r_j`).
         every: evaluate the potential every ``every`` steps (rewards can be costly).
+
+    ``max`` and ``sum`` compound: the intermediate target after k evaluations carries
+    :math:`e^{\lambda\sum_{j\le k}\max_{i\le j}r_i}`, far sharper than the final tilt, so use
+    them with few evaluations (the paper resamples every ~20 of 100 steps). Measured on a 1-D
+    mixture with 200 steps and λ = 1: ``difference`` is exact at any interval; ``max`` at
+    ``every`` ≥ 25 and ``sum`` at ``every`` = 50 are exact, while at ``every`` = 1 both collapse
+    (final ESS < 10 of 2,000).
     """
 
     reward: Callable[[Tensor], Tensor]
@@ -305,7 +323,8 @@ def fkc_step(
 ) -> FKCState:
     r"""One interval :math:`[t_{k+1}, t_k]` of the corrector: weight, maybe resample, move.
 
-    1. :math:`\log w \mathrel{+}= G(x_k,t_k)\,\Delta t` (left point; skipped if not ``correct``),
+    1. :math:`\log w \mathrel{+}= G(x_k,t_k)\,\Delta t` (left point, with the constant part
+       integrated exactly; skipped if not ``correct``),
        plus the steering potential; 2. record the ESS and resample if it is below
        ``resample_threshold``·N (or every ``resample_every`` steps), banking
        :math:`\log\frac1N\sum w` in ``log_scale``; 3. Euler–Maruyama move

@@ -407,7 +407,7 @@ class DPS(_Base):
             s = self.score(state, xr, j)
             x0 = self.x0_from_score(xr, s, j)
             res = (self.y - self.measurement.forward(x0)).reshape(xr.shape[0], -1)
-            norm = res.pow(2).sum(-1).sqrt()
+            norm = torch.linalg.vector_norm(res, dim=-1)  # its gradient is 0 (not NaN) at 0
             (grad,) = torch.autograd.grad(norm.sum(), xr)
         state.vjp += 1
         s, x0 = s.detach(), x0.detach()

@@ -207,6 +207,7 @@ def smc(
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: int = 10,
     resume: bool = True,
+    callback=None,
 ) -> SMCResult:
     r"""Annealed SMC from ``initial`` (any proposal) to ``target`` (unnormalized).
 
@@ -226,6 +227,8 @@ def smc(
         progress: tqdm bar over beta.
         checkpoint: path of a checkpoint written atomically every ``checkpoint_every`` steps;
             with ``resume=True`` an existing checkpoint is continued.
+        callback: called as ``callback(state)`` after every step, e.g. to record the
+            per-particle log-weights ``state.log_w`` and positions ``state.x`` at each step.
 
     Returns:
         :class:`SMCResult`: ``particles`` (:class:`~mcsample.weighted.WeightedSamples` with
@@ -266,6 +269,8 @@ def smc(
         prev = state.beta
         state = step(state, target, initial, kernel, schedule,
                      resample_threshold=resample_threshold, scheme=scheme, generator=generator)
+        if callback is not None:
+            callback(state)
         bar.update(state.beta - prev)
         bar.set_postfix(ess=f"{state.ess_history[-1]:.0f}", acc=f"{state.acceptance_history[-1]:.2f}")
         if checkpoint is not None and (state.iteration % checkpoint_every == 0 or state.beta >= 1.0):

@@ -96,3 +96,143 @@ def test_parallel_tempering_swaps(ala2):
     with pytest.raises(ValueError, match="multiple"):
         run_parallel_tempering(ala2, [300.0, 320.0], 0.1, exchange_interval_ps=0.03,
                                report_interval_ps=0.05, progress=False)
+
+
+# ------------------------------------------------------------------------------ SMC vs MD
+
+
+class _BroadStart:
+    r"""Initial SMC distribution over the 3n-6 internal coordinates of alanine dipeptide.
+
+    φ and ψ uniform on the circle (the broad part: every Ramachandran basin, clashes included);
+    the other coordinates around the minimized structure: bonds N(b₀, 0.005 nm), angles
+    N(θ₀, 0.1 rad), the other torsions wrapped normal (σ = 0.3 rad; the sum over images k = -1,
+    0, 1 is exact to e^{-50}), so chirality and the trans peptide bonds are kept (a uniform
+    start on those would produce D-Ala and cis states that MD at 300 K never visits). The
+    log-density is exact and 2π-periodic in the torsions, like the target.
+    """
+
+    def __init__(self, target, free_torsions, sb=0.005, sa=0.1, st=0.3):
+        ic = target.transform
+        self.mu = target.reference_z[6:].clone()
+        nb, na = ic.n_atoms - 1, ic.n_atoms - 2
+        s = torch.full_like(self.mu, st)
+        s[:nb], s[nb:nb + na] = sb, sa
+        self.s = s
+        self.circ = target.circular_mask
+        self.free = torch.zeros_like(self.circ)
+        self.free[[nb + na + k for k in free_torsions]] = True
+
+    def sample(self, shape, generator=None):
+        n = shape[0]
+        z = self.mu + self.s * torch.randn(n, self.mu.numel(), dtype=self.mu.dtype, generator=generator)
+        u = (2 * torch.rand(n, self.mu.numel(), dtype=self.mu.dtype, generator=generator) - 1) * math.pi
+        z = torch.where(self.free, u, z)
+        return torch.where(self.circ, torch.remainder(z + math.pi, 2 * math.pi) - math.pi, z)
+
+    def log_prob(self, z):
+        d = z - self.mu
+        norm = -torch.log(self.s) - 0.5 * math.log(2 * math.pi)
+        lin = -0.5 * (d / self.s) ** 2 + norm
+        dc = torch.remainder(d + math.pi, 2 * math.pi) - math.pi
+        images = torch.tensor([-2 * math.pi, 0.0, 2 * math.pi], dtype=z.dtype)
+        wrapped = torch.logsumexp(-0.5 * ((dc[..., None] + images) / self.s[:, None]) ** 2, -1) + norm
+        lp = torch.where(self.circ, wrapped, lin)
+        lp = torch.where(self.free, torch.full_like(lp, -math.log(2 * math.pi)), lp)
+        return lp.sum(-1)
+
+
+def _beta_basin(phi, psi):
+    """The extended/C7eq basin of alanine dipeptide: φ < 0 and ψ outside the helical (-2, 1) rad."""
+    return (phi < 0) & ~((psi > -2.0) & (psi < 1.0))
+
+
+def _genealogy_stderr(values, weights, ancestors):
+    r"""Standard error of :math:`\sum_i \bar w_i f_i` from the particles' time-0 ancestors.
+
+    :math:`\widehat{se}^2 = \sum_a \big(\sum_{i: A_i = a} \bar w_i (f_i - \hat\mu)\big)^2`
+    (Chan & Lai 2013; Lee & Whiteley 2018): particles sharing an ancestor count as one, so the
+    duplicates that resampling creates do not shrink the error.
+    """
+    mu = float(np.sum(weights * values))
+    groups = np.zeros(int(ancestors.max()) + 1)
+    np.add.at(groups, ancestors, weights * (values - mu))
+    return mu, float(np.sqrt(np.sum(groups**2)))
+
+
+@pytest.fixture
+def one_thread():
+    """Batches of 256 small molecules run faster on one torch thread on a shared 2-core CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_smc_on_alanine_dipeptide_matches_md_energies(ala2, one_thread):
+    """The judged check of issue 3: SMC over internal coordinates from a broad start.
+
+    SMC (adaptive tempering, HMC moves) on :class:`InternalCoordinateTarget` with the rigid
+    body fixed, from :class:`_BroadStart`, then six HMC moves at β = 1 on the resampled
+    particles (rejuvenation: SMC with few moves per temperature under-disperses by ~2 kJ/mol,
+    which the moves at β = 1 remove). Compared with MD in the extended (β/C7eq) basin, where
+    a 40 ps MD run is: the populations of the basins relax on 10-1000 ps time scales (their
+    mean energies differ by 3-13 kJ/mol), so a test-sized MD run can only pin the energy
+    distribution within a basin. The MD uses friction 5/ps, which leaves the sampled
+    distribution unchanged and shortens the energy autocorrelation (statistical inefficiency
+    ≈ 3 frames at 0.05 ps, against ≈ 15 at 1/ps). Bound: 5 combined standard errors.
+    """
+    import mcsample as mc
+    from mcsample.kernels import run_chain
+    from mcsample.systems import analysis as A
+    from mcsample.systems.coordinates import InternalCoordinateTarget
+
+    # --- MD reference
+    ref = run_md(ala2, 40.0, friction_per_ps=5.0, report_interval_ps=0.05, equilibration_ps=2.0,
+                 seed=3, threads=1, progress=False)
+    phi_md, psi_md = A.ramachandran_angles(ref.trajectory)
+    in_md = _beta_basin(phi_md, psi_md)
+    assert in_md.mean() > 0.5
+    e_md = ref.energies[in_md]
+    g = A.statistical_inefficiency(e_md)
+    mean_md, se_md = e_md.mean(), e_md.std() * math.sqrt(g / e_md.size)
+
+    # --- SMC
+    target = InternalCoordinateTarget(ala2, fix_rigid=True)
+    ic = target.transform
+    import mdtraj as md
+
+    t0 = md.Trajectory(ala2.positions[None].numpy().astype(np.float32), ala2.topology)
+    free = [ic.torsion_index(md.compute_phi(t0)[0][0]), ic.torsion_index(md.compute_psi(t0)[0][0])]
+    initial = _BroadStart(target, free)
+    gen = torch.Generator().manual_seed(0)
+    kernel = mc.kernels.HMC(num_steps=2, num_leapfrog=10)
+    n = 256
+    res = mc.smc(target, initial, n, kernel=kernel, schedule=mc.AdaptiveSchedule(cess=0.7),
+                 generator=gen)
+    lw = res.particles.log_weights
+    assert torch.isfinite(res.particles.samples).all() and not torch.isnan(lw).any()
+    assert math.isfinite(float(res.log_evidence)) and res.betas[-1] == 1.0
+    assert res.acceptance_history.min() > 0.2
+
+    idx = mc.resample(lw, generator=gen)
+    z, ancestors = res.particles.samples[idx], res.state.ancestors[idx]
+    scale = z.std(0)
+    z, rates = run_chain(kernel, target, z, 6, step_size=float(res.state.step_size), scale=scale,
+                         generator=gen)
+    assert rates.mean() > 0.3
+    x, _ = target.to_cartesian(z)
+    e = ala2.energy(x).detach().numpy()
+    assert np.isfinite(e).all()
+    phi, psi = A.ramachandran_angles(x.detach().numpy(), ala2.topology)
+    in_smc = _beta_basin(phi, psi)
+    assert in_smc.mean() > 0.5  # SMC finds the dominant basin from uniform φ/ψ
+    w = in_smc / in_smc.sum()
+    mean_smc, se_smc = _genealogy_stderr(e, w, ancestors.numpy())
+
+    tol = 5 * math.hypot(se_md, se_smc)
+    print(f"MD {mean_md:.2f} ± {se_md:.2f}, SMC {mean_smc:.2f} ± {se_smc:.2f} kJ/mol (tol {tol:.2f}); "
+          f"W1 {A.energy_wasserstein(e, e_md, weights_p=w):.2f}, std {e_md.std():.2f}")
+    assert abs(mean_smc - mean_md) < tol
+    # the bound is informative: well below the width of the distribution (≈ 13 kJ/mol)
+    assert tol < 0.8 * e_md.std()

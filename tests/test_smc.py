@@ -124,6 +124,15 @@ def test_checkpoint_resume_gives_identical_result(tmp_path):
     assert float(full.log_evidence) == float(resumed.log_evidence)
 
 
+def test_callback_sees_every_step_with_per_particle_weights():
+    seen = []
+    r = mc.smc(mixture10(), broad(10), 128, kernel=mc.kernels.RandomWalk(num_steps=2),
+               generator=torch.Generator().manual_seed(2), callback=lambda s: seen.append((s.beta, s.log_w.clone())))
+    assert [b for b, _ in seen] == r.betas[1:].tolist()
+    assert all(lw.shape == (128,) and lw.dtype == torch.float64 for _, lw in seen)
+    assert torch.equal(seen[-1][1], r.particles.log_weights)
+
+
 def test_step_function_is_the_driver():
     target = mixture10()
     g = torch.Generator().manual_seed(1)
