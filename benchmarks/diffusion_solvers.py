@@ -28,6 +28,7 @@ SOLVERS = ("em_ode", "ddim", "dpmpp_2m", "deis")
 
 
 def main() -> None:
+    """Run every solver at every step count and print the error table and a JSON line."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--schedule", choices=("vp", "cosine", "ve"), default="vp")
     ap.add_argument("--grid", choices=("log_snr", "uniform"), default="log_snr")

@@ -464,9 +464,8 @@ class InternalCoordinates(torch.nn.Module):
             ks = getattr(self, name)
             atoms = order[ks]
             r = ref[ks]
-            new = nerf_place(
-                x[:, r[:, 0]], x[:, r[:, 1]], x[:, r[:, 2]], bonds[:, ks - 1], angles[:, ks - 2], torsions[:, ks - 3]
-            )
+            xr = x[:, r.T.reshape(-1)].unflatten(1, (3, -1))  # one gather for all three references
+            new = nerf_place(xr[:, 0], xr[:, 1], xr[:, 2], bonds[:, ks - 1], angles[:, ks - 2], torsions[:, ks - 3])
             x = x.index_copy(1, atoms, new)
         return x, self.log_det_jacobian(z)
 

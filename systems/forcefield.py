@@ -1015,14 +1015,21 @@ def _numba_kernel():
         return energy
 
     @njit(cache=True, parallel=True)
-    def batch(x, out_e, out_g, need_grad, floor2, b_idx, b_par, a_idx, a_par, t_idx, t_par,
-              qq_m, sig2_m, eps4_m, nbo, e_idx, e_par, gq, grho, gsr, gbo):
+    def batch_parallel(x, out_e, out_g, need_grad, floor2, b_idx, b_par, a_idx, a_par, t_idx,
+                       t_par, qq_m, sig2_m, eps4_m, nbo, e_idx, e_par, gq, grho, gsr, gbo):
         for k in prange(x.shape[0]):
             out_e[k] = one(x[k], out_g[k], need_grad, floor2, b_idx, b_par, a_idx, a_par,
                            t_idx, t_par, qq_m, sig2_m, eps4_m, nbo, e_idx, e_par, gq, grho, gsr, gbo)
 
-    _NUMBA_KERNEL = batch
-    return batch
+    @njit(cache=True)
+    def batch_serial(x, out_e, out_g, need_grad, floor2, b_idx, b_par, a_idx, a_par, t_idx,
+                     t_par, qq_m, sig2_m, eps4_m, nbo, e_idx, e_par, gq, grho, gsr, gbo):
+        for k in range(x.shape[0]):
+            out_e[k] = one(x[k], out_g[k], need_grad, floor2, b_idx, b_par, a_idx, a_par,
+                           t_idx, t_par, qq_m, sig2_m, eps4_m, nbo, e_idx, e_par, gq, grho, gsr, gbo)
+
+    _NUMBA_KERNEL = (batch_serial, batch_parallel)
+    return _NUMBA_KERNEL
 
 
 class _NumbaParams:
@@ -1090,8 +1097,13 @@ class _NumbaEnergy(torch.autograd.Function):
         out_g = np.empty_like(xn) if need else np.empty((xn.shape[0], 0, 3))
         import numba
 
-        numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
-        kernel(xn, out_e, out_g, need, floor * floor, *params.args())
+        threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+        serial, parallel = kernel
+        if threads == 1 or xn.shape[0] < 8 * threads:     # no thread-pool launch for small work
+            serial(xn, out_e, out_g, need, floor * floor, *params.args())
+        else:
+            numba.set_num_threads(threads)
+            parallel(xn, out_e, out_g, need, floor * floor, *params.args())
         if need:
             ctx.save_for_backward(torch.from_numpy(out_g).to(x.dtype))
         return torch.from_numpy(out_e).to(x.dtype)

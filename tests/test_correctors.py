@@ -389,7 +389,7 @@ def test_image_shaped_particles():
         vals.append(ws.expectation(lambda x: x.flatten(1).pow(2).mean(-1)).value)
     vals = torch.stack(vals)
     m, se = float(vals.mean()), float(vals.std() / math.sqrt(10))
-    assert abs(m - 0.5) < 5 * se + 0.01, (m, se)
+    assert abs(m - 0.5) < 5 * se, (m, se)  # measured 0.483 ± 0.009
     unc = C.fk_corrector(target, 500, (1, 4, 4), _grid(100), dtype=F64, correct=False,
                          generator=torch.Generator().manual_seed(0))
     assert abs(float(unc.samples.pow(2).mean()) - 1 / 3) < 0.03  # the uncorrected OU limit, 1/(2β-1)

@@ -43,13 +43,8 @@ def _as_tensor(t) -> Tensor:
 
 
 class _Schedule:
-    """Shared methods: log-SNR from ``log_alpha``/``log_sigma`` and a config for checkpoints."""
-
-    def log_alpha(self, t: Tensor) -> Tensor:  # pragma: no cover - overridden
-        raise AttributeError
-
-    def log_sigma(self, t: Tensor) -> Tensor:  # pragma: no cover - overridden
-        raise AttributeError
+    """Shared methods for subclasses that define ``log_alpha`` and ``log_sigma``: α, σ, the
+    log-SNR, and a config for checkpoints."""
 
     def alpha(self, t) -> Tensor:
         r""":math:`\alpha_t`, the scale of the data in :math:`x_t`."""

@@ -39,7 +39,8 @@ CHECKPOINT_FORMAT = "mcsample.diffusion/1"
 
 
 def dsm_loss(model: Denoiser, x0: Tensor, t: Tensor, eps: Tensor) -> Tensor:
-    r"""Per-sample ε-prediction loss :math:`\|\hat\varepsilon_\theta(\alpha_t x_0+\sigma_t\varepsilon, t)-\varepsilon\|^2`
+    r"""Per-sample ε-prediction loss
+    :math:`\|\hat\varepsilon_\theta(\alpha_t x_0+\sigma_t\varepsilon, t)-\varepsilon\|^2`,
     averaged over the event dims, shape ``(B,)``; ``model`` is a :class:`Denoiser` (any
     parameterization, preconditioned or not)."""
     a = expand_like(model.schedule.alpha(t), x0)
@@ -59,7 +60,8 @@ class LossAwareTimeSampler:
     def __init__(self, t_min: float, t_max: float, num_bins: int = 20, rate: float = 0.05,
                  uniform_mix: float = 0.05, warmup: int = 10):
         self.t_min, self.t_max = float(t_min), float(t_max)
-        self.num_bins, self.rate, self.uniform_mix, self.warmup = int(num_bins), float(rate), float(uniform_mix), int(warmup)
+        self.num_bins, self.rate = int(num_bins), float(rate)
+        self.uniform_mix, self.warmup = float(uniform_mix), int(warmup)
         self._sq = torch.zeros(self.num_bins, dtype=torch.float64)
         self._count = torch.zeros(self.num_bins, dtype=torch.float64)
 
