@@ -26,10 +26,7 @@ r"""Training the von Mises mixture network: reference samples, maximum likelihoo
 from __future__ import annotations
 
 import math
-import os
-import time
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor

@@ -44,7 +44,7 @@ fixed seed reproduces the samples and the caller's global RNG is left alone.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np

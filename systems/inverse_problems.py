@@ -55,6 +55,7 @@ __all__ = [
     "gmm_benchmark_means",
     "gmm_benchmark_problem",
     "linear_gaussian_posterior",
+    "mixture_posterior",
 ]
 
 
@@ -520,6 +521,26 @@ class GaussianMixturePosterior:
         return torch.logsumexp(lp + torch.log(self.weights), dim=-1)
 
 
+def mixture_posterior(weights: Tensor, means: Tensor, cov: Tensor, A: Tensor, sigma_y: float,
+                      y: Tensor) -> tuple[GaussianMixturePosterior, Tensor]:
+    r"""Exact posterior of a Gaussian mixture prior :math:`\sum_k w_k\mathcal N(m_k, C)` (one shared
+    covariance) under :math:`y = Ax + \sigma_y\xi`: the mixture with
+    :math:`\Sigma = C - CA^\top(ACA^\top+\sigma_y^2I)^{-1}AC` (Woodbury form of
+    :math:`(C^{-1} + A^\top A/\sigma_y^2)^{-1}`), :math:`\mu_k = m_k + CA^\top(ACA^\top +
+    \sigma_y^2I)^{-1}(y - Am_k)` and weights :math:`\propto w_k\mathcal N(y; Am_k, ACA^\top +
+    \sigma_y^2 I)`; also returns :math:`\log p(y)`. Float64."""
+    f64 = torch.float64
+    weights, means, cov, A, y = (torch.as_tensor(t).to(f64) for t in (weights, means, cov, A, y))
+    weights = weights / weights.sum()
+    Sy = A @ cov @ A.T + sigma_y**2 * torch.eye(A.shape[0], dtype=f64)
+    K = torch.linalg.solve(Sy, A @ cov).T  # C Aᵀ Sy⁻¹, (d, m)
+    post_cov = cov - K @ A @ cov
+    post_cov = 0.5 * (post_cov + post_cov.T)
+    post_means = means + (y[None, :] - means @ A.T) @ K.T
+    log_ev = torch.distributions.MultivariateNormal(means @ A.T, Sy).log_prob(y) + torch.log(weights)
+    return GaussianMixturePosterior(torch.softmax(log_ev, 0), post_means, post_cov), torch.logsumexp(log_ev, 0)
+
+
 def gmm_benchmark_means(dim: int) -> Tensor:
     r"""The 25 means of Cardoso et al. (2023): :math:`(-8i, -8j)` tiled to dimension ``dim``
     (even), :math:`i, j\in\{-2,\dots,2\}`, float64 ``(25, dim)``."""
@@ -581,13 +602,5 @@ def gmm_benchmark_problem(dim: int, obs_dim: int, generator: torch.Generator | N
     x_true = means[k[0]] + torch.randn(dim, generator=g, dtype=f64)
     y = A @ x_true + sigma_y * torch.randn(obs_dim, generator=g, dtype=f64)
     op = DenseOperator(A, sigma_y)
-    # exact posterior, shared covariance via the SVD of A: Σ = I - V diag(s²/(s²+σ²)) Vᵀ
-    V = Vh.T
-    cov = torch.eye(dim, dtype=f64) - V @ torch.diag(s**2 / (s**2 + sigma_y**2)) @ V.T
-    cov = 0.5 * (cov + cov.T)
-    post_means = (cov @ ((A.T @ y / sigma_y**2)[:, None] + means.T)).T
-    S = sigma_y**2 * torch.eye(obs_dim, dtype=f64) + A @ A.T
-    evid = torch.distributions.MultivariateNormal(means @ A.T, S).log_prob(y) + torch.log(weights)
-    post_w = torch.softmax(evid, 0)
-    post = GaussianMixturePosterior(post_w, post_means, cov)
-    return GMMInverseProblem(weights, means, op, y, x_true, post, torch.logsumexp(evid, 0))
+    post, log_evidence = mixture_posterior(weights, means, torch.eye(dim, dtype=f64), A, sigma_y, y)
+    return GMMInverseProblem(weights, means, op, y, x_true, post, log_evidence)

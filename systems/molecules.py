@@ -52,7 +52,6 @@ Choices, each deliberate:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 

@@ -11,7 +11,8 @@ Two backends evaluate :math:`U`:
 
 * ``backend="torch"`` (default): :class:`~mcsample.systems.forcefield.TorchForceField`, every
   parameter read out of the System and evaluated for the whole batch at once, on CPU or GPU, in
-  float32 or float64, with forces by autograd;
+  float32 or float64, differentiable (agrees with OpenMM's Reference platform to < 1e-9 kJ/mol
+  on realistic configurations in float64);
 * ``backend="openmm"``: the reference, a pool of OpenMM Contexts (CPU or Reference platform)
   looping over the batch; differentiable too (the backward pass uses OpenMM's forces).
 
@@ -35,7 +36,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["Peptide", "alanine_dipeptide", "boltzmann_constant", "ONE_LETTER_CODES", "SUPPORTED_RESIDUES"]
+__all__ = ["Peptide", "alanine_dipeptide", "boltzmann_constant", "ONE_LETTER_CODES",
+           "SUPPORTED_RESIDUES"]
 
 # k_B * N_A in kJ/(mol K), as OpenMM defines it (openmm.unit.MOLAR_GAS_CONSTANT_R).
 _R_KJ = 0.00831446261815324
@@ -154,7 +156,6 @@ class Peptide:
         n_contexts: int = 1,
     ):
         import mdtraj
-        import openmm
 
         self.openmm_topology = openmm_topology
         self.system = system
@@ -188,7 +189,7 @@ class Peptide:
         self.positions = torch.as_tensor(pos, dtype=torch.float64)
         self._pool: _ContextPool | None = None
         self._ff = None
-        self._openmm = openmm
+        self._ff_devices: dict = {}
 
     # -------------------------------------------------------------------------- constructors
     @classmethod
@@ -275,12 +276,22 @@ class Peptide:
 
     @property
     def forcefield(self):
-        """The batched torch energy (:class:`~mcsample.systems.forcefield.TorchForceField`)."""
+        """The batched energy (:class:`~mcsample.systems.forcefield.TorchForceField`, CPU copy)."""
         if self._ff is None:
             from .forcefield import TorchForceField
 
             self._ff = TorchForceField.from_openmm(self.system)
         return self._ff
+
+    def _forcefield_for(self, x: Tensor):
+        """The force field with its parameters on ``x``'s device (one copy per device, cached)."""
+        if x.device.type == "cpu":
+            return self.forcefield
+        if x.device not in self._ff_devices:
+            import copy
+
+            self._ff_devices[x.device] = copy.deepcopy(self.forcefield).to(x.device)
+        return self._ff_devices[x.device]
 
     def _context_pool(self) -> _ContextPool:
         if self._pool is None:
@@ -302,12 +313,14 @@ class Peptide:
     def energy(self, x: Tensor, backend: str = "torch") -> Tensor:
         """Potential energy :math:`U(x)` in kJ/mol, shape ``(B,)`` for ``x`` of ``(B, n, 3)`` nm.
 
-        ``log_prob = -U/kT``. ``backend="torch"`` (batched, autograd) or ``"openmm"``
-        (the reference, one Context call per configuration; differentiable via OpenMM forces).
+        ``log_prob = -U/kT``. ``backend="torch"``: :class:`TorchForceField`, the whole batch at
+        once on ``x``'s device and dtype, differentiable (on the CPU a compiled numba loop, on a
+        GPU fused torch kernels); ``"openmm"``: the reference, OpenMM Contexts looping over the
+        batch (float64 on the host; differentiable through OpenMM's forces).
         """
         xb, single = self._batched(x)
         if backend == "torch":
-            u = self.forcefield.energy(xb)
+            u = self._forcefield_for(xb).energy(xb)
         elif backend == "openmm":
             u = _OpenMMEnergy.apply(xb, self._context_pool())
         else:
@@ -321,7 +334,7 @@ class Peptide:
             _, f = self._context_pool().evaluate(xb.detach().to("cpu", torch.float64).numpy())
             out = torch.from_numpy(f).to(device=xb.device, dtype=xb.dtype)
         elif backend == "torch":
-            out = self.forcefield.forces(xb)
+            out = self._forcefield_for(xb).forces(xb)
         else:
             raise ValueError(f"unknown backend {backend!r}; use 'torch' or 'openmm'")
         return out[0] if single else out

@@ -236,3 +236,24 @@ def test_smc_on_alanine_dipeptide_matches_md_energies(ala2, one_thread):
     assert abs(mean_smc - mean_md) < tol
     # the bound is informative: well below the width of the distribution (≈ 13 kJ/mol)
     assert tol < 0.8 * e_md.std()
+
+
+@pytest.mark.slow
+def test_reference_md_example_quick(tmp_path):
+    """examples/peptides/reference_md.py --quick writes the data set, summaries and plots."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "peptides" / "reference_md.py"
+    subprocess.run([sys.executable, str(script), "--quick", "--no-progress", "--out", str(tmp_path)],
+                   check=True, capture_output=True, timeout=600)
+    for solvent in ("obc1", "vacuum"):
+        res = MDResult.load(tmp_path / f"alanine_dipeptide_{solvent}_md.npz")
+        assert res.n_frames == 200 and np.isfinite(res.energies).all()
+        assert res.metadata["timestep_fs"] == 1.0 and res.metadata["temperature_K"] == 300.0
+        summary = json.loads((tmp_path / f"alanine_dipeptide_{solvent}_md.json").read_text())
+        assert summary["energy_mean_kJ_per_mol"] == pytest.approx(res.energies.mean())
+        assert (tmp_path / f"ramachandran_{solvent}.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "energies.png").exists()

@@ -91,10 +91,18 @@ def _run_one(solvent: str, args: dict) -> dict:
         "phi_statistical_inefficiency": g_phi,
         "ramachandran_png": os.path.basename(plot),
     })
+    # strict JSON: an empty region gives ΔF = ±inf, written as null
+    summary = {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in summary.items()}
     tmp = out / f".alanine_dipeptide_{solvent}_md.json.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(summary, indent=2, sort_keys=True))
+    tmp.write_text(json.dumps(summary, indent=2, sort_keys=True, allow_nan=False))
     os.replace(tmp, out / f"alanine_dipeptide_{solvent}_md.json")
     return summary
+
+
+def _fmt(value, stderr) -> str:
+    if value is None:
+        return "inf kT (φ>0 not visited: run longer)"
+    return f"{value:.2f} ± {stderr:.2f} kT"
 
 
 def main(argv=None) -> int:
@@ -143,8 +151,8 @@ def main(argv=None) -> int:
         print(
             f"  {s['solvent']:7s} {s['n_frames']} frames, {s['time_ps'] / 1000:g} ns, "
             f"{s['steps_per_second']:.0f} steps/s; <U> = {s['energy_mean_kJ_per_mol']:.2f} ± "
-            f"{s['energy_mean_stderr_kJ_per_mol']:.2f} kJ/mol; P(φ>0) = {s['p_phi_positive']:.3f}, "
-            f"ΔF(φ>0 − φ<0) = {s['deltaF_phi_pos_minus_neg_kT']:.2f} ± {s['deltaF_stderr_kT']:.2f} kT"
+            f"{s['energy_mean_stderr_kJ_per_mol']:.2f} kJ/mol; P(φ>0) = {s['p_phi_positive']:.4f}, "
+            f"ΔF(φ>0 − φ<0) = {_fmt(s['deltaF_phi_pos_minus_neg_kT'], s['deltaF_stderr_kT'])}"
         )
     return 0
 
