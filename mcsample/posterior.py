@@ -320,21 +320,6 @@ def _gaussian_measurement(measurement) -> bool:
     return callable(getattr(measurement, "forward", None)) and getattr(measurement, "sigma_y", None) is not None
 
 
-def _potential_and_grad(measurement, x: Tensor, y: Tensor, need_value: bool = False):
-    r""":math:`\nabla\mu_y(x)` (and :math:`\mu_y` if asked), closed form for linear measurements."""
-    if getattr(measurement, "linear", False) and _gaussian_measurement(measurement):
-        pg = getattr(measurement, "potential_grad", None)
-        sig2 = measurement.sigma_y**2
-        grad = pg(x, y) if callable(pg) else measurement.adjoint(measurement.forward(x) - y) / sig2
-        val = -measurement.log_likelihood(x, y) if need_value else None
-        return val, grad
-    with torch.enable_grad():
-        xr = x.detach().requires_grad_(True)
-        mu = -measurement.log_likelihood(xr, y)
-        (grad,) = torch.autograd.grad(mu.sum(), xr)
-    return mu.detach(), grad.detach()
-
-
 def laplacian(fn, x: Tensor, method: str = "exact", num_probes: int = 1,
               generator: torch.Generator | None = None) -> Tensor:
     r"""Laplacian :math:`\Delta\phi(x) = \operatorname{tr}\nabla^2\phi` of a batched scalar field,
@@ -738,7 +723,7 @@ class _LinearPotential:
         wdot = self.gamma * r2dot * self.S**2
         return a, fdot, w, wdot
 
-    def evaluate(self, x: Tensor, j: int, need_lap: bool = True):
+    def evaluate(self, x: Tensor, j: int, need_lap: bool = True, generator=None):
         """``(grad, laplacian, d mu/dt)`` at grid index ``j``."""
         n = x.shape[0]
         a, fdot, w, wdot = self._coef(j)
@@ -773,26 +758,79 @@ class _LinearPotential:
 
 
 class _GenericPotential:
-    r""":math:`\mu_y(x, t) = \tilde\mu(x/a_t)`, :math:`\tilde\mu = -\log p(y\mid\cdot)` from the
-    measurement's ``log_likelihood`` by autograd; ``"fixed"``: :math:`a_t = 1`; ``"rescaled"``:
-    :math:`a_t = \alpha_t` (then :math:`\partial_t\mu = -f\langle\nabla\tilde\mu(u), u\rangle`,
-    :math:`\nabla\mu = \nabla\tilde\mu(u)/a`, :math:`\Delta\mu = \Delta\tilde\mu(u)/a^2`)."""
+    r""":math:`\mu_y(x, t) = \tilde\mu_t(x/a_t)` for any measurement, by autograd.
+
+    ``"fixed"``: :math:`a_t = 1`, :math:`\tilde\mu = -\log p(y\mid\cdot)`; ``"rescaled"``:
+    :math:`a_t = \alpha_t`, same :math:`\tilde\mu`; ``"predictive"`` (Gaussian measurements):
+    :math:`a_t = \alpha_t`, :math:`\tilde\mu_t(u) = -\log\mathcal N(y;\ \mathcal A(u),\ w_tI)`,
+    :math:`w_t = \sigma_y^2 + (\sigma_t/\alpha_t)^2` (the flat-prior predictive of a measurement
+    whose Jacobian has unit norm, e.g. a mask). With :math:`u = x/a_t`:
+    :math:`\nabla\mu = \nabla\tilde\mu(u)/a`, :math:`\Delta\mu = \Delta\tilde\mu(u)/a^2`,
+    :math:`\partial_t\mu = -f\langle\nabla\tilde\mu(u), u\rangle + \dot w\,\partial_w\tilde\mu`
+    with :math:`\dot w = g^2/\alpha^2`.
+    """
 
     def __init__(self, sampler, mode: str):
-        if mode not in ("fixed", "rescaled"):
-            raise ValueError(f"potential {mode!r} needs a linear measurement with .svd(); "
-                             "use 'fixed' or 'rescaled'")
         self.sampler = sampler
         self.mode = mode
+        m = sampler.measurement
+        if mode == "predictive" and not _gaussian_measurement(m):
+            raise ValueError("the 'predictive' potential needs a Gaussian measurement (.forward, .sigma_y)")
+
+    def _w(self, j: int):
+        smp = self.sampler
+        r2 = (smp.sigma[j] / smp.alpha[j]) ** 2
+        return smp.measurement.sigma_y**2 + r2, smp.g2[j] / smp.alpha[j] ** 2
+
+    def mu_fn(self, j: int):
+        """:math:`u\\mapsto\\tilde\\mu_{t_j}(u)`, batched."""
+        smp = self.sampler
+        m, y = smp.measurement, smp.y
+        if self.mode != "predictive":
+            return lambda u: -m.log_likelihood(u, y)
+        w, _ = self._w(j)
+        n_obs = y.numel()
+        return lambda u: 0.5 * _sqsum(y - m.forward(u)) / w + 0.5 * n_obs * math.log(2 * math.pi * w)
+
+    def scale(self, j: int) -> float:
+        return 1.0 if self.mode == "fixed" else self.sampler.alpha[j]
+
+    def value(self, x: Tensor, j: int) -> Tensor:
+        with torch.no_grad():
+            return self.mu_fn(j)(x / self.scale(j))
 
     def evaluate(self, x: Tensor, j: int, need_lap: bool = True, generator=None):
         smp = self.sampler
-        a = 1.0 if self.mode == "fixed" else smp.alpha[j]
+        a = self.scale(j)
+        fn = self.mu_fn(j)
         u = x / a
-        _, g = _potential_and_grad(smp.measurement, u, smp.y)
-        lap = smp._lap(u, generator) / a**2 if need_lap else None
-        dmu_dt = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device) if self.mode == "fixed" else \
-            -smp.f[j] * _dot(g, u)
+        with torch.enable_grad():
+            ur = u.detach().requires_grad_(True)
+            mu = fn(ur)
+            (g,) = torch.autograd.grad(mu.sum(), ur)
+        mu, g = mu.detach(), g.detach()
+        lap = None
+        if need_lap:
+            m = smp.measurement
+            method = smp.laplacian
+            if method == "auto" and callable(getattr(m, "potential_laplacian", None)):
+                lap = m.potential_laplacian(u)  # 1/σ_y² scaling of tr(AᵀA)
+                if self.mode == "predictive":
+                    lap = lap * m.sigma_y**2 / self._w(j)[0]
+            else:
+                if method == "auto":
+                    method = "exact" if u[0].numel() <= smp.exact_max_dim else "hutchinson"
+                lap = laplacian(fn, u, method, smp.num_probes, generator)
+            lap = lap / a**2
+        if self.mode == "fixed":
+            dmu_dt = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+        else:
+            dmu_dt = -smp.f[j] * _dot(g, u)
+            if self.mode == "predictive":
+                w, wdot = self._w(j)
+                n_obs = smp.y.numel()
+                rsq = 2 * w * (mu - 0.5 * n_obs * math.log(2 * math.pi * w))
+                dmu_dt = dmu_dt + wdot * (-0.5 * rsq / w**2 + 0.5 * n_obs / w)
         return g / a, lap, dmu_dt
 
 
@@ -837,11 +875,11 @@ class EnsembleSampler(_Base):
         self.scheme = scheme
         self.has_svd = bool(getattr(measurement, "linear", False)) and callable(getattr(measurement, "svd", None))
         if potential == "auto":
-            potential = "predictive" if self.has_svd else "rescaled"
+            potential = "predictive" if _gaussian_measurement(measurement) else "rescaled"
         if potential not in ("fixed", "rescaled", "predictive"):
             raise ValueError(f"potential must be 'auto', 'fixed', 'rescaled' or 'predictive', got {potential!r}")
-        if potential == "predictive" and not self.has_svd:
-            raise ValueError("the 'predictive' potential needs a linear measurement with .svd()")
+        if potential == "predictive" and not _gaussian_measurement(measurement):
+            raise ValueError("the 'predictive' potential needs a Gaussian measurement (.forward, .sigma_y)")
         self.potential = potential
         if integrator == "auto":
             integrator = "exponential" if self.has_svd else "euler"
@@ -858,15 +896,6 @@ class EnsembleSampler(_Base):
     def num_steps(self) -> int:
         return self.times.numel() - 1
 
-    def _lap(self, u: Tensor, generator) -> Tensor:
-        m = self.measurement
-        method = self.laplacian
-        if method == "auto":
-            if callable(getattr(m, "potential_laplacian", None)):
-                return m.potential_laplacian(u)
-            method = "exact" if u[0].numel() <= self.exact_max_dim else "hutchinson"
-        return laplacian(lambda z: -m.log_likelihood(z, self.y), u, method, self.num_probes, generator)
-
     def init(self, num: int, *, generator=None, dtype=torch.float32, device=None, event_shape=None):
         es = self._event_shape(event_shape)
         rho2 = self.prior_std() ** 2
@@ -877,9 +906,7 @@ class EnsembleSampler(_Base):
         else:  # importance sampling from N(0, ρ²I) with weights e^{-μ}
             self._pot = _GenericPotential(self, self.potential)
             x = self.initial_noise(num, generator, dtype, device, es)
-            a = 1.0 if self.potential == "fixed" else self.alpha[0]
-            mu, _ = _potential_and_grad(self.measurement, x / a, self.y, need_value=True)
-            state = _new_state(x, log_w=-mu.to(torch.float64))
+            state = _new_state(x, log_w=-self._pot.value(x, 0).to(torch.float64))
         _check_weights(state.log_w, "ensemble init")
         state.ess_history.append(float(_ess(state.log_w)))
         return state
@@ -896,10 +923,7 @@ class EnsembleSampler(_Base):
         v2 = self.v_scale**2 * g2
         H = -f * x + 0.5 * (g2 + v2) * s
         need_lap = self.lam != 0.5
-        if isinstance(self._pot, _GenericPotential):
-            gmu, lap, dmu_dt = self._pot.evaluate(x, j, need_lap, generator)
-        else:
-            gmu, lap, dmu_dt = self._pot.evaluate(x, j, need_lap)
+        gmu, lap, dmu_dt = self._pot.evaluate(x, j, need_lap, generator)
         gsq = _sqsum(gmu)
         G = dmu_dt - _dot(H, gmu)  # -∂_τ μ = +∂_t μ
         if need_lap:

@@ -336,7 +336,8 @@ class PyroTarget:
     :math:`\mathbb R^D` (what gradient-based samplers need); ``constrain(z)`` returns the site
     values. With ``vectorized=True`` (default) the batch is evaluated in one trace inside an
     outer ``pyro.plate`` of size ``B`` placed left of the model's own plates — the model must
-    then declare its batch dimensions with ``pyro.plate`` (as Pyro's vectorized ELBOs require);
+    then declare its batch dimensions with ``pyro.plate`` and broadcast correctly (index event
+    dimensions from the right, e.g. ``w[..., 0]``), as Pyro's vectorized ELBOs require;
     ``vectorized=False`` loops over the batch in Python instead (any model, slower).
     """
 
