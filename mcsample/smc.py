@@ -38,7 +38,7 @@ from mcsample.resampling import resample
 from mcsample.tempering import as_schedule, log_increment
 from mcsample.weighted import WeightedSamples
 
-__all__ = ["SMCState", "SMCResult", "init", "step", "smc"]
+__all__ = ["SMCState", "SMCResult", "init", "step", "move", "smc"]
 
 
 @dataclass
@@ -184,6 +184,24 @@ def step(
     )
 
 
+def move(state: SMCState, target, initial, kernel: Kernel, num_moves: int,
+         generator: torch.Generator | None = None) -> SMCState:
+    """``num_moves`` extra MCMC moves at the current beta (e.g. rejuvenation at beta = 1).
+
+    The weights do not change: each move leaves :math:`\\pi_\\beta` invariant.
+    """
+    evaluate = evaluator(target, initial)
+    scale = _weighted_scale(state.x, state.log_w)
+    point, h, rates = state.point, state.step_size, []
+    for _ in range(num_moves):
+        point, prob = kernel.step(point, evaluate, state.beta, h, scale, generator)
+        rates.append(prob.mean())
+        h = kernel.adapt(h, rates[-1])
+    new = SMCState(**{**state.to_dict(), "x": point.x, "parts": point.parts, "grads": point.grads,
+                      "step_size": h})
+    return new
+
+
 def _save_atomic(obj: dict, path: str | os.PathLike) -> None:
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -208,6 +226,7 @@ def smc(
     checkpoint_every: int = 10,
     resume: bool = True,
     callback=None,
+    final_moves: int = 0,
 ) -> SMCResult:
     r"""Annealed SMC from ``initial`` (any proposal) to ``target`` (unnormalized).
 
@@ -227,6 +246,8 @@ def smc(
         progress: tqdm bar over beta.
         checkpoint: path of a checkpoint written atomically every ``checkpoint_every`` steps;
             with ``resume=True`` an existing checkpoint is continued.
+        final_moves: extra MCMC moves of every particle at beta = 1 after the last step
+            (rejuvenation; the weights are unchanged).
         callback: called as ``callback(state)`` after every step, e.g. to record the
             per-particle log-weights ``state.log_w`` and positions ``state.x`` at each step.
 
@@ -276,6 +297,8 @@ def smc(
         if checkpoint is not None and (state.iteration % checkpoint_every == 0 or state.beta >= 1.0):
             _save_atomic({"state": state.to_dict(), "generator": generator.get_state()}, checkpoint)
     bar.close()
+    if final_moves > 0:
+        state = move(state, target, initial, kernel, final_moves, generator)
     particles = WeightedSamples(
         state.x, state.log_w, log_scale=state.log_scale, ancestors=state.ancestors,
         generations=state.generations,

@@ -33,7 +33,6 @@ Units are OpenMM's: nm, ps, K, kJ/mol; ``log_prob = -U/kT``.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
 import os

@@ -133,6 +133,15 @@ def test_callback_sees_every_step_with_per_particle_weights():
     assert torch.equal(seen[-1][1], r.particles.log_weights)
 
 
+def test_final_moves_keep_weights_and_move_particles():
+    kw = dict(kernel=mc.kernels.RandomWalk(num_steps=2), generator=None)
+    a = mc.smc(mixture10(), broad(10), 200, **{**kw, "generator": torch.Generator().manual_seed(3)})
+    b = mc.smc(mixture10(), broad(10), 200, final_moves=5, **{**kw, "generator": torch.Generator().manual_seed(3)})
+    assert torch.equal(a.particles.log_weights, b.particles.log_weights)
+    assert float(a.log_evidence) == float(b.log_evidence)
+    assert float((a.particles.samples != b.particles.samples).any(-1).double().mean()) > 0.3
+
+
 def test_step_function_is_the_driver():
     target = mixture10()
     g = torch.Generator().manual_seed(1)
