@@ -26,6 +26,7 @@ test-all: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/resampling.py
+	$(PY) benchmarks/energy.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

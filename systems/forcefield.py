@@ -1257,7 +1257,8 @@ class TorchForceField(nn.Module):
             if self._numba_params is None:
                 self._numba_params = _NumbaParams(self)
             return _NumbaEnergy.apply(x, _numba_kernel(), self._numba_params, self._floor(x))
-        return torch.stack([e for _, e in self._terms(x, engine == "fused")]).sum(0)
+        terms = [e for _, e in self._terms(x, engine == "fused")]
+        return torch.stack(terms).sum(0) if terms else (0.0 * x).sum((-1, -2))
 
     def energy(self, x: Tensor) -> Tensor:
         """:math:`U(x)` in kJ/mol, shape ``(B,)``; differentiable (``log_prob = -U/kT``)."""
