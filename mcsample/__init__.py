@@ -7,7 +7,7 @@ importance sampling, sequential Monte Carlo, resampling and ESS diagnostics. Tar
 
 from __future__ import annotations
 
-from mcsample import kernels
+from mcsample import correctors, kernels
 from mcsample.diagnostics import conditional_ess, ess, log_evidence, psis
 from mcsample.importance import importance_sample
 from mcsample.resampling import resample
@@ -24,6 +24,7 @@ __all__ = [
     "SMCResult",
     "WeightedSamples",
     "conditional_ess",
+    "correctors",
     "ess",
     "importance_sample",
     "kernels",

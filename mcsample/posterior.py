@@ -842,8 +842,11 @@ class EnsembleSampler(_Base):
     :math:`\mu_y` at the noisy state (see :class:`_LinearPotential`): ``"fixed"`` (the
     likelihood of :math:`x_t` itself, time-independent), ``"rescaled"`` (the likelihood of
     :math:`x_t/\alpha_t`) or ``"predictive"`` (default for linear measurements with an SVD:
-    :math:`\mathcal N(y; Ax_t/\alpha_t, \sigma_y^2I + (\sigma_t/\alpha_t)^2AA^\top)`). A
-    time-dependent :math:`\mu_y` adds :math:`-\partial_\tau\mu_y = \partial_t\mu_y` to the weight rate.
+    :math:`\mathcal N(y; Ax_t/\alpha_t, \sigma_y^2I + (\sigma_t/\alpha_t)^2AA^\top)`; for a
+    linear measurement without an SVD the isotropic version of :class:`_GenericPotential`). A
+    time-dependent :math:`\mu_y` adds :math:`-\partial_\tau\mu_y = \partial_t\mu_y` to the weight
+    rate. For a nonlinear measurement ``"auto"`` is ``"fixed"``: rescaling :math:`x_t/\alpha_t`
+    through a nonlinear forward model blows up at high noise.
 
     Args:
         v_scale: :math:`v = \text{v\_scale}\cdot g(t)` (1: the paper's SDE variant).
@@ -875,7 +878,8 @@ class EnsembleSampler(_Base):
         self.scheme = scheme
         self.has_svd = bool(getattr(measurement, "linear", False)) and callable(getattr(measurement, "svd", None))
         if potential == "auto":
-            potential = "predictive" if _gaussian_measurement(measurement) else "rescaled"
+            linear_gaussian = bool(getattr(measurement, "linear", False)) and _gaussian_measurement(measurement)
+            potential = "predictive" if linear_gaussian else "fixed"
         if potential not in ("fixed", "rescaled", "predictive"):
             raise ValueError(f"potential must be 'auto', 'fixed', 'rescaled' or 'predictive', got {potential!r}")
         if potential == "predictive" and not _gaussian_measurement(measurement):
