@@ -183,14 +183,14 @@ def test_parallel_tempering_matches_exact_marginal(targets):
 def test_training_objective_is_the_proposal_log_likelihood(targets, autoregressive):
     """The batched (independent) and padded (autoregressive) training NLL equals the mean of
     the proposal's own per-torsion log-densities on the same minibatch."""
-    from mcsample.flows.training_von_mises import _nll
+    from mcsample.flows.training_von_mises import negative_log_likelihood
 
     net = _net(autoregressive, seed=4)
     graphs = [featurize(targets[ONE]), featurize(targets[ONE_TORSION])]
     g = torch.Generator().manual_seed(0)
     xs = [torch.rand(30, 2, generator=g) * 6 - 3, torch.rand(30, 1, generator=g) * 6 - 3]
     with torch.no_grad():
-        got = float(_nll(net, graphs, xs, 10, torch.Generator().manual_seed(1)))
+        got = float(negative_log_likelihood(net, graphs, xs, 10, torch.Generator().manual_seed(1)))
         gen = torch.Generator().manual_seed(1)
         terms = []
         for graph, x in zip(graphs, xs):

@@ -24,6 +24,7 @@ afterwards), 10-15 min for 1500 maximum-likelihood steps. Outputs: the checkpoin
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -35,7 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import EVAL_REFERENCE, OUTPUTS, TRAIN_REFERENCE, load_molecules, make_target, reference  # noqa: E402
 
-from mcsample.flows.training_von_mises import TrainingSet, fine_tune_snis, fit_maximum_likelihood  # noqa: E402
+from mcsample.flows.training_von_mises import TrainingSet, negative_log_likelihood, fine_tune_snis, fit_maximum_likelihood  # noqa: E402
 from mcsample.flows.von_mises import DEFAULT_CHECKPOINT, VonMisesConfig, VonMisesNet, featurize, save_checkpoint  # noqa: E402
 
 
@@ -58,8 +59,11 @@ def build_set(rows, settings, kind, progress=True):
 def main(argv=None):
     ap = argparse.ArgumentParser(description="train the von Mises torsion network")
     ap.add_argument("--out", type=Path, default=DEFAULT_CHECKPOINT)
-    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--weight-decay", type=float, default=1e-4)
+    ap.add_argument("--dropout", type=float, default=0.1)
+    ap.add_argument("--uniform-weight", type=float, default=0.05)
     ap.add_argument("--batch", type=int, default=64, help="reference samples per molecule per step")
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--layers", type=int, default=6)
@@ -69,42 +73,60 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--references-only", action="store_true", help="only compute/cache the references")
     ap.add_argument("--limit", type=int, default=None, help="use only the first N training molecules")
-    ap.add_argument("--valid", action="store_true",
-                    help="also report the held-out NLL (computes/reads the held-out references of evaluate.py)")
+    ap.add_argument("--valid-fraction", type=float, default=0.1,
+                    help="training scaffolds held back from the fit for early stopping")
+    ap.add_argument("--heldout-nll", action="store_true",
+                    help="report the final NLL on the held-out test molecules (references of evaluate.py)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
 
     rows = load_molecules("train")[: args.limit]
-    train, targets = build_set(rows, TRAIN_REFERENCE, "train")
+    cut = int(256 * args.valid_fraction)
+    is_valid = [hashlib.md5(r["scaffold"].encode()).digest()[1] < cut for r in rows]
+    full, targets = build_set(rows, TRAIN_REFERENCE, "train")
+    pick = lambda flag: TrainingSet(*[[v for v, f in zip(col, is_valid) if f == flag]
+                                      for col in (full.names, full.graphs, full.samples)])
+    train, valid = pick(False), pick(True)
+    fit_targets = [t for t, f in zip(targets, is_valid) if not f]
     if args.references_only:
         return
     config = VonMisesConfig(hidden=args.hidden, num_layers=args.layers, components=args.components,
-                            autoregressive=args.autoregressive)
+                            autoregressive=args.autoregressive, dropout=args.dropout,
+                            uniform_weight=args.uniform_weight)
     net = VonMisesNet(config)
-    valid = build_set(load_molecules("heldout"), EVAL_REFERENCE, "heldout")[0] if args.valid else None
+    print(f"fit on {len(train)} molecules, early stopping on {len(valid)}", flush=True)
     t0 = time.time()
     log = fit_maximum_likelihood(net, train, steps=args.steps, lr=args.lr, batch=args.batch,
-                                 seed=args.seed, valid=valid, progress=True)
+                                 seed=args.seed, valid=valid, weight_decay=args.weight_decay,
+                                 progress=True)
     fit_time = time.time() - t0
     snis = []
     if args.snis_steps:
-        snis = fine_tune_snis(net, targets, steps=args.snis_steps, seed=args.seed, progress=True)
+        snis = fine_tune_snis(net, fit_targets, steps=args.snis_steps, seed=args.seed, progress=True)
+    heldout = None
+    if args.heldout_nll:
+        test = build_set(load_molecules("heldout"), EVAL_REFERENCE, "heldout", progress=False)[0]
+        with torch.no_grad():
+            heldout = float(negative_log_likelihood(net, test.graphs, [s.float() for s in test.samples], 10**9,
+                                 torch.Generator().manual_seed(0)))
+        print(f"held-out test NLL per torsion: {heldout:.3f} nats", flush=True)
     meta = {
         "what": "VonMisesNet-style torsion mixture trained by maximum likelihood on parallel-tempering "
                 "reference samples (MMFF94, 300 K) of the training molecules of molecules.csv",
         "script": "examples/molecules/train.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "reference": TRAIN_REFERENCE, "steps": args.steps, "lr": args.lr, "batch": args.batch,
-        "seed": args.seed, "snis_steps": args.snis_steps, "num_molecules": len(train),
-        "final_train_nll": log[-1]["train_nll"], "final_valid_nll": log[-1].get("valid_nll"),
-        "fit_seconds": round(fit_time),
+        "weight_decay": args.weight_decay, "seed": args.seed, "snis_steps": args.snis_steps,
+        "fit_molecules": len(train), "early_stopping_molecules": len(valid),
+        "best_step": log[-1].get("best_step"), "best_valid_nll": log[-1].get("best_valid_nll"),
+        "heldout_test_nll": heldout, "fit_seconds": round(fit_time),
     }
     save_checkpoint(net, args.out, meta)
     OUTPUTS.mkdir(parents=True, exist_ok=True)
     with open(OUTPUTS / f"train_log_{args.out.stem}.json", "w") as f:
         json.dump({"meta": meta, "log": log, "snis": snis}, f, indent=1)
-    print(f"wrote {args.out} ({os.path.getsize(args.out) / 1e6:.2f} MB); final NLL/torsion "
-          f"{log[-1]['train_nll']:.3f} nats")
+    print(f"wrote {args.out} ({os.path.getsize(args.out) / 1e6:.2f} MB); best validation NLL "
+          f"{meta['best_valid_nll']} nats/torsion at step {meta['best_step']}")
 
 
 if __name__ == "__main__":
