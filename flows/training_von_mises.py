@@ -184,7 +184,8 @@ def negative_log_likelihood(net, graphs, samples, batch: int, generator) -> Tens
     """Mean negative log-likelihood per torsion over a random minibatch of each molecule's
     samples (one graph-network pass over all molecules batched together). Independent mode:
     one mixture log-density call over all (sample, torsion) pairs of all molecules;
-    autoregressive mode: per molecule (its context runs over its own torsions only)."""
+    autoregressive mode: molecules padded to the largest torsion count, each context running
+    over its own torsions only."""
     from mcsample.flows.von_mises import NUM_PROXIMITY, _wrap, batch_graphs, torsion_log_density
 
     big, sizes = batch_graphs(graphs)

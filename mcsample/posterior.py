@@ -23,46 +23,59 @@ of score evaluations (``info["nfe"]``) and of backward passes through the score
 3. :func:`mcgdiff` — Monte Carlo guided diffusion (Cardoso, Janati, Le Corff & Moulines 2023,
    ICLR 2024) for linear-Gaussian measurements, in the SVD basis
    :math:`A = U\mathrm{diag}(S)V^\top`: with :math:`\bar y = U^\top y/S` and
-   :math:`\bar\sigma_i = \sigma_y/S_i`, coordinate :math:`i` of :math:`V^\top x_t` is pinned to
-   :math:`\alpha_{\tau_i}\bar y_i` at the time :math:`\tau_i` where
-   :math:`\sigma_{\tau}/\alpha_{\tau}\approx\bar\sigma_i`, through the potentials
-   :math:`g_t(x) = \mathcal N(\alpha_t\bar y_i;\ (V^\top x)_i,\ \sigma_{t|\tau_i}^2 +
-   \kappa\,\alpha_{t|\tau_i}^2)` for :math:`t\ge\tau_i`; the proposal is the exact product of the
-   Gaussian backward kernel and the potential (fully adapted, resampling before moving), and the
-   last weight is :math:`p(y\mid x_0)/g(x_{t_{\min}})`, so it is exact in the same sense as TDS.
+   :math:`\bar\sigma_i = \sigma_y/S_i`, the noisy observation of coordinate :math:`i` of
+   :math:`V^\top x_0` is a noiseless observation :math:`\alpha_{\tau_i}\bar y_i` of that
+   coordinate of :math:`x_{\tau_i}`, where :math:`\sigma_{\tau_i}/\alpha_{\tau_i} = \bar\sigma_i`.
+   SMC with Gaussian potentials that pin the coordinate by :math:`\tau_i`, proposals that are the
+   exact product of the Gaussian backward kernel and the next potential (fully adapted), and
+   the prior kernel afterwards. Exact as :math:`N\to\infty` when the reverse kernels are those
+   of the forward process (exact score, fine grid); see :class:`MCGdiff`.
 4. :func:`ensemble_sampler` — the approximation-free weighted ensemble of Chen, Ren, Min, Ying &
    Izzo (2025, "Solving inverse problems via diffusion-based priors: an approximation-free
    ensemble sampling approach"); see below.
 
-**The ensemble sampler's path.** With :math:`\tau` running from noise to data,
-:math:`\hat p(x,\tau) = q_{t(\tau)}(x)` the prior's noised marginals and
-:math:`\mu_y(x) = -\log p(y\mid x)` the measurement potential *applied to the noisy state*, the
-path is :math:`\hat q_y(x,\tau)\propto\hat p(x,\tau)e^{-\mu_y(x)}`. For a linear-Gaussian
-measurement, :math:`\mu_y(x) = \|y-Ax\|^2/(2\sigma_y^2) + \frac m2\log(2\pi\sigma_y^2)`,
-:math:`\nabla\mu_y = A^\top(Ax-y)/\sigma_y^2`, :math:`\Delta\mu_y = \|A\|_F^2/\sigma_y^2`. Since
-:math:`\mu_y` does not depend on :math:`\tau` and :math:`\hat p(\cdot, \tau_{\rm end}) = q_{t_{\min}}`,
-the path ends at :math:`q_{t_{\min}}(x)p(y\mid x)`, the posterior (up to the usual
-:math:`t_{\min}` smoothing, :math:`\sigma_{t_{\min}}\approx 0.01` for the default VP schedule).
-It starts at :math:`\mathcal N(0,\rho^2I)e^{-\mu_y}` (a Gaussian, sampled exactly through the SVD).
-Any reverse SDE :math:`dx = H\,d\tau + v\,dW` with :math:`H = -f x + \frac12(g^2+v^2)s` keeps
-:math:`\hat p` (Fokker–Planck), and the product rule then gives, for the particles
-:math:`dx = (H - \lambda v^2\nabla\mu_y)\,d\tau + v\,dW`, the Feynman–Kac weights
+**The ensemble sampler's path.** With :math:`\tau` running from noise to data and
+:math:`\hat p(x,\tau) = q_{t(\tau)}(x)` the prior's noised marginals, the particles follow the
+path :math:`\hat q_y(x,\tau)\propto\hat p(x,\tau)\,e^{-\mu_y(x,\tau)}`, where :math:`\mu_y` is
+the measurement potential at the noisy state. It must equal :math:`-\log p(y\mid x)` at the
+data end, so that the path ends at the posterior :math:`q_{t_{\min}}(x)p(y\mid x)` (up to the
+usual :math:`t_{\min}` smoothing, :math:`\sigma_{t_{\min}}\approx0.01` for the default VP
+schedule). At noisy times, applying the likelihood to :math:`x_t` as is (``potential="fixed"``,
+time-independent; the literal reading of ":math:`\mu_y = -\log p(y\mid x)` at the noisy state")
+is natural for a variance-exploding diffusion, :math:`x_t = x_0 + \sigma_t\varepsilon`; for a
+VP diffusion :math:`Ax_t` is a shrunk
+:math:`\alpha_tAx_0`, the intermediate targets put their mass on the wrong modes, and the
+weights collapse (see ``examples/inverse_problems/gmm_benchmark.py --methods ensemble-fixed``).
+For a linear-Gaussian measurement the default is the exact noisy-state likelihood under a flat
+prior on :math:`x_0`,
+
+.. math:: \mu_y(x,t) = -\log\mathcal N\big(y;\ Ax/\alpha_t,\ \sigma_y^2I + (\sigma_t/\alpha_t)^2AA^\top\big),
+
+weak at :math:`t = 1` and equal to :math:`-\log p(y\mid x)` at :math:`t = 0`; its gradient,
+Laplacian (a constant) and time derivative are closed-form in the SVD basis
+(:class:`_LinearPotential`). The start :math:`\mathcal N(0,\rho^2I)e^{-\mu_y(\cdot,t_{\max})}` is a
+Gaussian, sampled exactly. Any reverse SDE :math:`dx = H\,d\tau + v\,dW` with
+:math:`H = -f x + \frac12(g^2+v^2)s` keeps :math:`\hat p` (Fokker–Planck), and the product rule
+gives, for the particles :math:`dx = (H - \lambda v^2\nabla\mu_y)\,d\tau + v\,dW`, the
+Feynman–Kac weights
 
 .. math:: d\log w = \Big[\tfrac12 v^2(\|\nabla\mu_y\|^2 - \Delta\mu_y) - \langle H, \nabla\mu_y\rangle
-          + (1-\lambda)v^2\big(\langle s,\nabla\mu_y\rangle - \|\nabla\mu_y\|^2 + \Delta\mu_y\big)\Big]d\tau .
+          - \partial_\tau\mu_y + (1-\lambda)v^2\big(\langle s,\nabla\mu_y\rangle - \|\nabla\mu_y\|^2
+          + \Delta\mu_y\big)\Big]d\tau .
 
-:math:`\lambda = 1` is the paper's choice (its SDE variant takes :math:`v = g`).
-:math:`\lambda = \frac12` (the likelihood force of a Langevin move for :math:`\hat q_y`) needs
-no Laplacian — the weight becomes :math:`-\langle -fx + \frac12 g^2 s, \nabla\mu_y\rangle`, the
-rate of change of :math:`\mu_y` along the probability-flow velocity — and has much smaller
-weight variance when :math:`\sigma_y` is small; both are exact in continuous time. The
-Laplacian comes from the measurement when it offers ``potential_laplacian``, else by autograd
-(:math:`d` backward passes) in small dimension, else by Hutchinson's estimator
+:math:`\lambda = 1` is the paper's choice (its SDE variant takes :math:`v = g`; with a
+time-independent :math:`\mu_y` the :math:`\partial_\tau` term vanishes and this is the paper's
+formula). :math:`\lambda = \frac12` (the likelihood force of a Langevin move for :math:`\hat q_y`)
+needs no Laplacian — the weight becomes :math:`-\partial_\tau\mu_y - \langle -fx + \frac12 g^2 s,
+\nabla\mu_y\rangle`, the rate of change of :math:`\mu_y` along the probability-flow velocity —
+and has smaller weight variance when the likelihood is sharp; both are exact in continuous
+time (the weights are integrated by Euler's rule, so the discretization error is first order).
+For measurements without a closed form the Laplacian comes from autograd (:math:`d` backward
+passes) in small dimension, else from Hutchinson's estimator
 :math:`E[\zeta^\top\nabla^2\mu_y\,\zeta]` with Rademacher :math:`\zeta`. Particles resample
 (multinomial, as in the paper) when ESS/N falls below ``resample_threshold``. For linear
 measurements with an SVD the stiff likelihood force is integrated exactly (an
-Ornstein–Uhlenbeck step in the SVD basis), so the step size is not limited by
-:math:`\sigma_y`.
+Ornstein–Uhlenbeck step in the SVD basis), so the step size is not limited by :math:`\sigma_y`.
 
 **Measurement protocol (duck-typed).** ``forward(x)`` :math:`(B,*\text{event})\to(B,*\text{obs})`,
 ``adjoint(y)``, ``sigma_y`` (Gaussian noise level), ``log_likelihood(x, y) -> (B,)``; optional

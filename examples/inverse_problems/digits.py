@@ -97,7 +97,7 @@ def pseudo_inverse(op, y: torch.Tensor) -> torch.Tensor:
 
 
 def run_method(name: str, model, op, y, args, g):
-    kw = dict(num_steps=args.steps, generator=g, event_shape=SHAPE)
+    kw = dict(num_steps=args.steps, grid=args.grid, generator=g, event_shape=SHAPE)
     if name == "dps":
         return P.dps(model, op, y, args.particles, zeta=args.zeta, **kw)
     if name == "tds":
@@ -127,6 +127,9 @@ def main(argv=None):
                     choices=["dps", "tds", "mcgdiff", "ensemble"])
     ap.add_argument("--particles", type=int, default=64, help="particles (SMC) / chains (DPS) per image")
     ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--grid", choices=["log_snr", "uniform"], default="log_snr",
+                    help="time grid; uniform in log-SNR keeps the SMC weights of TDS/MCGdiff from "
+                         "collapsing in the last, large log-SNR steps of a uniform-in-t grid")
     ap.add_argument("--images", type=int, default=4, help="held-out digits per task for the metrics")
     ap.add_argument("--sigma-y", type=float, default=0.05)
     ap.add_argument("--zeta", type=float, default=1.0, help="DPS step size")

@@ -107,7 +107,7 @@ def run_smc(target, q, n, gen):
     return p.samples, p.normalized_weights, dt, float(p.ess) / n
 
 
-def evaluate(rows, net, n, seed, log=print):
+def evaluate(rows, net, n, seed, methods=tuple(METHODS), log=print):
     results, marginals = [], {}
     for k, row in enumerate(rows):
         target = make_target(row)
@@ -116,14 +116,15 @@ def evaluate(rows, net, n, seed, log=print):
         ref = reference(row, target, EVAL_REFERENCE, "heldout")
         q = net.proposal(target)
         gen = torch.Generator().manual_seed(seed + k)
-        outs = {
-            "etkdg": run_etkdg(target, n, seed + k),
-            "network": run_network(target, q, n, gen),
-            "network+IS": run_is(target, q, n, gen),
-            "network+SMC": run_smc(target, q, n, gen),
+        runners = {
+            "etkdg": lambda: run_etkdg(target, n, seed + k),
+            "network": lambda: run_network(target, q, n, gen),
+            "network+IS": lambda: run_is(target, q, n, gen),
+            "network+SMC": lambda: run_smc(target, q, n, gen),
+            "reference subsample": lambda: (ref[torch.randperm(ref.shape[0], generator=gen)[:n]], None,
+                                            float("nan"), 1.0),
         }
-        sub = ref[torch.randperm(ref.shape[0], generator=gen)[:n]]
-        outs["reference subsample"] = (sub, None, float("nan"), 1.0)
+        outs = {m: runners[m]() for m in METHODS if m in methods}
         for method, (theta, w, dt, essf) in outs.items():
             kl = histogram_kl(ref, theta, w)
             emd = circular_emd(ref, theta, w)
@@ -184,6 +185,8 @@ def plot(summary, marginals, path):
         a = axes[1 + t]
         a.plot(centers, marginals["ref"][t], "k-", lw=2, label="reference PT")
         for m, c in zip(["etkdg", "network", "network+IS", "network+SMC"], ["C3", "C1", "C2", "C0"]):
+            if m not in marginals:
+                continue
             a.plot(centers, marginals[m][t], color=c, lw=1, label=m)
         a.set_title(f"{marginals['name']} torsion {t}")
         a.set_xlabel("radians")
@@ -201,11 +204,12 @@ def main(argv=None):
     ap.add_argument("--max-molecules", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=OUTPUTS)
+    ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     rows = load_molecules("heldout")[: args.max_molecules]
     net = load_checkpoint(args.checkpoint)
-    results, marginals = evaluate(rows, net, args.num_conformers, args.seed)
+    results, marginals = evaluate(rows, net, args.num_conformers, args.seed, args.methods)
     summary = summarize(results)
     args.out.mkdir(parents=True, exist_ok=True)
     _write_csv(results, args.out / "evaluation.csv")
