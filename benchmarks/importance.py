@@ -23,8 +23,8 @@ torch runs on one thread (``--threads`` to change).
 
 Usage::
 
-    python benchmarks/importance.py            # full: 1e6 samples, batches 4096 / 65536 / 1e6; ~2 min
-    python benchmarks/importance.py --quick    # 1e5 samples, batches 4096 / 65536; ~10 s
+    python benchmarks/importance.py            # full: 1e6 samples, batches 4096 / 65536 / 1e6; ~30 s
+    python benchmarks/importance.py --quick    # 1e5 samples, batches 4096 / 65536; ~5 s
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def contenders(target, proposal, num: int, batch: int) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     """Run, print the table and the final JSON line."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="1e5 samples (~10 s)")
+    parser.add_argument("--quick", action="store_true", help="1e5 samples (~5 s)")
     parser.add_argument("--num", type=float, help="number of samples (default 1e6)")
     parser.add_argument("--batches", type=float, nargs="+", help="batch sizes")
     parser.add_argument("--dim", type=int, default=10)

@@ -34,7 +34,7 @@ it for this run, to measure the difference.
 Usage::
 
     python benchmarks/resampling.py            # full: N = 1e3..1e7, ~6 min on a loaded 2-core CPU
-    python benchmarks/resampling.py --quick    # N = 1e3..1e5, ~30 s
+    python benchmarks/resampling.py --quick    # N = 1e3..1e5, ~15 s
     python benchmarks/resampling.py --no-particles --schemes systematic --ns 1000000
 
 It prints a table and, as its last line, one JSON object with every number. The first run also
@@ -243,7 +243,7 @@ def summary(out: dict, log=print) -> None:
 def main(argv: list[str] | None = None) -> dict:
     """Parse the command line, run, print the table and the final JSON line."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="N up to 1e5, few repeats (~30 s)")
+    parser.add_argument("--quick", action="store_true", help="N up to 1e5, few repeats (~15 s)")
     parser.add_argument("--ns", type=float, nargs="+", help="sizes (default 1e3..1e7)")
     parser.add_argument("--schemes", nargs="+", default=SCHEMES, choices=SCHEMES)
     parser.add_argument("--threads", type=int, default=1, help="torch threads for ours")

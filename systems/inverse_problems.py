@@ -255,7 +255,6 @@ class Blur(LinearGaussianMeasurement):
         self.padding = (kernel.shape[0] // 2, kernel.shape[1] // 2)
 
     def _prep(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        B = x.shape[0]
         k = self.kernel.to(dtype=x.dtype, device=x.device)[None, None]
         return x.reshape(-1, 1, *x.shape[-2:]), k  # channels folded into the batch
 

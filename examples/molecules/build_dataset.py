@@ -9,7 +9,11 @@ Sources (all inside the ``rdkit`` wheel, ``rdkit.RDConfig.RDContribDir``):
 
 plus :data:`DRUGS`, a documented list of small approved drugs (SMILES written for this
 project from the drugs' well-known structures; names are labels, check against PubChem
-before reusing them as identities).
+before reusing them as identities), and, for training only, ``rdkit.RDConfig.RDDataDir``'s
+``NCI/first_5K.smi`` (the first 5000 structures of the NCI open database): the first molecule
+of each Bemis-Murcko scaffold with 2 to 8 torsions and 8 to 35 heavy atoms, at most ``--nci``
+of them, and only scaffolds outside the held-out bucket (so they never enlarge or leak into
+the held-out set).
 
 Filters: one fragment (largest fragment kept for salts), 1 to 8 rotatable torsions by
 :class:`~mcsample.systems.molecules.TorsionTarget`'s definition (RDKit strict), at most 35
@@ -106,14 +110,14 @@ def _clean(mol):
     return Chem.MolFromSmiles(Chem.MolToSmiles(mol))
 
 
-def _record(name, source, mol):
+def _record(name, source, mol, min_torsions=1, min_heavy=1):
     if mol is None:
         return None
     molh = Chem.AddHs(mol)
     if not FH.MMFFHasAllMoleculeParams(molh):
         return None
     T = len(rotatable_torsions(molh))
-    if not 1 <= T <= 8 or mol.GetNumHeavyAtoms() > 35:
+    if not min_torsions <= T <= 8 or not min_heavy <= mol.GetNumHeavyAtoms() <= 35:
         return None
     scaffold = MurckoScaffold.MurckoScaffoldSmiles(mol=mol)
     held = hashlib.md5(scaffold.encode()).digest()[0] < 256 // 5
@@ -122,7 +126,7 @@ def _record(name, source, mol):
             "split": "heldout" if held else "train"}
 
 
-def build(max_egfr: int = 40) -> list[dict]:
+def build(max_egfr: int = 40, max_nci: int = 300) -> list[dict]:
     rows, seen = [], set()
     for tag, rel, id_prop in SDF_SOURCES:
         path = os.path.join(RDConfig.RDContribDir, rel)
@@ -150,15 +154,32 @@ def build(max_egfr: int = 40) -> list[dict]:
         if rec["smiles"] not in seen:
             seen.add(rec["smiles"])
             rows.append(rec)
+    scaffolds, kept = {r["scaffold"] for r in rows}, 0
+    for n, line in enumerate(open(os.path.join(RDConfig.RDDataDir, "NCI", "first_5K.smi"))):
+        if kept >= max_nci:
+            break
+        parts = line.split()
+        mol = Chem.MolFromSmiles(parts[0]) if parts else None
+        if mol is None:
+            continue
+        rec = _record(f"nci_{parts[1] if len(parts) > 1 else n}", f"RDKit Data/NCI/first_5K.smi line {n + 1}",
+                      _clean(mol), min_torsions=2, min_heavy=8)
+        if rec is None or rec["split"] == "heldout" or rec["scaffold"] in scaffolds or rec["smiles"] in seen:
+            continue
+        scaffolds.add(rec["scaffold"])
+        seen.add(rec["smiles"])
+        rows.append(rec)
+        kept += 1
     return rows
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--egfr", type=int, default=40, help="at most this many EGFR scaffolds")
+    ap.add_argument("--nci", type=int, default=300, help="at most this many NCI training scaffolds")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args(argv)
-    rows = build(args.egfr)
+    rows = build(args.egfr, args.nci)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(".tmp")
     with open(tmp, "w", newline="") as f:
