@@ -58,7 +58,8 @@ def importance_sample(
     statistics = dict(statistics or {})
     moments = {name: RunningMoments() for name in statistics}
     shapes: dict[str, torch.Size] = {}
-    samples, log_ws = [], []
+    samples = None
+    log_ws = torch.empty(0)
     bar = tqdm(total=num_samples, disable=not progress, desc="importance sampling", unit="x")
     done = 0
     with torch.no_grad():
@@ -66,10 +67,14 @@ def importance_sample(
             b = min(batch_size, num_samples - done)
             x, log_q = draw(proposal, b, generator)
             log_p = check_log_prob(target.log_prob(x), b, "target")
-            log_w = log_p.to(torch.float64) - log_q.to(torch.float64)
-            log_ws.append(log_w)
+            if done == 0:  # allocate the outputs once: no list of batches to concatenate
+                log_ws = torch.empty(num_samples, dtype=torch.float64, device=log_p.device)
+                if keep_samples:
+                    samples = torch.empty((num_samples,) + x.shape[1:], dtype=x.dtype, device=x.device)
+            log_w = log_ws[done:done + b]
+            torch.sub(log_p.to(torch.float64), log_q.to(torch.float64), out=log_w)
             if keep_samples:
-                samples.append(x)
+                samples[done:done + b] = x
             for name, fn in statistics.items():
                 values = fn(x)
                 shapes[name] = values.shape[1:]
@@ -78,7 +83,7 @@ def importance_sample(
             bar.update(b)
     bar.close()
     return WeightedSamples(
-        torch.cat(samples) if keep_samples else None,
-        torch.cat(log_ws),
+        samples,
+        log_ws,
         statistics={name: (moments[name], shapes[name]) for name in statistics},
     )

@@ -19,6 +19,7 @@ flow (``flow()`` returns a distribution) is a proposal; a Pyro distribution is b
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Callable, Protocol, runtime_checkable
 
@@ -117,7 +118,19 @@ def check_log_prob(values: Tensor, batch: int, who: str = "target") -> Tensor:
     return values
 
 
+@functools.lru_cache(maxsize=256)
+def _accepts_generator_cached(fn) -> bool:
+    try:
+        return "generator" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def _accepts_generator(fn: Callable) -> bool:
+    try:
+        return _accepts_generator_cached(getattr(fn, "__func__", fn))
+    except TypeError:  # unhashable callable
+        pass
     try:
         return "generator" in inspect.signature(fn).parameters
     except (TypeError, ValueError):
@@ -137,7 +150,7 @@ def draw(
 
     Uses ``sample_and_log_prob``/``rsample_and_log_prob`` when the proposal has them. If the
     proposal's sampler takes no ``generator`` (torch and Pyro distributions), the global RNG is
-    forked and seeded from ``generator``, so results are reproducible and the caller's global
+    seeded from ``generator`` and restored afterwards, so results are reproducible and the caller's global
     RNG state is untouched.
     """
     fast = getattr(proposal, "sample_and_log_prob", None) or getattr(
@@ -146,14 +159,21 @@ def draw(
     sampler = fast if fast is not None else proposal.sample
     shape = (num,)
     if _accepts_generator(sampler):
-        out = sampler(shape, generator=generator) if fast is None else sampler(shape, generator=generator)
+        out = sampler(shape, generator=generator)
     elif generator is None:
         out = sampler(shape)
     else:
-        devices = [generator.device] if generator.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(_seed_from(generator))
+        # seed the global generator of the generator's device from ours, restore it afterwards
+        if generator.device.type == "cuda":
+            gen = torch.cuda.default_generators[generator.device.index or 0]
+        else:
+            gen = torch.default_generator
+        saved = gen.get_state()
+        gen.manual_seed(_seed_from(generator))
+        try:
             out = sampler(shape)
+        finally:
+            gen.set_state(saved)
     if fast is not None:
         x, log_q = out
     else:

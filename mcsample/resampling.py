@@ -22,49 +22,137 @@ differ in the variance of :math:`O_i` (Douc, Cappé & Moulines 2005; Gerber, Cho
 All schemes share one signature, run on the device of the weights, and draw their uniforms and
 form their cumulative sums in float64 (categorical sampling in float32 truncates small
 probabilities). A particle with zero weight (``-inf`` log-weight) is never drawn.
+
+Implementation: no binary search. With the scaled cumulative weights
+:math:`x_i = M C_i / C_N`, particle :math:`i`'s offspring end at
+:math:`E_i = \#\{n: u_n < x_i\}`, in closed form for systematic
+(:math:`\lceil x_i - U\rceil`) and stratified sampling, and by a bucket table over sorted
+uniforms (exponential spacings) for multinomial and residual sampling; ancestor indices are the
+cumulative sum of a marker array with ones at the :math:`E_i`. Everything is :math:`O(N + M)`
+with sequential memory access; below 8192 draws a binary search over the small CDF is cheaper.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import math
 
 import torch
 from torch import Tensor
 
-from mcsample.diagnostics import normalized_log_weights
+from mcsample.diagnostics import _check
 
 __all__ = ["resample", "SCHEMES"]
 
-_ONE_MINUS = 1.0 - 2.0**-53
+
+def _log_w_checked(log_w: Tensor) -> tuple[Tensor, Tensor]:
+    if not isinstance(log_w, Tensor):
+        log_w = torch.as_tensor(log_w)
+    if log_w.dim() != 1 or log_w.numel() == 0:
+        _check(log_w)
+    log_w = log_w.to(torch.float64)
+    m = log_w.max()
+    if not bool(torch.isfinite(m)):
+        _check(log_w)  # raises with the detailed message (NaN, +inf or all -inf)
+    return log_w, m
+
+
+def _scaled_cdf(log_w: Tensor, num: int) -> Tensor:
+    """x_i = num * C_i / C_N, nondecreasing; every particle from the last positive weight on
+    has x_i == num exactly (C_i / C_N == 1 in floating point), so none after it is drawn."""
+    log_w, m = _log_w_checked(log_w)
+    cdf = torch.cumsum(torch.exp(log_w - m), 0)
+    return cdf.div_(cdf[-1].clone()).mul_(num)  # in place: one buffer
+
+
+def _below(num: int, like: Tensor) -> Tensor:
+    """The largest double below num."""
+    return torch.nextafter(like.new_tensor(float(num)), like.new_tensor(0.0))
+
+
+def _ends_to_indices(ends: Tensor, num: int) -> Tensor:
+    """Given nondecreasing end positions E_i in [0, num] (E_{N-1} = num), A_n = #{i: E_i <= n}."""
+    marker = torch.zeros(num + 1, dtype=torch.long, device=ends.device)
+    marker.scatter_add_(0, ends, torch.ones((), dtype=torch.long, device=ends.device).expand_as(ends))
+    return torch.cumsum(marker[:num], 0)
+
+
+def _counts_to_indices(counts: Tensor, num: int) -> Tensor:
+    return _ends_to_indices(torch.cumsum(counts, 0).clamp_(max=num), num)
 
 
 def _uniform(shape, generator, device) -> Tensor:
     return torch.rand(shape, dtype=torch.float64, generator=generator, device=device)
 
 
-def _invert_cdf(W: Tensor, u: Tensor) -> Tensor:
-    """Indices :math:`i` with :math:`C_{i-1} \\le u < C_i` for sorted or unsorted ``u`` in [0,1)."""
-    cdf = torch.cumsum(W, 0)
-    cdf = cdf / cdf[-1]  # cdf[-1] == 1 exactly, so every u < 1 finds an index
-    return torch.searchsorted(cdf, u.clamp(max=_ONE_MINUS), right=True)
+def systematic(log_w: Tensor, num: int, generator=None) -> Tensor:
+    # u_n = (n + U)/M < c_i  <=>  n < x_i - U  <=>  n <= ceil(x_i - U) - 1  -> E_i = ceil(x_i - U)
+    x = _scaled_cdf(log_w, num)
+    U = _uniform((), generator, x.device)
+    ends = torch.ceil(x.sub_(U)).clamp_(min=0, max=num).to(torch.long)
+    return _ends_to_indices(ends, num)
 
 
-def _multinomial(W: Tensor, num: int, generator) -> Tensor:
-    return _invert_cdf(W, _uniform(num, generator, W.device))
+def stratified(log_w: Tensor, num: int, generator=None) -> Tensor:
+    # u_n = (n + U_n)/M < c_i: every n < k = floor(x_i) counts, n = k iff U_k < x_i - k.
+    x = _scaled_cdf(log_w, num)
+    U = _uniform(num + 1, generator, x.device)
+    U[num] = 1.0  # k == num: no stratum left
+    k = torch.floor(x).clamp_(max=num)
+    ki = k.to(torch.long)
+    ends = ki + (U[ki] < x - k)
+    return _ends_to_indices(ends, num)
 
 
-def _stratified(W: Tensor, num: int, generator) -> Tensor:
-    n = torch.arange(num, dtype=torch.float64, device=W.device)
-    return _invert_cdf(W, (n + _uniform(num, generator, W.device)) / num)
+def _sorted_uniform_ends(x: Tensor, y: Tensor) -> Tensor:
+    """E_i = #{n: y_n < x_i} for nondecreasing x (N,) and sorted y (M,) in [0, M], O(N + M).
+
+    A bucket table over y (bucket b = [b, b+1) holds Poisson(1) of the sorted uniforms,
+    whatever the weights) gives #{n: y_n < floor(x_i)}; then each particle steps over the few
+    y in its own bucket: two full vectorized steps, then only the particles still moving.
+    """
+    num = y.numel() - 1  # y[num] == inf
+    y_ext, y = y, y[:num]
+    one = torch.ones((), dtype=torch.long, device=y.device)
+    by = y.to(torch.long).clamp_(max=num - 1).add_(1)
+    start = torch.zeros(num + 1, dtype=torch.long, device=y.device)
+    start.scatter_add_(0, by, one.expand_as(by))
+    start = start.cumsum_(0)  # start[b] = #{n: y_n < b}
+    k = x.to(torch.long).clamp_(max=num)
+    p = start.index_select(0, k)
+    for _ in range(2):
+        p.add_(torch.lt(y_ext.index_select(0, p), x).to(torch.long))
+    active = torch.nonzero(y_ext.index_select(0, p) < x).flatten()
+    while active.numel():
+        pa = p.index_select(0, active) + 1
+        p.index_copy_(0, active, pa)
+        move = y_ext.index_select(0, pa) < x.index_select(0, active)
+        active = active[move]
+    return p
 
 
-def _systematic(W: Tensor, num: int, generator) -> Tensor:
-    n = torch.arange(num, dtype=torch.float64, device=W.device)
-    return _invert_cdf(W, (n + _uniform((), generator, W.device)) / num)
+def _sorted_uniforms(num: int, generator, device) -> Tensor:
+    """num sorted uniforms on [0, num] (scaled by num) in O(num), exponential spacings;
+    returned with one more entry, +inf, that stops the walks in _sorted_uniform_ends."""
+    e = _uniform(num + 1, generator, device)
+    s = torch.log1p(e.neg_()).neg_().cumsum_(0)
+    s.mul_(num / s[num]).clamp_(max=_below(num, s))
+    s[num] = math.inf
+    return s
 
 
-def _counts_to_indices(counts: Tensor) -> Tensor:
-    return torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
+SMALL = 8192  # below this many draws, binary search over a cache-resident cdf is cheaper
+
+
+def multinomial(log_w: Tensor, num: int, generator=None) -> Tensor:
+    x = _scaled_cdf(log_w, num)
+    if num < SMALL:
+        u = _uniform(num, generator, x.device).mul_(num).clamp_(max=_below(num, x))
+        return torch.searchsorted(x, u, right=True).clamp_(max=x.numel() - 1)
+    ends = _sorted_uniform_ends(x, _sorted_uniforms(num, generator, x.device))
+    idx = _ends_to_indices(ends, num)
+    # i.i.d. draws come in random order: undo the sorting of the uniforms
+    idx = idx.index_select(0, torch.randperm(num, generator=generator, device=x.device))
+    return idx
 
 
 def _floor(scaled: Tensor) -> Tensor:
@@ -72,56 +160,72 @@ def _floor(scaled: Tensor) -> Tensor:
     return torch.floor(scaled + 1e-9)
 
 
-def _residual(W: Tensor, num: int, generator) -> Tensor:
-    scaled = num * W
+def residual(log_w: Tensor, num: int, generator=None) -> Tensor:
+    log_w, m = _log_w_checked(log_w)
+    w = torch.exp(log_w - m)
+    scaled = w.mul_(num / w.sum())
     floor = _floor(scaled)
-    rest = num - int(floor.sum())
     counts = floor.to(torch.long)
+    rest = num - int(counts.sum())
     if rest > 0:
-        residual = (scaled - floor).clamp(min=0.0)
-        extra = _invert_cdf(residual, _uniform(rest, generator, W.device))
-        counts = counts + torch.bincount(extra, minlength=W.numel())
-    return _counts_to_indices(counts)
+        r = torch.cumsum(scaled.sub_(floor).clamp_(min=0.0), 0)
+        x = r.div_(r[-1].clone()).mul_(rest)
+        if rest < SMALL:
+            u = _uniform(rest, generator, x.device).mul_(rest).clamp_(max=_below(rest, x))
+            counts += torch.bincount(torch.searchsorted(x, u, right=True).clamp_(max=x.numel() - 1),
+                                     minlength=x.numel())
+        else:
+            ends = _sorted_uniform_ends(x, _sorted_uniforms(rest, generator, x.device))
+            counts += torch.diff(ends, prepend=ends.new_zeros(1))
+    return _counts_to_indices(counts, num)
 
 
-def _ssp(W: Tensor, num: int, generator) -> Tensor:
-    scaled = num * W
+def ssp(log_w: Tensor, num: int, generator=None) -> Tensor:
+    log_w, m = _log_w_checked(log_w)
+    w = torch.exp(log_w - m)
+    scaled = w.mul_(num / w.sum())
     floor = _floor(scaled)
-    frac = (scaled - floor).clamp(min=0.0)
+    counts = floor.to(torch.long)
+    frac = (scaled - floor).clamp_(min=0.0)
     eps = 1e-12
-    while True:
-        active = torch.nonzero((frac > eps) & (frac < 1 - eps)).flatten()
-        m = active.numel() // 2 * 2
-        if m == 0:
-            break
-        i, j = active[0:m:2], active[1:m:2]
-        a, b = frac[i], frac[j]
+    idx = torch.nonzero((frac > eps) & (frac < 1 - eps)).flatten()
+    val = frac.index_select(0, idx)
+    # pair neighbours; each pair leaves one integer (0 or 1) and one survivor carrying the rest
+    # (a survivor that lands on 0 or 1 up to rounding just keeps pairing, harmlessly)
+    while idx.numel() > 1:
+        mm = idx.numel() // 2 * 2
+        pv, pi = val[:mm].view(-1, 2), idx[:mm].view(-1, 2)
+        a, b = pv[:, 0], pv[:, 1]
         s = a + b
-        u = _uniform(i.numel(), generator, W.device)
         low = s < 1.0
-        # s < 1: one of them takes all, a with prob a/s.   s >= 1: one becomes 1, a with prob (1-b)/(2-s)
-        pick_a = torch.where(low, u * s < a, u * (2.0 - s) < (1.0 - b))
-        new_a = torch.where(low, torch.where(pick_a, s, 0.0), torch.where(pick_a, 1.0, s - 1.0))
-        new_b = torch.where(low, torch.where(pick_a, 0.0, s), torch.where(pick_a, s - 1.0, 1.0))
-        frac[i], frac[j] = new_a, new_b
-    counts = (floor + torch.round(frac)).to(torch.long)
-    # float rounding can leave the total off by one; fix it on the particle nearest the boundary
+        # s < 1: survivor gets s, the other 0; a survives w.p. a/s.
+        # s >= 1: survivor gets s - 1, the other 1; a gets the 1 w.p. (1-b)/(2-s), so b survives.
+        u = _uniform(s.shape, generator, val.device)
+        a_survives = torch.where(low, u * s < a, u * (2.0 - s) >= (1.0 - b))
+        sel = a_survives.to(torch.long)
+        counts.index_add_(0, pi.gather(1, sel[:, None]).squeeze(1), (~low).to(torch.long))
+        surv_idx = pi.gather(1, (1 - sel)[:, None]).squeeze(1)
+        surv_val = s.sub_((~low).to(s.dtype))
+        idx = torch.cat([surv_idx, idx[mm:]])
+        val = torch.cat([surv_val, val[mm:]])
+    if idx.numel():
+        counts.index_add_(0, idx, (val > 0.5).to(torch.long))
     diff = num - int(counts.sum())
     if diff != 0:
-        deficit = torch.where(W > 0, scaled - counts, -torch.inf if diff > 0 else torch.inf)
+        deficit = torch.where(w > 0, scaled - counts, -torch.inf if diff > 0 else torch.inf)
         order = torch.argsort(deficit, descending=diff > 0)
         step = 1 if diff > 0 else -1
         for k in order[: abs(diff)].tolist():
             counts[k] += step
-    return _counts_to_indices(counts)
+    return _counts_to_indices(counts, num)
 
 
-SCHEMES: dict[str, Callable[[Tensor, int, torch.Generator | None], Tensor]] = {
-    "multinomial": _multinomial,
-    "stratified": _stratified,
-    "systematic": _systematic,
-    "residual": _residual,
-    "ssp": _ssp,
+SCHEMES: dict = {
+    "multinomial": multinomial,
+    "stratified": stratified,
+    "systematic": systematic,
+    "residual": residual,
+    "ssp": ssp,
 }
 
 
@@ -139,12 +243,13 @@ def resample(
     """
     if scheme not in SCHEMES:
         raise ValueError(f"unknown resampling scheme {scheme!r}; choose one of {sorted(SCHEMES)}")
-    W = torch.exp(normalized_log_weights(log_w))
-    num = W.numel() if num is None else int(num)
+    if not isinstance(log_w, Tensor):
+        log_w = torch.as_tensor(log_w)
+    num = log_w.numel() if num is None else int(num)
     if num < 1:
         raise ValueError(f"num must be a positive number of draws, got {num}")
-    if generator is not None and generator.device != W.device:
+    if generator is not None and generator.device != log_w.device:
         raise ValueError(
-            f"generator is on {generator.device} but the log-weights are on {W.device}"
+            f"generator is on {generator.device} but the log-weights are on {log_w.device}"
         )
-    return SCHEMES[scheme](W, num, generator)
+    return SCHEMES[scheme](log_w, num, generator)

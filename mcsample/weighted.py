@@ -82,14 +82,15 @@ class RunningMoments:
             shift = torch.exp(self.max_log_w - m)
             self.sums = [s * (shift if k in (0, 1) else shift**2) for k, s in enumerate(self.sums)]
             self.max_log_w = m
-        w = torch.exp(log_w - self.max_log_w)[:, None]
-        # zero-weight particles contribute nothing, whatever f is there (avoid 0 * inf)
-        f = torch.where(w > 0, values, torch.zeros_like(values))
-        self.sums[0] += w.sum(0)
-        self.sums[1] += (w * f).sum(0)
-        self.sums[2] += (w * w).sum(0)
-        self.sums[3] += (w * w * f).sum(0)
-        self.sums[4] += (w * w * f * f).sum(0)
+        w = torch.exp(log_w - self.max_log_w)
+        if not bool(torch.isfinite(values).all()):  # zero weight times inf/nan must add nothing
+            values = torch.where((w > 0)[:, None], values, torch.zeros_like(values))
+        w2 = w * w
+        self.sums[0] += w.sum()
+        self.sums[1] += w @ values
+        self.sums[2] += w2.sum()
+        self.sums[3] += w2 @ values
+        self.sums[4] += w2 @ (values * values)
 
     def estimate(self, shape: torch.Size) -> Estimate:
         S0, S1, Q0, Q1, Q2 = self.sums

@@ -24,6 +24,13 @@ def counts(idx, n):
     return torch.bincount(idx, minlength=n)
 
 
+def count_se(c, expected, reps):
+    """Standard error of mean counts: the sample sd, but never below sqrt(f(1-f)), the least sd
+    an integer count with a mean of fractional part f can have (a few repeats may not show it)."""
+    f = expected - torch.floor(expected)
+    return torch.maximum(c.std(0), torch.sqrt(f * (1 - f))) / math.sqrt(reps)
+
+
 @pytest.mark.parametrize("scheme", SCHEMES)
 @given(lw=log_weights, num=st.integers(1, 80), seed=st.integers(0, 2**31))
 def test_valid_indices_and_no_zero_weight_draws(scheme, lw, num, seed):
@@ -70,8 +77,7 @@ def test_mean_offspring_is_n_w(scheme):
     lw[3] = -math.inf
     expected = n * torch.softmax(lw, 0)
     c = torch.stack([counts(mc.resample(lw, None, scheme, g), n) for _ in range(reps)]).double()
-    mean, sd = c.mean(0), c.std(0)
-    se = sd / math.sqrt(reps)
+    mean, se = c.mean(0), count_se(c, expected, reps)
     z_ok = (mean - expected).abs() <= 5 * se + 1e-12
     assert bool(z_ok.all()), (scheme, mean, expected, se)
     assert float(c[:, 3].max()) == 0.0
@@ -115,3 +121,21 @@ def test_reproducible_and_errors():
         mc.resample(torch.full((2,), -math.inf))
     with pytest.raises(ValueError, match="NaN for 1 of 3"):
         mc.resample(torch.tensor([0.0, float("nan"), 0.0]))
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_large_draws_take_the_bucket_path_unbiased(scheme):
+    # num >= 8192 uses the O(N + M) bucket walk for multinomial/residual: same properties
+    g = torch.Generator().manual_seed(21)
+    n, num, reps = 30, 20_000, 40
+    lw = torch.randn(n, generator=g, dtype=torch.float64) * 2
+    lw[[0, 7, 29]] = -math.inf
+    expected = num * torch.softmax(lw, 0)
+    c = torch.stack([counts(mc.resample(lw, num, scheme, g), n) for _ in range(reps)]).double()
+    assert bool((c.sum(1) == num).all()) and float(c[:, [0, 7, 29]].max()) == 0.0
+    assert bool(((c.mean(0) - expected).abs() <= 5 * count_se(c, expected, reps) + 1e-9).all())
+    if scheme == "multinomial":  # i.i.d. draws: Var = num W (1 - W), and random order
+        W = expected / num
+        assert torch.allclose(c.var(0), num * W * (1 - W), rtol=0.6, atol=1.0)
+        idx = mc.resample(lw, num, scheme, g)
+        assert not bool((idx[1:] >= idx[:-1]).all())
