@@ -9,13 +9,15 @@ one CPU thread:
 * ``network``: torsions from the shipped von Mises mixture network and their Cartesian
   coordinates :math:`x(\theta)` (the conformers, ready to write);
 * ``network+IS``: the same plus the MMFF energies and normalized importance weights
-  (:func:`mcsample.importance_sample`): Boltzmann-weighted conformers.
+  (:func:`mcsample.importance_sample`): Boltzmann-weighted conformers;
+* ``network+SMC``: annealed SMC from the network to the Boltzmann density with
+  :class:`~mcsample.conformers.TorsionMoves`, as ``sample_conformers(method="smc")`` runs it.
 
 VonMisesNet (Swanson et al. 2023) reports 3.1 ms per conformer on CPU against ETKDG's 12.3 ms.
 Printed: ms per conformer, and the ratios ours / ETKDG (< 1 means faster), then one JSON line.
 Absolute times on a shared 2-core machine are noise; the ratios are measured in the same run.
 
-Run time about 1-2 min on a 2-core CPU: ``python benchmarks/conformers.py [--n 200]``.
+Run time about 2-3 min on a 2-core CPU: ``python benchmarks/conformers.py [--n 200]``.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ def main(argv=None):
             if r["split"] == "heldout"]
     rows = sorted(rows, key=lambda r: -int(r["num_torsions"]))[: args.molecules]
     net = load_default()
-    totals = {k: 0.0 for k in ("etkdg", "etkdg+mmff", "network", "network+IS")}
+    totals = {k: 0.0 for k in ("etkdg", "etkdg+mmff", "network", "network+IS", "network+SMC")}
     n = args.n
     for row in rows:
         target = TorsionTarget.from_smiles(row["smiles"])
@@ -87,12 +89,20 @@ def main(argv=None):
             ws = mc.importance_sample(target, q, n, generator=gen)
             target.positions(ws.samples.double())
 
+        def network_smc():
+            from mcsample.conformers import TorsionMoves, _Float64
+
+            q = _Float64(net.proposal(target))
+            res = mc.smc(target, q, n, kernel=TorsionMoves(num_steps=5, proposal=q), generator=gen)
+            target.positions(res.particles.samples)
+
         network()  # warm-up
         t = {
             "etkdg": _best(etkdg, args.repeats),
             "etkdg+mmff": _best(lambda: etkdg(True), args.repeats),
             "network": _best(network, args.repeats),
             "network+IS": _best(network_is, args.repeats),
+            "network+SMC": _best(network_smc, args.repeats),
         }
         for k, v in t.items():
             totals[k] += v
@@ -103,6 +113,7 @@ def main(argv=None):
         "network/etkdg": per["network"] / per["etkdg"],
         "network+IS/etkdg": per["network+IS"] / per["etkdg"],
         "network+IS/etkdg+mmff": per["network+IS"] / per["etkdg+mmff"],
+        "network+SMC/etkdg+mmff": per["network+SMC"] / per["etkdg+mmff"],
     }
     print("\nms per conformer (mean over molecules): " + ", ".join(f"{k} {v:.3f}" for k, v in per.items()))
     print("ratios (ours / theirs): " + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items()))

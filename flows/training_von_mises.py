@@ -283,6 +283,12 @@ def fine_tune_snis(net, targets: list, steps: int = 200, num_samples: int = 256,
     (detached, normalized), loss :math:`-\sum_i\bar w_i\log q(\theta_i) + \lambda\,
     \mathrm{mean}_i(\log q(\theta_i)-\log q_0(\theta_i))^2` with :math:`q_0` the network before
     fine-tuning. Returns the log of mean ESS fraction per step.
+
+    Use it to polish a network that already covers the target: at low ESS the objective is
+    mode-seeking, and a von Mises component cannot travel to a mode on the other side of the
+    circle (the location gradient :math:`\kappa\sin(\theta-\mu)` vanishes there). From a
+    random network on ethylbenzene (modes at :math:`\pm 90°`) it locked onto one mode. The
+    shipped checkpoint is not fine-tuned.
     """
     import copy
 

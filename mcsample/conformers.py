@@ -46,7 +46,7 @@ from mcsample.kernels import RandomWalk, tempered
 from mcsample.protocols import draw
 
 __all__ = ["ConformerDiagnostics", "ConformerEnsemble", "TorsionMoves", "sample_conformers",
-           "read_conformers"]
+           "read_conformers", "cli"]
 
 
 @dataclass
@@ -194,8 +194,6 @@ class _Float64:
         self.event_shape = getattr(q, "event_shape", None)
 
     def sample_and_log_prob(self, shape, generator=None):
-        from mcsample.protocols import draw
-
         n = int(shape[0]) if isinstance(shape, (tuple, list, torch.Size)) else int(shape)
         x, lq = draw(self.q, n, generator)
         return x.to(torch.float64), lq.to(torch.float64)
@@ -208,7 +206,7 @@ def sample_conformers(
     mol,
     num_conformers: int = 200,
     temperature: float = 300.0,
-    method: str = "is",
+    method: str = "smc",
     proposal=None,
     generator: torch.Generator | None = None,
     *,
@@ -223,7 +221,10 @@ def sample_conformers(
             :class:`~mcsample.systems.molecules.TorsionTarget`.
         num_conformers: conformers returned (= importance samples, or SMC particles).
         temperature: kelvin.
-        method: ``"is"`` (importance sampling) or ``"smc"`` (annealed SMC, :class:`TorsionMoves`).
+        method: ``"smc"`` (default: annealed SMC with :class:`TorsionMoves`; about 1-4 ms per
+            conformer on a CPU, near-reference accuracy on held-out molecules) or ``"is"``
+            (importance sampling: ~0.05 ms per conformer, but with the shipped network the ESS
+            is only ~10% of the conformers on new molecules; check ``diagnostics.khat``).
         proposal: ``None`` (the shipped network), a
             :class:`~mcsample.flows.von_mises.VonMisesNet`, or any proposal over the torsions.
         generator: ``torch.Generator`` for reproducibility.
@@ -275,3 +276,34 @@ def sample_conformers(
         conf.SetDoubleProp("boltzmann_weight", w)
         conf.SetDoubleProp("energy_kj_mol", e)
     return ConformerEnsemble(out, weights, theta, energies, diag, target)
+
+
+def cli(argv=None) -> int:
+    """``mcsample conformers INPUT [-n N] [--method smc|is] [-T K] [--seed S] [-o OUT.sdf]``:
+    INPUT is a SMILES string or an SDF file (its first molecule; hydrogens added if missing).
+    Writes the weighted conformers to OUT (default ``conformers.sdf``) and prints the
+    diagnostics."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="mcsample conformers",
+                                 description="Boltzmann-weighted conformers (MMFF94 torsion space)")
+    ap.add_argument("input", help="SMILES string or .sdf file")
+    ap.add_argument("-n", "--num-conformers", type=int, default=200)
+    ap.add_argument("--method", choices=["smc", "is"], default="smc")
+    ap.add_argument("-T", "--temperature", type=float, default=300.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("-o", "--out", default="conformers.sdf")
+    args = ap.parse_args(argv)
+    from mcsample.systems.molecules import TorsionTarget
+
+    if args.input.lower().endswith(".sdf") and Path(args.input).exists():
+        mol = TorsionTarget.from_sdf(args.input, add_hydrogens=True, temperature=args.temperature)
+    else:
+        mol = args.input
+    ens = sample_conformers(mol, args.num_conformers, args.temperature, args.method,
+                            generator=torch.Generator().manual_seed(args.seed))
+    path = ens.to_sdf(args.out)
+    d = ens.diagnostics
+    print(f"{len(ens)} conformers -> {path}; ESS {d.ess:.1f} ({d.ess_fraction:.1%}), k-hat {d.khat:.2f}, "
+          f"log Z {d.log_evidence:.3f} ± {d.log_evidence_stderr:.3f}, {d.seconds:.2f} s")
+    return 0

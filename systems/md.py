@@ -512,9 +512,11 @@ def run_parallel_tempering(
                             contexts[r].setVelocities(v * math.sqrt(t_new / t_old))
                 n_exchange += 1
             r0 = rep_at[0]
-            st = contexts[r0].getState(getPositions=True, getEnergy=True)
+            st = contexts[r0].getState(getPositions=True)
             xyz.append(st.getPositions(asNumpy=True).value_in_unit(unit.nanometer))
-            energies.append(st.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole))
+            # positions are unchanged since ``u`` was evaluated; reuse it (OpenMM's threaded CPU
+            # sums are not bitwise reproducible, so a second evaluation can differ by ~1e-5)
+            energies.append(float(u[r0]))
             state_e.append(u[rep_at])
             rep_hist.append(rep_at.copy())
             times.append((frame + 1) * rep_steps * timestep_fs / 1000.0)

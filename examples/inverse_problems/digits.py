@@ -19,8 +19,14 @@ r"""Posterior sampling for imaging inverse problems with a diffusion prior train
    A CSV of the metrics goes next to it.
 
 Run from the repository root: ``python examples/inverse_problems/digits.py``. Measured on a
-2-core CPU shared with other jobs: about 10 minutes in all (training 1,500 steps ≈ 6 min,
-sampling ≈ 4 min); with the checkpoint already saved, about 4 minutes.
+2-core CPU shared with other jobs (one torch thread): 11.4 minutes in all with training (training
+1,500 steps 8.4 min, sampling 3 min; 4.7 min of CPU time); with the checkpoint already saved,
+3–6 minutes. Results of that run (mean of 4 held-out digits, posterior mean vs truth,
+PSNR dB / SSIM): inpainting DPS 16.5/0.78, TDS 14.8/0.71, ensemble 14.3/0.59 (A⁺y 10.4/0.29);
+deblurring 19.5/0.88, 17.5/0.85, 19.5/0.89 (A⁺y 4.2/0.00); super-resolution 16.7/0.80, 15.8/0.70,
+14.1/0.65 (A⁺y 13.0/0.58). The SMC samplers' posterior mean is that of few distinct particles
+(64 particles in 64 dimensions), so it scores lower than DPS's average of 64 independent chains
+even where its samples are as plausible; PSNR of a mean is not a test of posterior correctness.
 """
 
 from __future__ import annotations

@@ -2,20 +2,22 @@
 
 Reproduces ``flows/checkpoints/von_mises_default.pt`` (see the README there):
 
-1. reference torsion samples at 300 K of every training molecule of
+1. reference torsion samples at 300 K of every training molecule (425) of
    ``systems/data/molecules/molecules.csv`` by parallel tempering on its
    :class:`~mcsample.systems.molecules.TorsionTarget` (MMFF94; settings
    :data:`common.TRAIN_REFERENCE`: 6 replicas 300-1500 K x 16 chains, 500 burn-in
    iterations, 3000 samples thinned by 4, seed 0), cached in ``outputs/molecules/reference/train/``;
-2. maximum likelihood (Adam, cosine schedule, mirror-image augmentation) of
-   :class:`~mcsample.flows.von_mises.VonMisesNet`;
+2. maximum likelihood (AdamW, cosine schedule, dropout, mirror-image augmentation) of
+   :class:`~mcsample.flows.von_mises.VonMisesNet` on 90% of them, early-stopped on the other
+   10% (split by scaffold; the held-out test molecules are never used);
 3. optionally (``--snis-steps``) self-normalized importance-weighted fine-tuning on the
    training targets;
 4. the checkpoint (float16 weights) written atomically to ``--out``.
 
-Run time on a 2-core CPU: about 20 min for the references (125 molecules, ~8 s each; cached
-afterwards), 10-15 min for 1500 maximum-likelihood steps. Outputs: the checkpoint, and
-``outputs/molecules/train_log.json``.
+Run time on a 2-core CPU: 45-60 min of one core for the references (425 molecules, 6-10 s
+each; cached afterwards; ``--references-only`` computes just them), about 8 min for the 600
+maximum-likelihood steps (the autoregressive model: about 25 min). Outputs: the checkpoint
+and ``outputs/molecules/train_log_<name>.json``.
 
     python examples/molecules/train.py                     # default model
     python examples/molecules/train.py --autoregressive --out outputs/molecules/ar.pt
