@@ -34,10 +34,21 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
     demo.set_defaults(func=_demo)
+
+    conf = sub.add_parser(
+        "conformers", add_help=False,
+        help="Boltzmann-weighted conformers of a molecule (SMILES or SDF) -> SDF; "
+        "`mcsample conformers --help` for options",
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["conformers"]:  # its own parser (options and --help) lives with the API
+        from mcsample.conformers import cli
+
+        return cli(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

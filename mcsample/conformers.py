@@ -52,8 +52,8 @@ __all__ = ["ConformerDiagnostics", "ConformerEnsemble", "TorsionMoves", "sample_
 @dataclass
 class ConformerDiagnostics:
     """How far to trust the weights: ``ess`` (Kish), ``ess_fraction`` = ess / n, ``khat``
-    (PSIS Pareto shape of the weights; NaN when all weights are equal, e.g. after SMC's last
-    resampling or for a rigid molecule: nothing to diagnose), ``log_evidence`` and its ``log_evidence_stderr`` (torsion-space
+    (PSIS Pareto shape of the weights; ``-inf`` when all weights are equal, e.g. after SMC's
+    last resampling or for a rigid molecule: no tail to diagnose), ``log_evidence`` and its ``log_evidence_stderr`` (torsion-space
     :math:`\\log Z`), ``method``, ``num_conformers``, ``seconds`` of wall time."""
 
     ess: float
@@ -263,9 +263,7 @@ def sample_conformers(
     with torch.no_grad():
         energies = target.energy(theta)
     n = len(ws)
-    lw = ws.log_weights
-    constant = bool((lw.max() - lw.min()).abs() < 1e-12) if torch.isfinite(lw).all() else False
-    khat = float("nan") if constant or n < 5 else float(ws.khat)
+    khat = float(ws.khat)  # -inf for equal weights (after SMC's final resampling): no tail
     diag = ConformerDiagnostics(
         ess=float(ws.ess), ess_fraction=float(ws.ess) / n, khat=khat,
         log_evidence=float(ws.log_evidence), log_evidence_stderr=float(ws.log_evidence_stderr),

@@ -138,7 +138,9 @@ def psis(log_w: Tensor) -> tuple[Tensor, Tensor]:
     to them (exceedances over the :math:`(M+1)`-th largest weight), truncated at the largest raw
     weight. Returns ``(smoothed_log_w, khat)``: smoothed log-weights (float64, shifted so that
     the largest raw weight is 0) and the Pareto shape :math:`\hat k` (float64 scalar; ``inf``
-    when fewer than 5 tail draws make a fit impossible).
+    when fewer than 5 tail draws make a fit impossible; ``-inf`` when the largest weights are
+    all equal, e.g. after resampling: bounded weights have no tail, the limit
+    :math:`k \to -\infty` of the generalized Pareto family).
 
     Reading :math:`\hat k`: below 0.5 the weights have finite variance and the estimate is
     reliable; 0.5-0.7 finite mean, infinite variance, slower convergence; above 0.7 the
@@ -155,6 +157,8 @@ def psis(log_w: Tensor) -> tuple[Tensor, Tensor]:
     cutoff = torch.clamp(sorted_lw[-M - 1], min=math.log(torch.finfo(torch.float64).tiny))
     tail_idx = order[-M:]
     tail = sorted_lw[-M:]
+    if bool(sorted_lw[-1] <= cutoff):  # the M+1 largest weights are equal: no tail at all
+        return lw, -inf
     tail = tail[tail > cutoff]
     tail_idx = tail_idx[-tail.numel():] if tail.numel() > 0 else tail_idx[:0]
     if tail.numel() < 5:

@@ -24,3 +24,13 @@ def test_demo_writes_results_close_to_exact(tmp_path):
 def test_console_script_entry_point():
     r = subprocess.run([sys.executable, "-m", "mcsample.cli", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "demo" in r.stdout
+
+
+def test_conformers_subcommand_writes_weighted_sdf(tmp_path, capsys):
+    from rdkit import Chem
+
+    out = tmp_path / "c.sdf"
+    assert main(["conformers", "CCOc1ccccc1", "-n", "16", "--method", "is", "-o", str(out)]) == 0
+    mols = [m for m in Chem.SDMolSupplier(str(out), removeHs=False)]
+    assert len(mols) == 16
+    assert "ESS" in capsys.readouterr().out

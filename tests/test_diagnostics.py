@@ -110,3 +110,16 @@ def test_psis_recovers_pareto_shape():
     u = torch.rand(1_000_000, generator=g, dtype=torch.float64)
     _, khat = mc.psis(-k * torch.log(u))
     assert abs(float(khat) - k) < 0.15
+
+
+def test_psis_equal_weights_have_no_tail():
+    # after resampling every weight is equal: bounded weights, k-hat = -inf (reliable), and the
+    # smoothed weights are the raw ones; an unfittable tiny sample stays +inf (unreliable)
+    lw = torch.full((1000,), -3.2, dtype=torch.float64)
+    smoothed, khat = mc.psis(lw)
+    assert float(khat) == float("-inf")
+    assert torch.equal(smoothed, torch.zeros_like(lw))
+    assert float(mc.psis(torch.tensor([0.0, 1.0, 2.0]))[1]) == float("inf")
+    # one weight above 999 equal ones: still fewer than 5 exceedances, so no fit (+inf)
+    lw[0] = 0.0
+    assert float(mc.psis(lw)[1]) == float("inf")
