@@ -193,7 +193,9 @@ class WeightedSamples:
 
     # -- estimates ---------------------------------------------------------------------------
     def expectation(self, fn: Callable[[Tensor], Tensor] | str | None = None) -> Estimate:
-        r"""Self-normalized estimate of :math:`E_\pi[f]` with its delta-method standard error.
+        r"""Self-normalized estimate of :math:`E_\pi[f]` with its standard error: the delta method
+        for independent samples, the genealogy (ancestor-grouped) estimator of Lee & Whiteley
+        (2018) after resampling.
 
         ``fn`` maps samples ``(N, *event)`` to values ``(N, *shape)`` (default: identity). With
         ``keep_samples=False`` runs, pass the name of a streamed statistic instead.
@@ -211,9 +213,29 @@ class WeightedSamples:
                 "statistic by name, or pass it in `statistics=` when sampling"
             )
         values = self.samples if fn is None else fn(self.samples)
-        moments = RunningMoments()
-        moments.update(self.log_weights, values)
-        return moments.estimate(values.shape[1:])
+        if self.ancestors is None or self.generations <= 1:
+            moments = RunningMoments()
+            moments.update(self.log_weights, values)
+            return moments.estimate(values.shape[1:])
+        return self._genealogy_estimate(values)
+
+    def _genealogy_estimate(self, values: Tensor) -> Estimate:
+        r"""After resampling, particles that share a time-0 ancestor are correlated. Lee &
+        Whiteley (2018) (after Chan & Lai 2013) estimate the variance of
+        :math:`\hat\mu = \sum_j W_j f_j` from one run by grouping by ancestor :math:`E_j`:
+        :math:`\hat V = (\tfrac{N}{N-1})^{g} \sum_i \big(\sum_{j:E_j=i} W_j (f_j-\hat\mu)\big)^2`,
+        with :math:`g` the generations; with no resampling it is the delta method."""
+        n = values.shape[0]
+        if n != self.log_weights.numel():
+            raise ValueError(f"fn returned {n} values for {self.log_weights.numel()} particles")
+        W = self.normalized_weights.to(values.device)
+        v = values.to(torch.float64).reshape(n, -1)
+        mu = W @ v
+        S = torch.zeros_like(v).index_add_(0, self.ancestors.to(v.device), W[:, None] * (v - mu))
+        c = math.exp(self.generations * math.log1p(1.0 / (n - 1))) if n > 1 else math.inf
+        var = c * (S * S).sum(0)
+        shape = values.shape[1:]
+        return Estimate(mu.reshape(shape), var.sqrt().reshape(shape))
 
     def resample(
         self,

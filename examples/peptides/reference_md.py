@@ -52,20 +52,34 @@ DEFAULT_OUT = Path("outputs") / "peptides"
 def _run_one(solvent: str, args: dict) -> dict:
     """One solvent: MD, then the summary and the Ramachandran plot. Runs in a worker process."""
     from mcsample.systems import analysis as A
-    from mcsample.systems.md import run_md
+    from mcsample.systems.md import run_md, run_parallel_tempering
     from mcsample.systems.peptides import alanine_dipeptide
 
     out = Path(args["out"])
     out.mkdir(parents=True, exist_ok=True)
     pep = alanine_dipeptide(solvent, temperature=args["temperature"])
-    path = out / f"alanine_dipeptide_{solvent}_md.npz"
+    pt = args["sampler"] == "pt"
+    tag = "pt" if pt else "md"
+    path = out / f"alanine_dipeptide_{solvent}_{tag}.npz"
     t0 = time.perf_counter()
-    res = run_md(
-        pep, args["time_ps"], timestep_fs=args["timestep_fs"], friction_per_ps=args["friction"],
-        report_interval_ps=args["report_ps"], equilibration_ps=args["equilibration_ps"],
-        seed=args["seed"], platform=args["platform"], path=path, progress=not args["no_progress"],
-        threads=args["threads"],
-    )
+    if pt:
+        temps = args["temperature"] * (args["t_max"] / args["temperature"]) ** np.linspace(0, 1, args["replicas"])
+        res = run_parallel_tempering(
+            pep, temps, args["equilibration_ps"] + args["time_ps"], exchange_interval_ps=args["report_ps"],
+            timestep_fs=args["timestep_fs"], friction_per_ps=args["friction"],
+            report_interval_ps=args["report_ps"], seed=args["seed"], platform=args["platform"],
+            path=path, progress=not args["no_progress"], threads=args["threads"],
+        )
+        # drop the equilibration frames (the run starts at the minimized structure)
+        keep = res.trajectory.time > args["equilibration_ps"] + 1e-9
+        res.trajectory, res.potential_energy = res.trajectory[keep], res.potential_energy[keep]
+    else:
+        res = run_md(
+            pep, args["time_ps"], timestep_fs=args["timestep_fs"], friction_per_ps=args["friction"],
+            report_interval_ps=args["report_ps"], equilibration_ps=args["equilibration_ps"],
+            seed=args["seed"], platform=args["platform"], path=path, progress=not args["no_progress"],
+            threads=args["threads"],
+        )
     wall = time.perf_counter() - t0
     phi, psi = A.ramachandran_angles(res.trajectory)
     g_e = A.statistical_inefficiency(res.energies)
@@ -73,18 +87,20 @@ def _run_one(solvent: str, args: dict) -> dict:
     dF = A.free_energy_difference(phi, kT=1.0, statistical_inefficiency=g_phi)
     kT = pep.kT
     plot = A.plot_ramachandran(
-        phi, psi, out / f"ramachandran_{solvent}.png", kT=1.0, vmax=10.0,
+        phi, psi, out / f"ramachandran_{solvent}{'_pt' if pt else ''}.png", kT=1.0, vmax=10.0,
         title=f"alanine dipeptide, ff96 {solvent}, {pep.temperature:g} K, "
-              f"{res.metadata['time_ps'] / 1000:g} ns MD",
+              f"{args['time_ps'] / 1000:g} ns " + (f"PT ({args['replicas']} replicas)" if pt else "MD"),
     )
     summary = dict(res.metadata)
     summary.update({
         "file": path.name,
+        "sampler": args["sampler"],
+        "analysed_frames": int(res.trajectory.n_frames),
         "command": " ".join(sys.argv),
         "solvent": solvent,
         "kT_kJ_per_mol": kT,
         "steps_per_second": (res.metadata["steps"] / res.metadata["wall_time_s"])
-        if res.metadata.get("wall_time_s") else None,
+        if res.metadata.get("wall_time_s") and "steps" in res.metadata else None,
         "wall_time_this_call_s": wall,
         "energy_mean_kJ_per_mol": float(res.energies.mean()),
         "energy_std_kJ_per_mol": float(res.energies.std()),
@@ -100,9 +116,9 @@ def _run_one(solvent: str, args: dict) -> dict:
     })
     # strict JSON: an empty region gives ΔF = ±inf, written as null
     summary = {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in summary.items()}
-    tmp = out / f".alanine_dipeptide_{solvent}_md.json.tmp{os.getpid()}"
+    tmp = out / f".alanine_dipeptide_{solvent}_{tag}.json.tmp{os.getpid()}"
     tmp.write_text(json.dumps(summary, indent=2, sort_keys=True, allow_nan=False))
-    os.replace(tmp, out / f"alanine_dipeptide_{solvent}_md.json")
+    os.replace(tmp, out / f"alanine_dipeptide_{solvent}_{tag}.json")
     return summary
 
 
@@ -126,6 +142,11 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--platform", default="CPU", help="OpenMM platform (CPU, Reference, CUDA, ...)")
     parser.add_argument("--jobs", type=int, default=2, help="solvents run in parallel processes")
+    parser.add_argument("--sampler", choices=["md", "pt"], default="md",
+                        help="plain Langevin MD, or parallel tempering (replica exchange) whose "
+                             "300 K replica visits the φ>0 basins")
+    parser.add_argument("--replicas", type=int, default=6, help="PT: number of temperatures")
+    parser.add_argument("--t-max", type=float, default=600.0, help="PT: highest temperature (K), geometric ladder")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--no-progress", action="store_true")
     a = parser.parse_args(argv)
@@ -137,6 +158,7 @@ def main(argv=None) -> int:
         "report_ps": a.report_ps, "equilibration_ps": 2.0 if a.quick else a.equilibration_ps,
         "temperature": a.temperature, "seed": a.seed, "platform": a.platform,
         "no_progress": a.no_progress, "threads": 1 if jobs > 1 else None,
+        "sampler": a.sampler, "replicas": a.replicas, "t_max": a.t_max,
     }
     t0 = time.perf_counter()
     if jobs == 1:
@@ -152,12 +174,13 @@ def main(argv=None) -> int:
     sets = {}
     for s in summaries:
         sets[s["solvent"]] = MDResult.load(out / s["file"]).energies
-    A.plot_energy_histograms(sets, out / "energies.png", title="alanine dipeptide ff96, 300 K")
+    A.plot_energy_histograms(sets, out / f"energies{'_pt' if a.sampler == 'pt' else ''}.png",
+                             title=f"alanine dipeptide ff96, {a.temperature:g} K ({a.sampler.upper()})")
     print(f"\nwrote {out}/ in {time.perf_counter() - t0:.0f} s")
     for s in summaries:
         print(
-            f"  {s['solvent']:7s} {s['n_frames']} frames, {s['time_ps'] / 1000:g} ns, "
-            f"{s['steps_per_second']:.0f} steps/s; <U> = {s['energy_mean_kJ_per_mol']:.2f} ± "
+            f"  {s['solvent']:7s} {s['analysed_frames']} frames, {s['time_ps'] / 1000:g} ns, "
+            f"{s['steps_per_second'] or float('nan'):.0f} steps/s; <U> = {s['energy_mean_kJ_per_mol']:.2f} ± "
             f"{s['energy_mean_stderr_kJ_per_mol']:.2f} kJ/mol; P(φ>0) = {s['p_phi_positive']:.4f}, "
             f"ΔF(φ>0 − φ<0) = {_fmt(s['deltaF_phi_pos_minus_neg_kT'], s['deltaF_stderr_kT'])} "
             f"({s['phi_positive_visits']} visits to φ>0)"
