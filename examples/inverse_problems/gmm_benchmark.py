@@ -33,6 +33,11 @@ Measured (default run, d = 80, N = 2000; sliced W, mean over 20 problems, d_y = 
 DPS 5.6 / 7.0 / 4.1; TDS 1.7 / 1.6 / 0.66; MCGdiff 1.6 / 1.1 / 0.22; ensemble (λ = 1) 3.0 /
 2.1 / 0.44; ensemble (λ = 1/2) 1.5 / 1.0 / 0.24; floor (exact vs exact) 0.57 / 0.41 / 0.09.
 
+Measured at d = 800 (``--dims 800 --problems 5 --particles 1000``, 6 min; d_y = 1 / 2 / 4):
+DPS 5.3 / 4.2 / 1.6; TDS 0.78 / 0.48 / 0.29; MCGdiff 1.3 / 0.85 / 0.24; ensemble (λ = 1) 1.4 /
+1.1 / 0.35; ensemble (λ = 1/2) 1.3 / 0.50 / 0.25; floor 0.60 / 0.20 / 0.07 (5 problems only:
+the 95% intervals are as wide as the values for d_y = 1).
+
 Defaults: d ∈ {8, 80}, d_y ∈ {1, 2, 4}, 20 problems, particles {100, 500, 2000}, 100 steps; measured
 16 minutes on a 2-core CPU shared with other jobs (7.7 min of CPU time, one thread). Writes
 ``outputs/inverse_problems/gmm_benchmark.csv`` (one row per method × particles × d × d_y, plus
