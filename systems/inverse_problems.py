@@ -37,6 +37,7 @@ linear inverse problems"), whose posterior is a Gaussian mixture known in closed
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
@@ -63,7 +64,7 @@ __all__ = [
 # linear measurement operators
 
 
-class LinearGaussianMeasurement:
+class LinearGaussianMeasurement(ABC):
     r"""Base class: a linear operator :math:`A` with Gaussian noise :math:`\sigma_y`.
 
     Subclasses implement ``forward`` and ``adjoint`` on batches and may override ``svd``.
@@ -108,13 +109,16 @@ class LinearGaussianMeasurement:
             )
         return y
 
-    def forward(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def forward(self, x: Tensor) -> Tensor:
+        """:math:`A x` for a batch ``(B, *event_shape)`` -> ``(B, *obs_shape)``."""
 
-    def adjoint(self, y: Tensor) -> Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def adjoint(self, y: Tensor) -> Tensor:
+        """:math:`A^\top y` for a batch ``(B, *obs_shape)`` -> ``(B, *event_shape)``."""
 
-    __call__ = forward
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.forward(x)
 
     # -- noise model ---------------------------------------------------------------------------
     def simulate(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
