@@ -23,7 +23,13 @@ All schemes share one signature, run on the device of the weights, and draw thei
 form their cumulative sums in float64 (categorical sampling in float32 truncates small
 probabilities). A particle with zero weight (``-inf`` log-weight) is never drawn.
 
-Implementation: no binary search. With the scaled cumulative weights
+Two implementations, one behaviour: log-weights on the CPU go to compiled numba kernels
+(``mcsample/_resampling_numba.py``: one fused loop per scheme, sequential SSP pairing), all
+others to the torch code below (set ``CPU_BACKEND = "torch"`` to use it on the CPU too). Both
+draw their uniforms from ``generator``, so a seeded generator reproduces the indices of either
+path, though not the same indices across the two.
+
+Torch implementation: no binary search. With the scaled cumulative weights
 :math:`x_i = M C_i / C_N`, particle :math:`i`'s offspring end at
 :math:`E_i = \#\{n: u_n < x_i\}`, in closed form for systematic
 (:math:`\lceil x_i - U\rceil`) and stratified sampling, and by a bucket table over sorted
@@ -42,6 +48,9 @@ from torch import Tensor
 from mcsample.diagnostics import _check
 
 __all__ = ["resample", "SCHEMES"]
+
+CPU_BACKEND = "numba"  # "numba" (torch if numba is missing) or "torch": who resamples on the CPU
+_NUMBA_SCHEMES: dict | None = None
 
 
 def _log_w_checked(log_w: Tensor) -> tuple[Tensor, Tensor]:
@@ -229,6 +238,18 @@ SCHEMES: dict = {
 }
 
 
+def _numba_schemes() -> dict:
+    """The compiled CPU schemes, imported on first use; empty when numba cannot be imported."""
+    global _NUMBA_SCHEMES
+    if _NUMBA_SCHEMES is None:
+        try:
+            from mcsample._resampling_numba import SCHEMES as schemes
+        except ImportError:
+            schemes = {}
+        _NUMBA_SCHEMES = schemes
+    return _NUMBA_SCHEMES
+
+
 def resample(
     log_w: Tensor,
     num: int | None = None,
@@ -252,4 +273,9 @@ def resample(
         raise ValueError(
             f"generator is on {generator.device} but the log-weights are on {log_w.device}"
         )
-    return SCHEMES[scheme](log_w, num, generator)
+    if log_w.dim() != 1 or log_w.numel() == 0:
+        _check(log_w)  # raises: shape or emptiness
+    schemes = SCHEMES
+    if log_w.device.type == "cpu" and CPU_BACKEND == "numba":
+        schemes = _numba_schemes() or SCHEMES
+    return schemes[scheme](log_w, num, generator)
