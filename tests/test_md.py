@@ -265,3 +265,23 @@ def test_reference_md_example_quick(tmp_path):
         assert summary["energy_mean_kJ_per_mol"] == pytest.approx(res.energies.mean())
         assert (tmp_path / f"ramachandran_{solvent}.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "energies.png").exists()
+
+
+@pytest.mark.slow
+def test_reference_md_example_parallel_tempering(tmp_path):
+    """--sampler pt: the 300 K replica's frames after equilibration, swap statistics, plot."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "peptides" / "reference_md.py"
+    subprocess.run([sys.executable, str(script), "--quick", "--sampler", "pt", "--solvent", "vacuum",
+                    "--replicas", "3", "--t-max", "360", "--no-progress", "--out", str(tmp_path)],
+                   check=True, capture_output=True, timeout=600)
+    summary = json.loads((tmp_path / "alanine_dipeptide_vacuum_pt.json").read_text())
+    assert summary["analysed_frames"] == 200  # 20 ps at 0.1 ps, 2 ps of equilibration dropped
+    assert summary["temperatures_K"] == pytest.approx([300.0, 300.0 * 1.2 ** 0.5, 360.0])
+    assert len(summary["acceptance"]) == 2 and 0.0 < min(summary["acceptance"]) < 1.0
+    assert -80.0 < summary["energy_mean_kJ_per_mol"] < -10.0  # plain MD: -45 kJ/mol
+    assert (tmp_path / "ramachandran_vacuum_pt.png").read_bytes()[:4] == b"\x89PNG"
