@@ -76,12 +76,14 @@ The engine knows nothing about networks: a model is anything with ``.schedule`` 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+import os
+from dataclasses import dataclass, field, fields
 from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
 
+from .checkpoint import default_generator, load_state, save_state
 from .diagnostics import ess as _ess
 from .resampling import resample as _resample
 from .weighted import WeightedSamples
@@ -423,6 +425,9 @@ def fk_corrector(
     device=None,
     generator: torch.Generator | None = None,
     progress: bool = False,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int = 10,
+    resume: bool = True,
 ) -> WeightedSamples:
     r"""Sample :math:`\pi\propto\prod_i (q^i_{t_{\min}})^{\beta_i}` (optionally tilted by
     ``steering``) with the Feynman-Kac corrector of Skreta et al. (2025).
@@ -438,6 +443,9 @@ def fk_corrector(
         resample_threshold: resample when ESS < threshold · N (1.0: every step, as in the
             paper's code; 0: never unless ``resample_every``).
         scheme: resampling scheme for :func:`mcsample.resample`.
+        checkpoint: path of a checkpoint (:mod:`mcsample.checkpoint`) written atomically every
+            ``checkpoint_every`` steps; with ``resume=True`` an existing one is continued, giving
+            the same result as an uninterrupted run with the same generator.
         exact_start: weight the Gaussian start to the exact :math:`\prod(q^i_{t_{\max}})^{\beta_i}`;
             default when every model has ``log_prob(x, t)``.
 
@@ -457,18 +465,30 @@ def fk_corrector(
         exact_start = target.has_log_prob
     if exact_start and not target.has_log_prob:
         raise ValueError("exact_start needs every model to offer log_prob(x, t)")
+    saved, generator = load_state(checkpoint if resume else None, "fk_corrector", generator, device)
     with torch.no_grad():
-        state = _initial_state(target, num_particles, event_shape, co, exact_start=exact_start,
-                               correct=correct, dtype=dtype, device=device, generator=generator)
-        steps = range(len(co["t"]) - 1)
+        if saved is not None:
+            state = FKCState(**saved)
+            if state.x.shape != (num_particles, *event_shape):
+                raise ValueError(f"checkpoint {checkpoint} holds particles of shape {tuple(state.x.shape)}, "
+                                 f"not {(num_particles, *event_shape)}")
+        else:
+            if generator is None and checkpoint is not None:
+                generator = default_generator(device)
+            state = _initial_state(target, num_particles, event_shape, co, exact_start=exact_start,
+                                   correct=correct, dtype=dtype, device=device, generator=generator)
+        steps = range(state.step, len(co["t"]) - 1)
         if progress:
             from tqdm.auto import tqdm
 
-            steps = tqdm(steps, desc="Feynman-Kac corrector")
+            steps = tqdm(steps, desc="Feynman-Kac corrector", initial=state.step, total=len(co["t"]) - 1)
         for _ in steps:
             state = fkc_step(state, target, co, noise_scale=c, correct=correct,
                              resample_threshold=resample_threshold, resample_every=resample_every,
                              scheme=scheme, steering=steering, generator=generator)
+            if checkpoint is not None and (state.step % checkpoint_every == 0 or state.step == len(co["t"]) - 1):
+                save_state(checkpoint, {f.name: getattr(state, f.name) for f in fields(state)}, generator,
+                           "fk_corrector")
         log_w = state.log_weights
         if steering is not None:
             # final potential: λ r(x_N) over the lineage's product of intermediate potentials

@@ -106,6 +106,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from mcsample.checkpoint import default_generator, load_state, save_state
 from mcsample.diagnostics import ess as _ess
 from mcsample.resampling import resample as _resample
 from mcsample.weighted import WeightedSamples
@@ -288,6 +289,9 @@ class _Base:
         kappa = a_s * s_t**2 / a_t - r * s_t  # d mean / d score
         return mean, c, kappa
 
+    def prepare(self, dtype, device) -> None:
+        """Deterministic per-run set-up that :meth:`init` does and a resumed run must redo."""
+
     def initial_noise(self, num: int, generator, dtype, device, event_shape) -> Tensor:
         return self.prior_std() * torch.randn((num, *event_shape), generator=generator, dtype=dtype,
                                               device=device)
@@ -309,14 +313,30 @@ class _Base:
         return state.index >= self.num_steps
 
     def run(self, num: int, *, generator=None, dtype=torch.float32, device=None, event_shape=None,
-            progress: bool = False) -> WeightedSamples:
-        """Initialize ``num`` particles and step to the end: the thin driver."""
+            progress: bool = False, checkpoint=None, checkpoint_every: int = 10,
+            resume: bool = True) -> WeightedSamples:
+        """Initialize ``num`` particles and step to the end: the thin driver. With ``checkpoint``
+        the state is saved atomically every ``checkpoint_every`` steps and an existing
+        checkpoint is resumed (:mod:`mcsample.checkpoint`): same result as one uninterrupted run."""
         start = time.perf_counter()
-        state = self.init(num, generator=generator, dtype=dtype, device=device, event_shape=event_shape)
-        bar = tqdm(total=self.num_steps, disable=not progress, desc=self.name)
+        kind = f"posterior.{self.name}"
+        saved, generator = load_state(checkpoint if resume else None, kind, generator, device)
+        if saved is not None:
+            state = PosteriorState.from_dict(saved)
+            if state.x.shape[0] != num:
+                raise ValueError(f"checkpoint {checkpoint} holds {state.x.shape[0]} particles, not {num}")
+            self.event_shape = state.x.shape[1:]
+            self.prepare(state.x.dtype, state.x.device)
+        else:
+            if generator is None and checkpoint is not None:
+                generator = default_generator(device)
+            state = self.init(num, generator=generator, dtype=dtype, device=device, event_shape=event_shape)
+        bar = tqdm(total=self.num_steps, initial=state.index, disable=not progress, desc=self.name)
         while not self.done(state):
             state = self.step(state, generator=generator)
             bar.update(1)
+            if checkpoint is not None and (state.index % checkpoint_every == 0 or self.done(state)):
+                save_state(checkpoint, state.to_dict(), generator, kind)
         bar.close()
         return self.result(state, time.perf_counter() - start)
 
@@ -422,11 +442,12 @@ class DPS(_Base):
 
 def dps(model, measurement, y: Tensor, num_samples: int, *, num_steps: int = 100, zeta: float = 1.0,
         eta: float = 1.0, generator=None, dtype=torch.float32, device=None, event_shape=None,
-        progress: bool = False, **grid) -> WeightedSamples:
+        progress: bool = False, checkpoint=None, checkpoint_every: int = 10,
+        **grid) -> WeightedSamples:
     """Run :class:`DPS` on ``num_samples`` independent chains (equal weights)."""
     return DPS(model, measurement, y, zeta=zeta, eta=eta, num_steps=num_steps, **grid).run(
         num_samples, generator=generator, dtype=dtype, device=device, event_shape=event_shape,
-        progress=progress)
+        progress=progress, checkpoint=checkpoint, checkpoint_every=checkpoint_every)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -515,13 +536,13 @@ class TDS(_Base):
 def tds(model, measurement, y: Tensor, num_particles: int, *, num_steps: int = 100, eta: float = 1.0,
         inflation: float = 1.0, resample_threshold: float = 0.5, scheme: str = "systematic",
         generator=None, dtype=torch.float32, device=None, event_shape=None, progress: bool = False,
-        **grid) -> WeightedSamples:
+        checkpoint=None, checkpoint_every: int = 10, **grid) -> WeightedSamples:
     """Run :class:`TDS` with ``num_particles`` particles; weighted particles target
     :math:`p_\\theta(x_0)p(y\\mid x_0)`."""
     return TDS(model, measurement, y, eta=eta, inflation=inflation, resample_threshold=resample_threshold,
                scheme=scheme, num_steps=num_steps, **grid).run(
         num_particles, generator=generator, dtype=dtype, device=device, event_shape=event_shape,
-        progress=progress)
+        progress=progress, checkpoint=checkpoint, checkpoint_every=checkpoint_every)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -590,6 +611,9 @@ class MCGdiff(_Base):
         a0, s0 = self.alpha[0], self.sigma[0]
         self.extra = torch.where(lam <= lam_max, (a0 * sig_bar) ** 2 - s0**2, torch.zeros_like(sig_bar)).clamp(min=0)
         self._pieces = None
+
+    def prepare(self, dtype, device):
+        return self._setup(dtype, device)
 
     def _setup(self, dtype, device):
         U, S, V, ybar, uy, S64, y_perp_sq = _svd_pieces(self.measurement, self.y, dtype, device)
@@ -683,12 +707,12 @@ class MCGdiff(_Base):
 def mcgdiff(model, measurement, y: Tensor, num_particles: int, *, num_steps: int = 100, eta: float = 1.0,
             kappa: float = 1e-4, resample_threshold: float = 1.0, scheme: str = "systematic",
             generator=None, dtype=torch.float32, device=None, event_shape=None, progress: bool = False,
-            **grid) -> WeightedSamples:
+            checkpoint=None, checkpoint_every: int = 10, **grid) -> WeightedSamples:
     """Run :class:`MCGdiff` (resampling every step by default, as in the paper's code)."""
     return MCGdiff(model, measurement, y, eta=eta, kappa=kappa, resample_threshold=resample_threshold,
                    scheme=scheme, num_steps=num_steps, **grid).run(
         num_particles, generator=generator, dtype=dtype, device=device, event_shape=event_shape,
-        progress=progress)
+        progress=progress, checkpoint=checkpoint, checkpoint_every=checkpoint_every)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -913,15 +937,18 @@ class EnsembleSampler(_Base):
     def num_steps(self) -> int:
         return self.times.numel() - 1
 
+    def prepare(self, dtype, device):
+        self._pot = (_LinearPotential(self, self.potential, dtype, device) if self.has_svd
+                     else _GenericPotential(self, self.potential))
+
     def init(self, num: int, *, generator=None, dtype=torch.float32, device=None, event_shape=None):
         es = self._event_shape(event_shape)
         rho2 = self.prior_std() ** 2
+        self.prepare(dtype, device)
         if self.has_svd:
-            self._pot = _LinearPotential(self, self.potential, dtype, device)
             x, log_z0 = self._pot.initial(num, rho2, generator, dtype, device, es)
             state = _new_state(x, log_scale=log_z0)
         else:  # importance sampling from N(0, ρ²I) with weights e^{-μ}
-            self._pot = _GenericPotential(self, self.potential)
             x = self.initial_noise(num, generator, dtype, device, es)
             state = _new_state(x, log_w=-self._pot.value(x, 0).to(torch.float64))
         _check_weights(state.log_w, "ensemble init")
@@ -979,7 +1006,7 @@ def ensemble_sampler(model, measurement, y: Tensor, num_particles: int, *, num_s
                      laplacian: str = "auto", num_probes: int = 1, integrator: str = "auto",
                      resample_threshold: float = 0.5, scheme: str = "multinomial", generator=None,
                      dtype=torch.float32, device=None, event_shape=None, progress: bool = False,
-                     **grid) -> WeightedSamples:
+                     checkpoint=None, checkpoint_every: int = 10, **grid) -> WeightedSamples:
     """Run :class:`EnsembleSampler` with ``num_particles`` particles; for linear measurements the
     log-evidence of the result estimates :math:`\\log\\int q_{t_{\\min}}(x)p(y\\mid x)dx`."""
     return EnsembleSampler(model, measurement, y, potential=potential, v_scale=v_scale,
@@ -987,4 +1014,4 @@ def ensemble_sampler(model, measurement, y: Tensor, num_particles: int, *, num_s
                            integrator=integrator, resample_threshold=resample_threshold, scheme=scheme,
                            num_steps=num_steps, **grid).run(
         num_particles, generator=generator, dtype=dtype, device=device, event_shape=event_shape,
-        progress=progress)
+        progress=progress, checkpoint=checkpoint, checkpoint_every=checkpoint_every)

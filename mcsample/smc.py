@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from mcsample.checkpoint import default_generator, load_state, save_state
 from mcsample.diagnostics import ess as _ess
 from mcsample.kernels import MALA, Kernel, Point, evaluator
 from mcsample.protocols import draw
@@ -202,14 +203,6 @@ def move(state: SMCState, target, initial, kernel: Kernel, num_moves: int,
     return new
 
 
-def _save_atomic(obj: dict, path: str | os.PathLike) -> None:
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def smc(
     target,
     initial,
@@ -261,22 +254,17 @@ def smc(
     if not 0.0 <= resample_threshold <= 1.0:
         raise ValueError(f"resample_threshold must be in [0, 1], got {resample_threshold}")
     state = None
-    if checkpoint is not None and resume and os.path.exists(checkpoint):
-        saved = torch.load(checkpoint, weights_only=True)
-        state = SMCState.from_dict(saved["state"])
+    saved, generator = load_state(checkpoint if resume else None, "smc", generator)
+    if saved is not None:
+        state = SMCState.from_dict(saved)
         if state.log_w.numel() != num_particles:
             raise ValueError(
                 f"checkpoint {checkpoint} holds {state.log_w.numel()} particles, "
                 f"not num_particles={num_particles}"
             )
-        if generator is None:
-            generator = torch.Generator(device=state.x.device)
-        generator.set_state(saved["generator"])
     if state is None:
         if generator is None:
-            device = torch.as_tensor(draw(initial, 1, None)[0]).device
-            generator = torch.Generator(device=device)
-            generator.manual_seed(int(torch.randint(0, 2**62, ())))
+            generator = default_generator(torch.as_tensor(draw(initial, 1, None)[0]).device)
         state = init(target, initial, num_particles, kernel, generator)
     bar = tqdm(total=1.0, disable=not progress, desc="SMC beta",
                bar_format="{l_bar}{bar}| beta={n:.4f} [{elapsed}{postfix}]")
@@ -295,7 +283,7 @@ def smc(
         bar.update(state.beta - prev)
         bar.set_postfix(ess=f"{state.ess_history[-1]:.0f}", acc=f"{state.acceptance_history[-1]:.2f}")
         if checkpoint is not None and (state.iteration % checkpoint_every == 0 or state.beta >= 1.0):
-            _save_atomic({"state": state.to_dict(), "generator": generator.get_state()}, checkpoint)
+            save_state(checkpoint, state.to_dict(), generator, "smc")
     bar.close()
     if final_moves > 0:
         state = move(state, target, initial, kernel, final_moves, generator)

@@ -396,3 +396,35 @@ def test_image_shaped_particles():
     unc = C.fk_corrector(target, 500, (1, 4, 4), _grid(100), dtype=F64, correct=False,
                          generator=torch.Generator().manual_seed(0))
     assert abs(float(unc.samples.pow(2).mean()) - 1 / 3) < 0.03  # the uncorrected OU limit, 1/(2β-1)
+
+
+def test_checkpoint_resume_is_exact(tmp_path, monkeypatch):
+    """Interrupted after 23 of 40 steps (checkpoints every 5), resumed with another seed: the
+    same particles, weights and genealogy as the uninterrupted run."""
+    target = C.annealed(_bimodal(), 2.0)
+    full = C.fk_corrector(target, 300, 1, _grid(40), dtype=F64, resample_threshold=0.7,
+                          generator=torch.Generator().manual_seed(5))
+    path = tmp_path / "fkc.pt"
+    real_step, calls = C.fkc_step, {"n": 0}
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] > 23:
+            raise KeyboardInterrupt
+        return real_step(*a, **k)
+
+    monkeypatch.setattr(C, "fkc_step", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        C.fk_corrector(target, 300, 1, _grid(40), dtype=F64, resample_threshold=0.7,
+                       generator=torch.Generator().manual_seed(5), checkpoint=path, checkpoint_every=5)
+    monkeypatch.setattr(C, "fkc_step", real_step)
+    saved = torch.load(path, weights_only=True)
+    assert saved["kind"] == "fk_corrector" and saved["state"]["step"] == 20
+    resumed = C.fk_corrector(target, 300, 1, _grid(40), dtype=F64, resample_threshold=0.7,
+                             generator=torch.Generator().manual_seed(6), checkpoint=path, checkpoint_every=5)
+    assert full.generations > 2  # resampling happened before and after the interruption
+    torch.testing.assert_close(resumed.samples, full.samples)
+    torch.testing.assert_close(resumed.log_weights, full.log_weights)
+    assert torch.equal(resumed.ancestors, full.ancestors) and resumed.generations == full.generations
+    with pytest.raises(ValueError, match="shape"):
+        C.fk_corrector(target, 200, 1, _grid(40), dtype=F64, checkpoint=path)
