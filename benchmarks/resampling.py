@@ -7,9 +7,11 @@ cumulative weights :math:`C_i = \sum_{j\le i} W_j` at some uniforms (Douc, CappÃ
 :math:`N = 10^3 \dots 10^7` and the schemes systematic, stratified, multinomial, residual and
 SSP:
 
-* **ours**: :func:`mcsample.resample` on CPU torch from unnormalized float64 log-weights, so
-  the normalization :math:`W = \mathrm{softmax}(\ell)` (and the input checks) are inside the
-  timing, as a user pays them;
+* **ours**: :func:`mcsample.resample` on CPU tensors of unnormalized float64 log-weights (the
+  numba kernels of ``mcsample/_resampling_numba.py``), so the normalization
+  :math:`W = \mathrm{softmax}(\ell)` (and the input checks) are inside the timing, as a user
+  pays them; with ``--torch-path`` also **torch**, the same call with
+  ``mcsample.resampling.CPU_BACKEND = "torch"``: the torch code that runs on GPUs, on the CPU;
 * **numpy**: a straightforward vectorized numpy version (``benchmarks/_numpy_resampling.py``:
   softmax, ``cumsum``, ``searchsorted``), also from log-weights; no SSP;
 * **particles** (N. Chopin's library, numba-compiled), in a virtual environment of its own,
@@ -28,13 +30,15 @@ means mcsample is faster.
 
 torch's CPU allocator does not ask Linux for transparent huge pages unless the environment
 variable ``THP_MEM_ALLOC_ENABLE=1`` is set before torch is imported (numpy does this by
-itself); at :math:`N=10^7` the page faults of fresh 80 MB buffers then dominate. ``--thp`` sets
-it for this run, to measure the difference.
+itself); at :math:`N=10^7` the page faults of fresh 80 MB buffers then dominate the torch path.
+The numba path allocates its buffers with numpy (torch only fills them with uniforms), so it
+gets huge pages either way. ``--thp`` sets the variable for this run, to measure the difference.
 
 Usage::
 
-    python benchmarks/resampling.py            # full: N = 1e3..1e7, ~6 min on a loaded 2-core CPU
+    python benchmarks/resampling.py            # full: N = 1e3..1e7, ~2.5 min on a loaded 2-core CPU
     python benchmarks/resampling.py --quick    # N = 1e3..1e5, ~15 s
+    python benchmarks/resampling.py --torch-path   # + the torch path column, ~3 min
     python benchmarks/resampling.py --no-particles --schemes systematic --ns 1000000
 
 It prints a table and, as its last line, one JSON object with every number. The first run also
@@ -240,6 +244,18 @@ def summary(out: dict, log=print) -> None:
                 f"ours faster in {wins} of {len(ratios)}")
 
 
+def torch_path(log_w, scheme: str, generator):
+    """:func:`mcsample.resample` through its torch code (the GPU path), on the CPU."""
+    import mcsample as mc
+    from mcsample import resampling
+
+    old, resampling.CPU_BACKEND = resampling.CPU_BACKEND, "torch"
+    try:
+        return mc.resample(log_w, scheme=scheme, generator=generator)
+    finally:
+        resampling.CPU_BACKEND = old
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Parse the command line, run, print the table and the final JSON line."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -252,6 +268,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--scale", type=float, default=1.0,
                         help="log-weights ~ N(0, scale^2); ESS/N = exp(-scale^2)")
     parser.add_argument("--no-particles", action="store_true")
+    parser.add_argument("--torch-path", action="store_true",
+                        help="also time mcsample's torch code on the CPU (CPU_BACKEND='torch')")
     parser.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
                         help="which time the table shows (the JSON has both); see the docstring")
     parser.add_argument("--thp", action="store_true",
@@ -267,7 +285,8 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
     out = run(ns, args.schemes, rounds=args.rounds, calls=calls, min_time=min_time,
               seed=args.seed, scale=args.scale, threads=args.threads,
-              use_particles=not args.no_particles, clock=args.clock)
+              use_particles=not args.no_particles, clock=args.clock,
+              variants={"torch": torch_path} if args.torch_path else None)
     out["wall_s"] = time.perf_counter() - t0
     summary(out)
     print(f"wall time {out['wall_s']:.0f} s")

@@ -2,8 +2,8 @@ r"""CPU resampling compiled with numba: each scheme as one or two fused loops ov
 
 :func:`mcsample.resample` uses these kernels when the log-weights are on the CPU; the torch code
 in ``mcsample/resampling.py`` (schemes, guarantees, references) runs everywhere else. Same
-schemes, other data flow: torch's eager kernels make ~10 passes over memory where one compiled
-loop makes one, and at :math:`N = 10^7` the work is memory-bound.
+schemes, other data flow: torch's eager kernels make a pass over memory per operation where one
+compiled loop makes one pass per scheme, and at :math:`N = 10^7` the work is memory-bound.
 
 * Weights :math:`w_i = e^{\ell_i - \max\ell}` and their total :math:`C` come from numpy's
   vectorized ``exp`` and pairwise ``sum`` in float64 (a compiled scalar ``exp`` is 5x slower).
@@ -18,14 +18,19 @@ loop makes one, and at :math:`N = 10^7` the work is memory-bound.
 * ``out[E_{i-1}:E_i] = i`` writes four slots unconditionally and loops only past four: a slot
   that is not particle :math:`i`'s is overwritten by the particle it belongs to, which comes
   later. This saves a mispredicted branch per particle (2x at :math:`N = 10^7`).
+* Fresh memory costs more than the arithmetic at :math:`N = 10^7` (page faults), so spent
+  buffers are reused: the multinomial draws share one buffer with the sorted uniforms they are
+  read from, the weights' buffer takes the shuffle's uniforms or SSP's draws, and SSP's counts
+  overwrite its uniforms.
 * Multinomial draws come out sorted and are then shuffled (Fisher–Yates); residual sampling
   draws the multinomial part on the residual weights :math:`\{N W_i\}`; SSP pairs the
   fractional parts sequentially, left to right, as Gerber, Chopin & Whiteley (2019) describe
   it and N. Chopin's ``particles`` does it, in :math:`O(N)`.
 
 Every uniform comes from ``torch.rand(..., dtype=torch.float64, generator=generator)``, written
-straight into a numpy buffer, so a seeded generator reproduces the draws (not the same indices
-as the torch path: same distribution, same guarantees). Zero-weight particles never move
+straight into a numpy buffer, so a seeded generator reproduces the draws: the torch path's
+indices for systematic and stratified sampling (same uniforms, same formula), other indices
+with the same distribution and guarantees for the other schemes. Zero-weight particles never move
 :math:`s_i`, so they get no offspring; draws that rounding leaves past the last particle go to
 the last particle of positive weight. The kernels compile on first use and are cached on disk
 (``cache=True``).
@@ -164,17 +169,17 @@ def _residual_totals(w, total, num):
 
 @njit(cache=True)
 def _residual(w, total, num, y, rest, r_total, out):
-    # y: `rest` sorted uniforms as in _multinomial_sorted; r_total == 0 < rest only by
-    # rounding, and then the weights stand in for the residuals
+    # y: `rest` sorted uniforms as in _multinomial_sorted. r_total == 0 < rest would need
+    # sum(N W_i) off by a whole draw in rounding; then the rest go to the last positive weight.
     scale = num / total
-    rscale = y[rest] / (r_total if r_total > 0.0 else total)
+    rscale = y[rest] / r_total if r_total > 0.0 else 0.0
     y_bits = y.view(np.int64)
     x = np.empty(1)
     x_bits = x.view(np.int64)
     s, prev, pos, last = 0.0, 0, 0, 0
     for i in range(w.size):
         f, r = _floor_frac(w[i], scale)
-        s += r if r_total > 0.0 else w[i]
+        s += r
         x[0] = s * rscale
         e = min(_count_below(y_bits, prev, x_bits[0]), rest)
         end = min(pos + f + e - prev, num)
@@ -194,12 +199,13 @@ def _ssp_counts(w, total, num, u, counts):
     a = 0  # the particle still carrying a fraction fa
     for b in range(1, w.size):
         f, fb = _floor_frac(w[b], scale)
-        counts[b] = f
+        ub = u[b]
+        counts[b] = f  # u and counts may share memory: u[b] is read first
         s = fa + fb
         hi = s >= 1.0
         # s < 1: (a, b) -> (s, 0) w.p. fa/s, else (0, s).
         # s >= 1: (a, b) -> (1, s-1) w.p. (1-fb)/(2-s), else (s-1, 1).
-        c = u[b - 1] * (2.0 - s if hi else s) < (1.0 - fb if hi else fa)
+        c = ub * (2.0 - s if hi else s) < (1.0 - fb if hi else fa)
         counts[a if c else b] += 1 if hi else 0
         a = a if c != hi else b
         fa = s - 1.0 if hi else s
@@ -218,18 +224,19 @@ def _expand(counts, num, out):
 # ----------------------------------------------------------------------------- drivers
 
 
-def _weights(log_w: Tensor) -> tuple[np.ndarray, float]:
-    """w = exp(log_w - max) in float64 and its sum; raises like the torch path on NaN, +inf or
-    all -inf."""
+def _weights(log_w: Tensor, size: int = 0) -> tuple[np.ndarray, float, np.ndarray]:
+    """w = exp(log_w - max) in float64, its sum, and the buffer of w (size entries at least, for
+    reuse once w is spent); raises like the torch path on NaN, +inf or all -inf."""
     if log_w.dtype not in (torch.float32, torch.float64):
         log_w = log_w.to(torch.float64)
     lw = log_w.detach().contiguous().numpy()
     m = lw.max()
     if not math.isfinite(m):
         _check(log_w)  # raises with the detailed message
-    w = np.subtract(lw, m, dtype=np.float64)
+    buf = np.empty(max(lw.size, size))
+    w = np.subtract(lw, m, out=buf[: lw.size], dtype=np.float64)  # float32 input: exact in float64
     np.exp(w, out=w)
-    return w, float(w.sum())
+    return w, float(w.sum()), buf
 
 
 def _rand(buf: np.ndarray, generator) -> np.ndarray:
@@ -246,10 +253,11 @@ def _uniforms(n: int, generator, pad: int = 0) -> np.ndarray:
     return buf
 
 
-def _sorted_uniforms(n: int, generator) -> np.ndarray:
+def _sorted_uniforms(n: int, generator, y: np.ndarray | None = None) -> np.ndarray:
     """Cumulative sums of n + 1 exponentials (y[:n] / y[n] are n sorted uniforms), padded
-    with four +inf."""
-    y = _uniforms(n + 1, generator, pad=4)
+    with four +inf, in y (n + 5 entries) or a new buffer."""
+    y = np.empty(n + 5) if y is None else y
+    _rand(y[: n + 1], generator)
     np.log(y[: n + 1], out=y[: n + 1])
     _spacings(y, n)
     return y
@@ -260,7 +268,7 @@ def _out(num: int) -> np.ndarray:
 
 
 def systematic(log_w: Tensor, num: int, generator=None) -> Tensor:
-    w, total = _weights(log_w)
+    w, total, _ = _weights(log_w)
     u = torch.rand((), dtype=torch.float64, generator=generator).item()
     out = _out(num)
     _systematic(w, total, num, u, out)
@@ -268,7 +276,7 @@ def systematic(log_w: Tensor, num: int, generator=None) -> Tensor:
 
 
 def stratified(log_w: Tensor, num: int, generator=None) -> Tensor:
-    w, total = _weights(log_w)
+    w, total, _ = _weights(log_w)
     u = _uniforms(num, generator, pad=1)
     u[num] = 1.0
     out = _out(num)
@@ -277,17 +285,21 @@ def stratified(log_w: Tensor, num: int, generator=None) -> Tensor:
 
 
 def multinomial(log_w: Tensor, num: int, generator=None) -> Tensor:
-    w, total = _weights(log_w)
-    out = _out(num)
-    y = _sorted_uniforms(num, generator)
+    w, total, _ = _weights(log_w)
+    # One buffer for the sorted uniforms and the draws (fresh memory is costly at N = 1e7):
+    # y_n sits four slots after out[n], so the merge's writes to out[E_{i-1}:E_{i-1} + 4] never
+    # reach a y_n it has still to read (n >= E_{i-1}).
+    buf = np.empty(num + 9)
+    y = _sorted_uniforms(num, generator, buf[4:])
+    out = buf.view(np.int64)
     _multinomial_sorted(w, total, y, num, out)
-    del w
-    _shuffle(out[:num], _rand(y[:num], generator))  # i.i.d. draws come in random order
+    u = w[:num] if w.size >= num else np.empty(num)  # w is spent: its buffer takes the uniforms
+    _shuffle(out[:num], _rand(u, generator))  # i.i.d. draws come in random order
     return torch.from_numpy(out[:num])
 
 
 def residual(log_w: Tensor, num: int, generator=None) -> Tensor:
-    w, total = _weights(log_w)
+    w, total, _ = _weights(log_w)
     rest, r_total = _residual_totals(w, total, num)
     rest = max(rest, 0)
     out = _out(num)
@@ -306,14 +318,15 @@ def _fix_total(counts: np.ndarray, w: np.ndarray, total: float, num: int) -> Non
 
 
 def ssp(log_w: Tensor, num: int, generator=None) -> Tensor:
-    w, total = _weights(log_w)
-    counts = np.empty(w.size, dtype=np.int64)
-    _ssp_counts(w, total, num, _uniforms(w.size - 1, generator), counts)
+    w, total, buf = _weights(log_w, size=num + 4)
+    # pair b reads u[b] before counts[b] overwrites it (same buffer; u[0] is not used)
+    u = _uniforms(w.size, generator)
+    counts = u.view(np.int64)
+    _ssp_counts(w, total, num, u, counts)
     _fix_total(counts, w, total, num)
-    del w
-    out = _out(num)
+    out = buf.view(np.int64)  # w is spent: its buffer takes the draws
     _expand(counts, num, out)
-    return torch.from_numpy(out[:num])
+    return torch.from_numpy(out[:num].copy() if 2 * num < w.size else out[:num])
 
 
 SCHEMES: dict = {

@@ -15,19 +15,21 @@ differ in the variance of :math:`O_i` (Douc, Cappé & Moulines 2005; Gerber, Cho
 * ``ssp`` (Srinivasan sampling process, Gerber et al. 2019): starting from
   :math:`\lfloor NW_i\rfloor`, pairs of particles with fractional parts
   :math:`(a, b)` are resolved so that one of them becomes an integer, keeping
-  :math:`E[O_i] = NW_i` and :math:`O_i \in \{\lfloor NW_i\rfloor, \lceil NW_i\rceil\}`. Pairs are
-  formed in parallel rounds (neighbours among the still-fractional particles), so the whole
-  scheme is :math:`O(N)` vectorized work in :math:`O(\log N)` rounds.
+  :math:`E[O_i] = NW_i` and :math:`O_i \in \{\lfloor NW_i\rfloor, \lceil NW_i\rceil\}`. On the
+  CPU the pairs are formed left to right in one pass, as in Gerber et al.; the torch path forms
+  them in parallel rounds (neighbours among the still-fractional particles), :math:`O(N)`
+  vectorized work in :math:`O(\log N)` rounds.
 
 All schemes share one signature, run on the device of the weights, and draw their uniforms and
 form their cumulative sums in float64 (categorical sampling in float32 truncates small
 probabilities). A particle with zero weight (``-inf`` log-weight) is never drawn.
 
 Two implementations, one behaviour: log-weights on the CPU go to compiled numba kernels
-(``mcsample/_resampling_numba.py``: one fused loop per scheme, sequential SSP pairing), all
-others to the torch code below (set ``CPU_BACKEND = "torch"`` to use it on the CPU too). Both
-draw their uniforms from ``generator``, so a seeded generator reproduces the indices of either
-path, though not the same indices across the two.
+(``mcsample/_resampling_numba.py``, one fused loop per scheme, 2-30x faster there), all others
+(CUDA) to the torch code below; ``resampling.CPU_BACKEND = "torch"`` sends CPU weights there
+too. Both draw their uniforms from ``generator``: a seeded generator reproduces the indices of
+either path (across the two only for systematic and stratified sampling, which use the same
+uniforms the same way, up to rounding at a stratum edge).
 
 Torch implementation: no binary search. With the scaled cumulative weights
 :math:`x_i = M C_i / C_N`, particle :math:`i`'s offspring end at
