@@ -233,12 +233,14 @@ def test_cpu_dispatch(scheme):
     # CPU weights go to the numba kernels unless CPU_BACKEND says "torch"
     lw = torch.randn(1000, dtype=torch.float64)
     kernels = {"numba": _resampling_numba.SCHEMES, "torch": resampling.SCHEMES}
+    if scheme == "multinomial":  # kept on the torch path (see resampling.resample)
+        kernels = {"numba": resampling.SCHEMES, "torch": resampling.SCHEMES}
     for backend, schemes in kernels.items():
         idx = resample(backend, lw, 1000, scheme, torch.Generator().manual_seed(1))
         direct = schemes[scheme](lw, 1000, torch.Generator().manual_seed(1))
         assert torch.equal(idx, direct)
     a, b = (resample(k, lw, 1000, scheme, torch.Generator().manual_seed(1)) for k in kernels)
-    if scheme in ("systematic", "stratified"):
+    if scheme in ("systematic", "stratified", "multinomial"):
         # same uniforms, same formula E_i: equal but for rounding at a stratum edge (none here)
         assert torch.equal(a, b)
     else:  # other algorithms: the same 1000 indices would be a bug in the dispatch
