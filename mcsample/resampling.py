@@ -277,9 +277,8 @@ def resample(
         )
     if log_w.dim() != 1 or log_w.numel() == 0:
         _check(log_w)  # raises: shape or emptiness
-    schemes = SCHEMES
     if log_w.device.type == "cpu" and CPU_BACKEND == "numba":
-        schemes = _numba_schemes() or SCHEMES
-        if scheme == "multinomial":
-            schemes = SCHEMES  # the numba multinomial kernel biased SMC evidence in test_posterior
-    return schemes[scheme](log_w, num, generator)
+        fn = _numba_schemes().get(scheme)  # a scheme without a compiled kernel uses torch
+        if fn is not None:
+            return fn(log_w, num, generator)
+    return SCHEMES[scheme](log_w, num, generator)

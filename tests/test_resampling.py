@@ -232,9 +232,7 @@ def test_input_forms_give_the_same_draws(backend, scheme):
 def test_cpu_dispatch(scheme):
     # CPU weights go to the numba kernels unless CPU_BACKEND says "torch"
     lw = torch.randn(1000, dtype=torch.float64)
-    kernels = {"numba": _resampling_numba.SCHEMES, "torch": resampling.SCHEMES}
-    if scheme == "multinomial":  # kept on the torch path (see resampling.resample)
-        kernels = {"numba": resampling.SCHEMES, "torch": resampling.SCHEMES}
+    kernels = {"numba": {**resampling.SCHEMES, **_resampling_numba.SCHEMES}, "torch": resampling.SCHEMES}
     for backend, schemes in kernels.items():
         idx = resample(backend, lw, 1000, scheme, torch.Generator().manual_seed(1))
         direct = schemes[scheme](lw, 1000, torch.Generator().manual_seed(1))
