@@ -252,6 +252,17 @@ def _numba_schemes() -> dict:
     return _NUMBA_SCHEMES
 
 
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """``cuda`` and ``cuda:0`` are one device when 0 is the current one (a CUDA generator made
+    with ``torch.Generator("cuda")`` reports no index)."""
+    if a.type != b.type:
+        return False
+    if a.index is None or b.index is None:
+        current = torch.cuda.current_device() if a.type == "cuda" else None
+        return (a.index if a.index is not None else current) == (b.index if b.index is not None else current)
+    return a.index == b.index
+
+
 def resample(
     log_w: Tensor,
     num: int | None = None,
@@ -271,7 +282,7 @@ def resample(
     num = log_w.numel() if num is None else int(num)
     if num < 1:
         raise ValueError(f"num must be a positive number of draws, got {num}")
-    if generator is not None and generator.device != log_w.device:
+    if generator is not None and not _same_device(generator.device, log_w.device):
         raise ValueError(
             f"generator is on {generator.device} but the log-weights are on {log_w.device}"
         )

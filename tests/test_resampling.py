@@ -259,6 +259,15 @@ def test_results_do_not_share_scratch_memory(scheme, n):
     assert torch.equal(first, kept)
 
 
+def test_generator_device_check():
+    assert resampling._same_device(torch.device("cpu"), torch.device("cpu"))
+    assert resampling._same_device(torch.device("cuda:1"), torch.device("cuda:1"))
+    assert not resampling._same_device(torch.device("cuda:0"), torch.device("cuda:1"))
+    assert not resampling._same_device(torch.device("cpu"), torch.device("cuda:0"))
+    with pytest.raises(ValueError, match="generator is on cpu but the log-weights are on meta"):
+        resampling.resample(torch.zeros(3, device="meta"), generator=torch.Generator())
+
+
 def test_fix_total_moves_rounding_leftovers():
     # the safety net for sum(counts) != num after SSP rounding: never onto a zero weight
     w = np.array([0.5, 0.0, 1.0, 1.5, 0.0])
