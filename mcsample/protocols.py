@@ -167,7 +167,8 @@ def draw(
     else:
         # seed the global generator of the generator's device from ours, restore it afterwards
         if generator.device.type == "cuda":
-            gen = torch.cuda.default_generators[generator.device.index or 0]
+            index = generator.device.index
+            gen = torch.cuda.default_generators[torch.cuda.current_device() if index is None else index]
         else:
             gen = torch.default_generator
         saved = gen.get_state()
