@@ -18,13 +18,14 @@ r"""Posterior sampling for imaging inverse problems with a diffusion prior train
    measurement, four posterior samples, the posterior mean and the pixel-wise posterior std.
    A CSV of the metrics goes next to it.
 
-Run from the repository root: ``python examples/inverse_problems/digits.py``. Measured on a
-2-core CPU shared with other jobs (one torch thread): 11.4 minutes in all with training (training
-1,500 steps 8.4 min, sampling 3 min; 4.7 min of CPU time); with the checkpoint already saved,
-3–6 minutes. Results of that run (mean of 4 held-out digits, posterior mean vs truth,
-PSNR dB / SSIM): inpainting DPS 16.5/0.78, TDS 14.8/0.71, ensemble 14.3/0.59 (A⁺y 10.4/0.29);
-deblurring 19.5/0.88, 17.5/0.85, 19.5/0.89 (A⁺y 4.2/0.00); super-resolution 16.7/0.80, 15.8/0.70,
-14.1/0.65 (A⁺y 13.0/0.58). The SMC samplers' posterior mean is that of few distinct particles
+Run from the repository root: ``python examples/inverse_problems/digits.py``. Measured from a
+fresh clone (2026-11-26, 2-core CPU with one other job, one torch thread): 4.6 minutes in all
+(training 1,500 steps 166 s, sampling about 1.8 min); an earlier run on a busier machine took
+11.4 minutes. Results of the fresh-clone run (mean of 4 held-out digits, posterior mean vs
+truth, PSNR dB / SSIM): inpainting DPS 16.4/0.75, TDS 15.4/0.72, ensemble 12.1/0.45 (A⁺y
+10.4/0.29); deblurring 19.3/0.87, 17.9/0.81, 19.9/0.86 (A⁺y 4.6/0.00); super-resolution
+16.7/0.81, 13.8/0.68, 12.7/0.64 (A⁺y 13.0/0.59); between runs the SMC rows move by about 2 dB.
+The SMC samplers' posterior mean is that of few distinct particles
 (64 particles in 64 dimensions), so it scores lower than DPS's average of 64 independent chains
 even where its samples are as plausible; PSNR of a mean is not a test of posterior correctness.
 """
