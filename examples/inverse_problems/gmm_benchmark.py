@@ -26,12 +26,14 @@ misplaces ~6% of the mass).
 
 Run (from the repository root)::
 
-    python examples/inverse_problems/gmm_benchmark.py                 # d = 8, 80; ~16 min
+    python examples/inverse_problems/gmm_benchmark.py                 # d = 8, 80; 6-16 min
     python examples/inverse_problems/gmm_benchmark.py --dims 800 --problems 5 --particles 1000
 
-Measured (default run, d = 80, N = 2000; sliced W, mean over 20 problems, d_y = 1 / 2 / 4):
-DPS 5.6 / 7.0 / 4.1; TDS 1.7 / 1.6 / 0.66; MCGdiff 1.6 / 1.1 / 0.22; ensemble (λ = 1) 3.0 /
-2.1 / 0.44; ensemble (λ = 1/2) 1.5 / 1.0 / 0.24; floor (exact vs exact) 0.57 / 0.41 / 0.09.
+Measured (default run from a fresh clone, 2026-11-26; d = 80, N = 2000; sliced W, mean over 20
+problems, d_y = 1 / 2 / 4): DPS 5.6 / 7.0 / 4.1; TDS 1.4 / 1.4 / 0.28; MCGdiff 1.4 / 1.2 / 0.29;
+ensemble (λ = 1) 3.3 / 2.2 / 0.74; ensemble (λ = 1/2) 1.7 / 1.1 / 0.27; floor (exact vs exact)
+0.57 / 0.41 / 0.09. The 95% intervals are wide (TDS at d_y = 4: ± 0.13; an earlier run gave
+0.66 there, ensemble (λ = 1) 0.44): the ranking, not the second digit, is the result.
 
 Measured at d = 800 (``--dims 800 --problems 5 --particles 1000``, 6 min; d_y = 1 / 2 / 4):
 DPS 5.3 / 4.2 / 1.6; TDS 0.78 / 0.48 / 0.29; MCGdiff 1.3 / 0.85 / 0.24; ensemble (λ = 1) 1.4 /
@@ -39,7 +41,8 @@ DPS 5.3 / 4.2 / 1.6; TDS 0.78 / 0.48 / 0.29; MCGdiff 1.3 / 0.85 / 0.24; ensemble
 the 95% intervals are as wide as the values for d_y = 1).
 
 Defaults: d ∈ {8, 80}, d_y ∈ {1, 2, 4}, 20 problems, particles {100, 500, 2000}, 100 steps; measured
-16 minutes on a 2-core CPU shared with other jobs (7.7 min of CPU time, one thread). Writes
+6.0 minutes from a fresh clone on a 2-core CPU with one other job (7.5 min of CPU time; 16 min
+on a busier machine). Writes
 ``outputs/inverse_problems/gmm_benchmark.csv`` (one row per method × particles × d × d_y, plus
 per-problem rows in ``gmm_benchmark_problems.csv``).
 """
