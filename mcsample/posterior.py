@@ -100,7 +100,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -109,7 +109,7 @@ from tqdm.auto import tqdm
 from mcsample.checkpoint import default_generator, load_state, save_state
 from mcsample.diagnostics import ess as _ess
 from mcsample.resampling import resample as _resample
-from mcsample.weighted import WeightedSamples
+from mcsample.weighted import ParticleState, WeightedSamples
 
 __all__ = [
     "PosteriorState",
@@ -151,7 +151,7 @@ def posterior_time_grid(schedule, num_steps: int, kind: str = "uniform", t_max: 
 
 
 @dataclass
-class PosteriorState:
+class PosteriorState(ParticleState):
     """Particles at grid index ``index`` with float64 log-weights since the last resampling.
 
     ``log_scale`` carries the log-evidence folded in at resampling events; ``cache`` holds
@@ -169,19 +169,6 @@ class PosteriorState:
     ess_history: list = field(default_factory=list)
     resampled: list = field(default_factory=list)
     cache: dict = field(default_factory=dict)
-
-    @property
-    def log_evidence(self) -> Tensor:
-        """:math:`c + \\log\\frac1N\\sum_i w_i`."""
-        return self.log_scale + torch.logsumexp(self.log_w, 0) - math.log(self.log_w.numel())
-
-    def to_dict(self) -> dict:
-        """Plain tensors and numbers (a checkpoint, loadable with ``weights_only=True``)."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "PosteriorState":
-        return cls(**d)
 
     def take(self, idx: Tensor) -> None:
         """Keep particles ``idx`` (after resampling): fold the evidence, reset the weights."""

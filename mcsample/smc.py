@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -37,13 +37,13 @@ from mcsample.kernels import MALA, Kernel, Point, evaluator
 from mcsample.protocols import draw
 from mcsample.resampling import resample
 from mcsample.tempering import as_schedule, log_increment
-from mcsample.weighted import WeightedSamples
+from mcsample.weighted import ParticleState, WeightedSamples
 
 __all__ = ["SMCState", "SMCResult", "init", "step", "move", "smc"]
 
 
 @dataclass
-class SMCState:
+class SMCState(ParticleState):
     """Everything an SMC run needs to continue: particles, weights, beta, genealogy, histories."""
 
     x: Tensor
@@ -65,17 +65,6 @@ class SMCState:
     def point(self) -> Point:
         return Point(self.x, self.parts, self.grads)
 
-    @property
-    def log_evidence(self) -> Tensor:
-        return self.log_scale + torch.logsumexp(self.log_w, 0) - math.log(self.log_w.numel())
-
-    def to_dict(self) -> dict:
-        """Plain tensors/numbers/lists, loadable with ``torch.load(weights_only=True)``."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "SMCState":
-        return cls(**d)
 
 
 @dataclass

@@ -26,7 +26,7 @@ Expectations carry the delta-method standard error of the self-normalized estima
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Callable
 
 import torch
@@ -35,7 +35,7 @@ from torch import Tensor
 from mcsample.diagnostics import _check, ess as _ess, psis
 from mcsample.resampling import resample as _resample
 
-__all__ = ["Estimate", "WeightedSamples", "RunningMoments"]
+__all__ = ["Estimate", "WeightedSamples", "RunningMoments", "ParticleState"]
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,27 @@ class Estimate:
         if self.value.numel() == 1:
             return f"Estimate({float(self.value):.6g} ± {float(self.stderr):.2g})"
         return f"Estimate(value={self.value}, stderr={self.stderr})"
+
+
+class ParticleState:
+    r"""Base of the algorithms' dataclass states (``SMCState``, ``PosteriorState``): the
+    log-evidence so far, :math:`c + \log\frac1N\sum_i w_i` from ``log_scale`` :math:`c` (folded
+    in at resampling events) and the current ``log_w``, and the checkpoint round trip (plain
+    tensors, numbers and lists, loadable with ``torch.load(weights_only=True)``)."""
+
+    log_w: Tensor
+    log_scale: Tensor
+
+    @property
+    def log_evidence(self) -> Tensor:
+        return self.log_scale + torch.logsumexp(self.log_w, 0) - math.log(self.log_w.numel())
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        return cls(**d)
 
 
 @dataclass
