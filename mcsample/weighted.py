@@ -104,14 +104,17 @@ class RunningMoments:
             self.sums = [s * (shift if k in (0, 1) else shift**2) for k, s in enumerate(self.sums)]
             self.max_log_w = m
         w = torch.exp(log_w - self.max_log_w)
-        if not bool(torch.isfinite(values).all()):  # zero weight times inf/nan must add nothing
+        both = torch.stack([w, w * w])  # (2, B): S_1 and Q_1 in one product
+        lin, sq = both @ values, both[1] @ (values * values)
+        if not bool(torch.isfinite(lin).all() & torch.isfinite(sq).all()):
+            # inf/nan values at zero weight must add nothing (0 * inf is nan): mask and redo
             values = torch.where((w > 0)[:, None], values, torch.zeros_like(values))
-        w2 = w * w
+            lin, sq = both @ values, both[1] @ (values * values)
         self.sums[0] += w.sum()
-        self.sums[1] += w @ values
-        self.sums[2] += w2.sum()
-        self.sums[3] += w2 @ values
-        self.sums[4] += w2 @ (values * values)
+        self.sums[1] += lin[0]
+        self.sums[2] += both[1].sum()
+        self.sums[3] += lin[1]
+        self.sums[4] += sq
 
     def estimate(self, shape: torch.Size) -> Estimate:
         S0, S1, Q0, Q1, Q2 = self.sums

@@ -69,6 +69,28 @@ def test_streamed_statistics_equal_kept_samples():
         streamed.expectation("x3")
 
 
+def test_streamed_statistic_infinite_where_weight_is_zero():
+    # a half-space target: f = 1/x1 is inf or nan only where the target (and the weight) is zero
+    class HalfGaussian:
+        def log_prob(self, x):
+            lp = -0.5 * (x**2).sum(-1)
+            return torch.where(x[:, 0] > 0, lp, torch.full_like(lp, -math.inf))
+
+    proposal = torch.distributions.MultivariateNormal(torch.zeros(2, dtype=torch.float64),
+                                                      torch.eye(2, dtype=torch.float64))
+    stat = lambda x: torch.where(x[:, :1] > 0, 1.0 / x[:, :1], torch.full_like(x[:, :1], math.nan))  # noqa: E731
+    kw = dict(batch_size=300, generator=torch.Generator().manual_seed(4))
+    kept = mc.importance_sample(HalfGaussian(), proposal, 2000, **kw)
+    kw["generator"] = torch.Generator().manual_seed(4)
+    streamed = mc.importance_sample(HalfGaussian(), proposal, 2000, keep_samples=False, statistics={"f": stat}, **kw)
+    w = torch.softmax(kept.log_weights, 0)
+    x1 = kept.samples[:, 0]
+    expected = (w[x1 > 0] / x1[x1 > 0]).sum()
+    est = streamed.expectation("f")
+    assert torch.isfinite(est.value).all() and torch.isfinite(est.stderr).all()
+    assert torch.allclose(est.value, expected.reshape(1), rtol=1e-10)
+
+
 def test_reproducible_with_generator_and_resample():
     target, proposal = problem()
     a = mc.importance_sample(target, proposal, 1000, generator=torch.Generator().manual_seed(5))
