@@ -25,7 +25,10 @@ temperatures (even pairs, then odd pairs, alternating), accepted with probabilit
 configuration currently at temperature :math:`T_i`. An accepted swap exchanges the
 temperatures of the two replicas' integrators and rescales their velocities by
 :math:`\sqrt{T_\mathrm{new}/T_\mathrm{old}}` (Sugita & Okamoto), which keeps the Maxwell
-distribution. Frames are recorded at the lowest (target) temperature.
+distribution. Frames are recorded at the lowest (target) temperature. With ``path`` it saves
+and resumes like :func:`run_md`: one OpenMM checkpoint per replica, the replica permutation,
+the exchange counts and the swap RNG's state, so a continued run equals an uninterrupted one on
+the same platform.
 
 Units are OpenMM's: nm, ps, K, kJ/mol; ``log_prob = -U/kT``.
 """
@@ -434,13 +437,17 @@ def run_parallel_tempering(
     *,
     minimize: bool = True,
     threads: int | None = None,
+    checkpoint_every_s: float = 60.0,
 ) -> PTResult:
     r"""Replica-exchange MD over ``temperatures`` (ascending; the first is the target).
 
     Neighbour swaps are accepted with :math:`\min\{1, e^{(\beta_i-\beta_j)(U_i-U_j)}\}`, with
     velocities rescaled by :math:`\sqrt{T_\mathrm{new}/T_\mathrm{old}}` (module docstring).
     ``report_interval_ps`` must be a multiple of ``exchange_interval_ps``. With ``path`` the
-    result is saved (atomically) when the run ends.
+    run is saved atomically every ``checkpoint_every_s`` seconds, on Ctrl-C and at the end
+    (frames so far, one OpenMM checkpoint per replica, the replica permutation, the exchange
+    counts and the swap RNG's state); calling it again with the same ``path`` and settings
+    continues the run (a larger ``time_ps`` extends it), as :func:`run_md` does.
 
     Returns:
         :class:`PTResult` at ``temperatures[0]`` with per-pair acceptance rates.
@@ -463,32 +470,112 @@ def run_parallel_tempering(
         )
     per_report = rep_steps // ex_steps
     n_frames = _steps(time_ps, timestep_fs) // rep_steps
+    settings = {
+        "kind": "parallel_tempering",
+        "integrator": "LangevinMiddleIntegrator",
+        "temperature_K": float(temps[0]),
+        "temperatures_K": temps.tolist(),
+        "timestep_fs": float(timestep_fs),
+        "friction_per_ps": float(friction_per_ps),
+        "report_interval_ps": rep_steps * timestep_fs / 1000.0,
+        "exchange_interval_ps": ex_steps * timestep_fs / 1000.0,
+        "seed": int(seed),
+        "system_sha256": _system_hash(peptide.system),
+    }
     rng = np.random.default_rng(seed)
 
     contexts, integrators = [], []
-    start_pos = _positions_nm(peptide.positions)
     for k in range(K):
         ctx, integ = _make_context(peptide.system, temps[k], timestep_fs, friction_per_ps, platform,
                                    threads, _openmm_seed(seed, 10 + k))
-        ctx.setPositions(start_pos)
-        if minimize and k == 0:
-            openmm.LocalEnergyMinimizer.minimize(ctx, 1.0, 0)
-            start_pos = ctx.getState(getPositions=True).getPositions(asNumpy=True).value_in_unit(unit.nanometer)
         contexts.append(ctx)
         integrators.append(integ)
-    for k in range(K):
-        contexts[k].setPositions(start_pos)
-        contexts[k].setVelocitiesToTemperature(temps[k] * unit.kelvin, _openmm_seed(seed, 100 + k))
 
     rep_at = np.arange(K)  # replica (context) holding each temperature index
     accepted = np.zeros(K - 1, dtype=np.int64)
     attempts = np.zeros(K - 1, dtype=np.int64)
     xyz, energies, state_e, rep_hist, times = [], [], [], [], []
-    n_exchange = 0
+    n_exchange, wall_before, resumed = 0, 0.0, False
+    if path is not None and os.path.exists(path):
+        traj, e_old, meta, extra = load_npz(path)
+        for key, value in settings.items():
+            if meta.get(key) != value:
+                raise ValueError(
+                    f"{path} was written with {key}={meta.get(key)!r}, not {value!r}: refusing to "
+                    "continue a different run (choose another path)"
+                )
+        if "pt_rep_at" not in extra:
+            raise ValueError(f"{path} has no resume state (written before runs could be resumed): "
+                             "choose another path or remove it")
+        xyz, energies, times = list(traj.xyz), list(e_old), list(traj.time)
+        state_e, rep_hist = list(extra["pt_state_energies"]), list(extra["pt_replica_at_state"])
+        accepted, attempts = extra["pt_accepted"].copy(), extra["pt_attempts"].copy()
+        rep_at, n_exchange = extra["pt_rep_at"].copy(), int(extra["pt_n_exchange"])
+        rng.bit_generator.state = json.loads(str(extra["pt_rng_state"]))
+        wall_before = float(meta.get("wall_time_s", 0.0))
+        for k in range(K):
+            try:
+                contexts[k].loadCheckpoint(extra[f"pt_checkpoint_{k}"].tobytes())
+            except Exception as err:
+                raise ValueError(f"{path}: the OpenMM checkpoint of replica {k} does not load here "
+                                 f"({err}); resume on the platform and OpenMM version that wrote it, "
+                                 "or choose another path") from err
+        for s_, r in enumerate(rep_at):  # each replica's thermostat at the temperature it holds
+            integrators[r].setTemperature(temps[s_] * unit.kelvin)
+        resumed = True
+    else:
+        start_pos = _positions_nm(peptide.positions)
+        if minimize:
+            contexts[0].setPositions(start_pos)
+            openmm.LocalEnergyMinimizer.minimize(contexts[0], 1.0, 0)
+            start_pos = contexts[0].getState(getPositions=True).getPositions(asNumpy=True).value_in_unit(unit.nanometer)
+        for k in range(K):
+            contexts[k].setPositions(start_pos)
+            contexts[k].setVelocitiesToTemperature(temps[k] * unit.kelvin, _openmm_seed(seed, 100 + k))
+
+    def result_and_meta(done: bool, wall: float):
+        top = peptide.topology
+        traj = md.Trajectory(np.asarray(xyz, dtype=np.float32).reshape(-1, top.n_atoms, 3), top,
+                             time=np.asarray(times, dtype=np.float64))
+        acceptance = accepted / np.maximum(attempts, 1)
+        meta = dict(settings)
+        meta.update({
+            "force_field": _force_field_name(peptide),
+            "system": getattr(peptide, "name", "peptide"),
+            "platform": platform,
+            "openmm_version": openmm.__version__,
+            "n_frames": len(xyz),
+            "time_ps": len(xyz) * rep_steps * timestep_fs / 1000.0,
+            "acceptance": acceptance.tolist(),
+            "wall_time_s": wall,
+            "complete": bool(done),
+        })
+        result = PTResult(
+            traj, np.asarray(energies, dtype=np.float64), meta,
+            acceptance=acceptance, attempts=attempts.copy(), temperatures=temps,
+            state_energies=np.asarray(state_e, dtype=np.float64).reshape(-1, K),
+            replica_at_state=np.asarray(rep_hist, dtype=np.int64).reshape(-1, K),
+        )
+        return result, meta
+
+    def save(done: bool, wall: float):
+        result, meta = result_and_meta(done, wall)
+        extra = {
+            "pt_acceptance": result.acceptance, "pt_attempts": attempts, "pt_accepted": accepted,
+            "pt_temperatures": temps, "pt_state_energies": result.state_energies,
+            "pt_replica_at_state": result.replica_at_state, "pt_rep_at": rep_at,
+            "pt_n_exchange": np.array(n_exchange), "pt_rng_state": np.array(json.dumps(rng.bit_generator.state)),
+        }
+        for k in range(K):
+            extra[f"pt_checkpoint_{k}"] = np.frombuffer(contexts[k].createCheckpoint(), dtype=np.uint8)
+        save_npz(path, result.trajectory, result.potential_energy, meta, extra)
+
     start = time.perf_counter()
-    bar = tqdm(total=n_frames, disable=not progress, desc=f"PT {K} replicas", unit="frame")
+    last_save = start
+    bar = tqdm(total=n_frames, initial=min(len(xyz), n_frames), disable=not progress,
+               desc=f"PT {K} replicas", unit="frame")
     try:
-        for frame in range(n_frames):
+        while len(xyz) < n_frames:
             for _ in range(per_report):
                 for integ in integrators:
                     integ.step(ex_steps)
@@ -519,45 +606,21 @@ def run_parallel_tempering(
             energies.append(float(u[r0]))
             state_e.append(u[rep_at])
             rep_hist.append(rep_at.copy())
-            times.append((frame + 1) * rep_steps * timestep_fs / 1000.0)
+            times.append(len(xyz) * rep_steps * timestep_fs / 1000.0)
             bar.update(1)
             bar.set_postfix(acc=np.round(accepted / np.maximum(attempts, 1), 2).tolist())
+            if path is not None and time.perf_counter() - last_save > checkpoint_every_s:
+                save(False, wall_before + time.perf_counter() - start)
+                last_save = time.perf_counter()
+    except KeyboardInterrupt:
+        if path is not None:
+            save(False, wall_before + time.perf_counter() - start)
+        raise
     finally:
         bar.close()
-    top = peptide.topology
-    traj = md.Trajectory(np.asarray(xyz, dtype=np.float32).reshape(-1, top.n_atoms, 3), top,
-                         time=np.asarray(times))
-    acceptance = accepted / np.maximum(attempts, 1)
-    meta = {
-        "kind": "parallel_tempering",
-        "integrator": "LangevinMiddleIntegrator",
-        "temperature_K": float(temps[0]),
-        "temperatures_K": temps.tolist(),
-        "timestep_fs": float(timestep_fs),
-        "friction_per_ps": float(friction_per_ps),
-        "report_interval_ps": rep_steps * timestep_fs / 1000.0,
-        "exchange_interval_ps": ex_steps * timestep_fs / 1000.0,
-        "seed": int(seed),
-        "system_sha256": _system_hash(peptide.system),
-        "force_field": _force_field_name(peptide),
-        "system": getattr(peptide, "name", "peptide"),
-        "platform": platform,
-        "openmm_version": openmm.__version__,
-        "n_frames": int(n_frames),
-        "time_ps": n_frames * rep_steps * timestep_fs / 1000.0,
-        "acceptance": acceptance.tolist(),
-        "wall_time_s": time.perf_counter() - start,
-        "complete": True,
-    }
-    result = PTResult(
-        traj, np.asarray(energies, dtype=np.float64), meta,
-        acceptance=acceptance, attempts=attempts, temperatures=temps,
-        state_energies=np.asarray(state_e, dtype=np.float64).reshape(-1, K),
-        replica_at_state=np.asarray(rep_hist, dtype=np.int64).reshape(-1, K),
-    )
+    wall = wall_before + time.perf_counter() - start
     if path is not None:
-        save_npz(path, traj, result.potential_energy, meta, {
-            "pt_acceptance": acceptance, "pt_attempts": attempts, "pt_temperatures": temps,
-            "pt_state_energies": result.state_energies, "pt_replica_at_state": result.replica_at_state,
-        })
+        save(True, wall)
+    result, meta = result_and_meta(True, wall)
+    meta["resumed"] = resumed
     return result

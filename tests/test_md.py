@@ -169,6 +169,28 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+def test_parallel_tempering_resume_continues_the_same_run(ala2, tmp_path):
+    """Half a PT run saved, then extended, equals the uninterrupted run (Reference platform)."""
+    kw = dict(exchange_interval_ps=0.02, report_interval_ps=0.04, seed=3, platform="Reference",
+              progress=False)
+    temps = [300.0, 330.0, 365.0]
+    whole = run_parallel_tempering(ala2, temps, 0.4, **kw)
+    path = tmp_path / "pt.npz"
+    first = run_parallel_tempering(ala2, temps, 0.2, path=path, **kw)
+    assert first.trajectory.n_frames == 5 and not first.metadata["resumed"]
+    resumed = run_parallel_tempering(ala2, temps, 0.4, path=path, **kw)
+    assert resumed.metadata["resumed"] and resumed.trajectory.n_frames == 10
+    assert np.array_equal(resumed.trajectory.xyz, whole.trajectory.xyz)
+    assert np.array_equal(resumed.state_energies, whole.state_energies)
+    assert np.array_equal(resumed.replica_at_state, whole.replica_at_state)
+    assert resumed.attempts.tolist() == whole.attempts.tolist() and resumed.acceptance.tolist() == whole.acceptance.tolist()
+    assert 0 < whole.acceptance.min() and whole.acceptance.max() < 1  # swaps happened and were refused
+    traj, _, meta, extra = load_npz(path)
+    assert meta["complete"] and meta["n_frames"] == 10 and len(extra["pt_replica_at_state"]) == 10
+    with pytest.raises(ValueError, match="seed=3"):
+        run_parallel_tempering(ala2, temps, 0.4, path=path, **{**kw, "seed": 4})
+
+
 def test_smc_on_alanine_dipeptide_matches_md_energies(ala2, one_thread):
     """The judged check of issue 3: SMC over internal coordinates from a broad start.
 
