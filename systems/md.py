@@ -200,6 +200,47 @@ def load_npz(path):
 # helpers
 
 
+def _trajectory(peptide, xyz: list, times: list):
+    """The frames so far as an mdtraj Trajectory (float32 nm, times in ps)."""
+    import mdtraj as md
+
+    top = peptide.topology
+    return md.Trajectory(np.asarray(xyz, dtype=np.float32).reshape(len(xyz), top.n_atoms, 3), top,
+                         time=np.asarray(times, dtype=np.float64))
+
+
+def _run_metadata(settings: dict, peptide, platform: str, n_frames: int, frame_ps: float, done: bool,
+                  wall: float, **more) -> dict:
+    """Provenance of a run so far: its settings plus system, platform, progress and timing."""
+    import openmm
+
+    meta = dict(settings)
+    meta.update({
+        "force_field": _force_field_name(peptide),
+        "system": getattr(peptide, "name", "peptide"),
+        "platform": platform,
+        "openmm_version": openmm.__version__,
+        "n_frames": n_frames,
+        "time_ps": n_frames * frame_ps,
+        "complete": bool(done),
+        "wall_time_s": wall,
+        **more,
+    })
+    return meta
+
+
+def _load_same_run(path, settings: dict):
+    """:func:`load_npz` of a run to continue, refusing one written with other ``settings``."""
+    traj, energy, meta, extra = load_npz(path)
+    for key, value in settings.items():
+        if meta.get(key) != value:
+            raise ValueError(
+                f"{path} was written with {key}={meta.get(key)!r}, not {value!r}: refusing to "
+                "continue a different run (choose another path)"
+            )
+    return traj, energy, meta, extra
+
+
 def _system_hash(system) -> str:
     import openmm
 
@@ -287,7 +328,6 @@ def run_md(
         :class:`MDResult`; ``metadata`` has the settings, the number of steps, the wall time and
         a hash of the System.
     """
-    import mdtraj as md
     import openmm
     import openmm.unit as unit
 
@@ -319,13 +359,7 @@ def run_md(
     wall_before = 0.0
     resumed = False
     if path is not None and os.path.exists(path):
-        traj, e_old, meta, extra = load_npz(path)
-        for key, value in settings.items():
-            if meta.get(key) != value:
-                raise ValueError(
-                    f"{path} was written with {key}={meta.get(key)!r}, not {value!r}: refusing to "
-                    "continue a different run (choose another path)"
-                )
+        traj, e_old, meta, extra = _load_same_run(path, settings)
         xyz = list(traj.xyz)
         energies = list(e_old)
         times = list(traj.time)
@@ -353,24 +387,9 @@ def run_md(
 
     def snapshot(done: bool, wall: float):
         state = context.getState(getPositions=True, getVelocities=True)
-        meta = dict(settings)
-        meta.update({
-            "force_field": _force_field_name(peptide),
-            "system": getattr(peptide, "name", "peptide"),
-            "platform": platform,
-            "openmm_version": openmm.__version__,
-            "n_frames": len(xyz),
-            "time_ps": len(xyz) * report_steps * timestep_fs / 1000.0,
-            "steps": int(context.getStepCount()),
-            "complete": bool(done),
-            "wall_time_s": wall,
-        })
-        top = peptide.topology
-        traj = md.Trajectory(
-            np.asarray(xyz, dtype=np.float32).reshape(len(xyz), top.n_atoms, 3), top,
-            time=np.asarray(times, dtype=np.float64),
-        )
-        return traj, meta, state
+        meta = _run_metadata(settings, peptide, platform, len(xyz), report_steps * timestep_fs / 1000.0,
+                             done, wall, steps=int(context.getStepCount()))
+        return _trajectory(peptide, xyz, times), meta, state
 
     def save(done: bool, wall: float):
         traj, meta, state = snapshot(done, wall)
@@ -452,7 +471,6 @@ def run_parallel_tempering(
     Returns:
         :class:`PTResult` at ``temperatures[0]`` with per-pair acceptance rates.
     """
-    import mdtraj as md
     import openmm
     import openmm.unit as unit
 
@@ -497,13 +515,7 @@ def run_parallel_tempering(
     xyz, energies, state_e, rep_hist, times = [], [], [], [], []
     n_exchange, wall_before, resumed = 0, 0.0, False
     if path is not None and os.path.exists(path):
-        traj, e_old, meta, extra = load_npz(path)
-        for key, value in settings.items():
-            if meta.get(key) != value:
-                raise ValueError(
-                    f"{path} was written with {key}={meta.get(key)!r}, not {value!r}: refusing to "
-                    "continue a different run (choose another path)"
-                )
+        traj, e_old, meta, extra = _load_same_run(path, settings)
         if "pt_rep_at" not in extra:
             raise ValueError(f"{path} has no resume state (written before runs could be resumed): "
                              "choose another path or remove it")
@@ -534,24 +546,11 @@ def run_parallel_tempering(
             contexts[k].setVelocitiesToTemperature(temps[k] * unit.kelvin, _openmm_seed(seed, 100 + k))
 
     def result_and_meta(done: bool, wall: float):
-        top = peptide.topology
-        traj = md.Trajectory(np.asarray(xyz, dtype=np.float32).reshape(-1, top.n_atoms, 3), top,
-                             time=np.asarray(times, dtype=np.float64))
         acceptance = accepted / np.maximum(attempts, 1)
-        meta = dict(settings)
-        meta.update({
-            "force_field": _force_field_name(peptide),
-            "system": getattr(peptide, "name", "peptide"),
-            "platform": platform,
-            "openmm_version": openmm.__version__,
-            "n_frames": len(xyz),
-            "time_ps": len(xyz) * rep_steps * timestep_fs / 1000.0,
-            "acceptance": acceptance.tolist(),
-            "wall_time_s": wall,
-            "complete": bool(done),
-        })
+        meta = _run_metadata(settings, peptide, platform, len(xyz), rep_steps * timestep_fs / 1000.0,
+                             done, wall, acceptance=acceptance.tolist())
         result = PTResult(
-            traj, np.asarray(energies, dtype=np.float64), meta,
+            _trajectory(peptide, xyz, times), np.asarray(energies, dtype=np.float64), meta,
             acceptance=acceptance, attempts=attempts.copy(), temperatures=temps,
             state_energies=np.asarray(state_e, dtype=np.float64).reshape(-1, K),
             replica_at_state=np.asarray(rep_hist, dtype=np.int64).reshape(-1, K),
