@@ -89,6 +89,14 @@ class DiffusionModel(Protocol):
 # helpers shared by the estimators
 
 
+def device_index(device: torch.device) -> int | None:
+    """The device's index, the current CUDA device for a bare ``cuda`` (as a generator made with
+    ``torch.Generator("cuda")`` reports it); ``None`` for the CPU."""
+    if device.type == "cuda" and device.index is None:
+        return torch.cuda.current_device()
+    return device.index
+
+
 def check_log_prob(values: Tensor, batch: int, who: str = "target") -> Tensor:
     """Check a batch of log-densities: shape ``(batch,)`` and no NaN (``-inf`` is allowed).
 
@@ -167,8 +175,7 @@ def draw(
     else:
         # seed the global generator of the generator's device from ours, restore it afterwards
         if generator.device.type == "cuda":
-            index = generator.device.index
-            gen = torch.cuda.default_generators[torch.cuda.current_device() if index is None else index]
+            gen = torch.cuda.default_generators[device_index(generator.device)]
         else:
             gen = torch.default_generator
         saved = gen.get_state()

@@ -48,6 +48,7 @@ import torch
 from torch import Tensor
 
 from mcsample.diagnostics import _check
+from mcsample.protocols import device_index
 
 __all__ = ["resample", "SCHEMES"]
 
@@ -253,14 +254,7 @@ def _numba_schemes() -> dict:
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:
-    """``cuda`` and ``cuda:0`` are one device when 0 is the current one (a CUDA generator made
-    with ``torch.Generator("cuda")`` reports no index)."""
-    if a.type != b.type:
-        return False
-    if a.index is None or b.index is None:
-        current = torch.cuda.current_device() if a.type == "cuda" else None
-        return (a.index if a.index is not None else current) == (b.index if b.index is not None else current)
-    return a.index == b.index
+    return a.type == b.type and device_index(a) == device_index(b)
 
 
 def resample(

@@ -66,7 +66,6 @@ class SMCState(ParticleState):
         return Point(self.x, self.parts, self.grads)
 
 
-
 @dataclass
 class SMCResult:
     """Final weighted particles plus the run's diagnostics."""

@@ -229,6 +229,38 @@ def _run_metadata(settings: dict, peptide, platform: str, n_frames: int, frame_p
     return meta
 
 
+class _Autosave:
+    """Call ``save(done, wall_s)`` every ``every_s`` seconds (:meth:`tick`), on Ctrl-C (leaving
+    the ``with`` block) and once complete (:meth:`finish`); ``save=None`` saves nothing.
+    ``wall_s`` counts ``wall_before`` (earlier sessions of the run) plus the time since start."""
+
+    def __init__(self, save, every_s: float, wall_before: float = 0.0):
+        self.save, self.every_s, self.wall_before = save, every_s, wall_before
+        self.start = self.last = time.perf_counter()
+
+    def wall(self) -> float:
+        return self.wall_before + time.perf_counter() - self.start
+
+    def tick(self) -> None:
+        if self.save is not None and time.perf_counter() - self.last > self.every_s:
+            self.save(False, self.wall())
+            self.last = time.perf_counter()
+
+    def finish(self) -> float:
+        wall = self.wall()
+        if self.save is not None:
+            self.save(True, wall)
+        return wall
+
+    def __enter__(self) -> "_Autosave":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is KeyboardInterrupt and self.save is not None:
+            self.save(False, self.wall())
+        return False
+
+
 def _load_same_run(path, settings: dict):
     """:func:`load_npz` of a run to continue, refusing one written with other ``settings``."""
     traj, energy, meta, extra = load_npz(path)
@@ -401,11 +433,10 @@ def run_md(
         }
         save_npz(path, traj, np.asarray(energies, dtype=np.float64), meta, extra)
 
-    start = time.perf_counter()
-    last_save = start
+    autosave = _Autosave(save if path is not None else None, checkpoint_every_s, wall_before)
     bar = tqdm(total=n_frames, initial=min(len(xyz), n_frames), disable=not progress,
                desc=f"MD {getattr(peptide, 'name', '')} {temperature:g} K", unit="frame")
-    try:
+    with bar, autosave:
         while len(xyz) < n_frames:
             integrator.step(report_steps)
             state = context.getState(getPositions=True, getEnergy=True)
@@ -419,18 +450,8 @@ def run_md(
             energies.append(e)
             times.append(context.getStepCount() * timestep_fs / 1000.0)
             bar.update(1)
-            if path is not None and time.perf_counter() - last_save > checkpoint_every_s:
-                save(False, wall_before + time.perf_counter() - start)
-                last_save = time.perf_counter()
-    except KeyboardInterrupt:
-        if path is not None:
-            save(False, wall_before + time.perf_counter() - start)
-        raise
-    finally:
-        bar.close()
-    wall = wall_before + time.perf_counter() - start
-    if path is not None:
-        save(True, wall)
+            autosave.tick()
+    wall = autosave.finish()
     traj, meta, _ = snapshot(True, wall)
     meta["resumed"] = resumed
     n_keep = n_frames
@@ -569,11 +590,10 @@ def run_parallel_tempering(
             extra[f"pt_checkpoint_{k}"] = np.frombuffer(contexts[k].createCheckpoint(), dtype=np.uint8)
         save_npz(path, result.trajectory, result.potential_energy, meta, extra)
 
-    start = time.perf_counter()
-    last_save = start
+    autosave = _Autosave(save if path is not None else None, checkpoint_every_s, wall_before)
     bar = tqdm(total=n_frames, initial=min(len(xyz), n_frames), disable=not progress,
                desc=f"PT {K} replicas", unit="frame")
-    try:
+    with bar, autosave:
         while len(xyz) < n_frames:
             for _ in range(per_report):
                 for integ in integrators:
@@ -608,18 +628,8 @@ def run_parallel_tempering(
             times.append(len(xyz) * rep_steps * timestep_fs / 1000.0)
             bar.update(1)
             bar.set_postfix(acc=np.round(accepted / np.maximum(attempts, 1), 2).tolist())
-            if path is not None and time.perf_counter() - last_save > checkpoint_every_s:
-                save(False, wall_before + time.perf_counter() - start)
-                last_save = time.perf_counter()
-    except KeyboardInterrupt:
-        if path is not None:
-            save(False, wall_before + time.perf_counter() - start)
-        raise
-    finally:
-        bar.close()
-    wall = wall_before + time.perf_counter() - start
-    if path is not None:
-        save(True, wall)
+            autosave.tick()
+    wall = autosave.finish()
     result, meta = result_and_meta(True, wall)
     meta["resumed"] = resumed
     return result
