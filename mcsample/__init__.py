@@ -33,12 +33,14 @@ __all__ = [
     "resample",
     "smc",
     "sample_conformers",
+    "sample_peptide",
 ]
 
 # Conveniences that reach into systems/ and flows/ (RDKit, OpenMM): resolved lazily so that the
 # engine imports without them.
 _LAZY = {
     "sample_conformers": ("mcsample.conformers", "sample_conformers"),
+    "sample_peptide": ("mcsample.peptide_sampling", "sample_peptide"),
 }
 
 

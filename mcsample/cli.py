@@ -40,6 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="Boltzmann-weighted conformers of a molecule (SMILES or SDF) -> SDF; "
         "`mcsample conformers --help` for options",
     )
+    sub.add_parser(
+        "peptide", add_help=False,
+        help="Boltzmann-weighted peptide configurations from the shipped normalizing flow "
+        "(IS or SMC) -> PDB/DCD + JSON; `mcsample peptide --help` for options",
+    )
     return parser
 
 
@@ -49,6 +54,10 @@ def main(argv: list[str] | None = None) -> int:
         from mcsample.conformers import cli
 
         return cli(argv[1:])
+    if argv[:1] == ["peptide"]:
+        from mcsample.peptide_sampling import cli as peptide_cli
+
+        return peptide_cli(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

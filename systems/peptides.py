@@ -362,6 +362,33 @@ class Peptide:
         """:math:`\\nabla_x \\log\\pi = F(x)/kT` (torch backend)."""
         return self.forces(x) / self.kT
 
+    def identity(self) -> dict:
+        """What defines this Boltzmann density, for checkpoints that must match it.
+
+        ``name``, ``sequence``, ``temperature_K``, ``n_atoms``, ``topology_sha256`` (atom names,
+        elements, residues and bonds) and ``system_sha256`` (the serialized OpenMM System: force
+        field, solvent model, cutoff, every parameter).
+        """
+        import hashlib
+
+        import openmm
+
+        top = self.topology
+        atoms = ";".join(f"{a.residue.index}:{a.residue.name}:{a.name}:"
+                         f"{a.element.symbol if a.element is not None else '?'}" for a in top.atoms)
+        bonds = ";".join(f"{min(b[0].index, b[1].index)}-{max(b[0].index, b[1].index)}"
+                         for b in sorted(top.bonds, key=lambda b: (min(b[0].index, b[1].index),
+                                                                   max(b[0].index, b[1].index))))
+        system = openmm.XmlSerializer.serialize(self.system)
+        return {
+            "name": str(self.name),
+            "sequence": str(self.sequence),
+            "temperature_K": float(self.temperature),
+            "n_atoms": int(self.n_atoms),
+            "topology_sha256": hashlib.sha256(f"{atoms}|{bonds}".encode()).hexdigest()[:16],
+            "system_sha256": hashlib.sha256(system.encode()).hexdigest()[:16],
+        }
+
     # -------------------------------------------------------------------------- mdtraj
     def to_mdtraj(self, x: Tensor):
         """An ``mdtraj.Trajectory`` of the configurations ``x`` (``(B, n, 3)`` or ``(n, 3)``, nm)."""

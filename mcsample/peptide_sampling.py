@@ -1,0 +1,403 @@
+r"""Boltzmann-weighted peptide configurations in one call, from a shipped normalizing flow.
+
+A researcher who wants the equilibrium ensemble and free energies of a small peptide at its
+temperature, without microseconds of MD, calls :func:`sample_peptide`. It draws independent
+configurations from a trained Boltzmann generator
+(:class:`~mcsample.flows.boltzmann_generator.BoltzmannGenerator`, exact density :math:`q`)
+and corrects them to :math:`\pi(x)\propto e^{-U(x)/k_BT}` of the peptide's force field:
+
+* ``method="is"``: self-normalized importance sampling, :math:`w = e^{-U/kT}/q`
+  (:func:`mcsample.importance_sample`); one energy evaluation per sample.
+* ``method="smc"``: annealed SMC from the flow to the Boltzmann density
+  (:func:`mcsample.smc`) in the flow's internal coordinates, where the bonds, angles and
+  torsions are separately preconditioned, with MALA moves each followed by an independence
+  move that redraws the configuration from the flow (:class:`mcsample.kernels.Independence`).
+  Several energy and gradient evaluations per particle; it repairs what importance sampling
+  cannot when the flow misses part of the target.
+
+The result holds the weighted Cartesian samples (nm, the peptide's atom order) as a
+:class:`~mcsample.weighted.WeightedSamples`, the normalized weights, potential energies
+(kJ/mol), an ``mdtraj.Trajectory``, and the diagnostics that say whether to trust them: Kish ESS,
+PSIS :math:`\hat k` (< 0.7 reliable), :math:`\log Z` ± its standard error (the configurational
+integral per nm³ of translation and per :math:`8\pi^2` of orientation; see
+:mod:`mcsample.flows.boltzmann_generator`), the number of energy evaluations and the seconds.
+
+    >>> import mcsample as mc
+    >>> from mcsample.systems.peptides import alanine_dipeptide
+    >>> ens = mc.sample_peptide(alanine_dipeptide("obc1"), 10_000, method="is")
+    >>> print(ens.diagnostics)
+    >>> ens.free_energy_difference()          # ΔF(φ>0 − φ<0) ± stderr in kT
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["PeptideDiagnostics", "PeptideEnsemble", "sample_peptide", "cli"]
+
+#: (φ, ψ) basins of alanine dipeptide, degrees: a partition of the Ramachandran plane
+BASINS = ("C5", "C7eq", "alphaR", "C7ax", "alphaL")
+
+
+def basin_index(phi: Tensor, psi: Tensor) -> Tensor:
+    r"""Assign (φ, ψ) in radians to the basins :data:`BASINS` (a partition of the torus).
+
+    φ < 0: αR for −120° < ψ < 30°; otherwise C5 (φ < −120°) or C7eq (−120° ≤ φ < 0, which
+    includes the polyproline-II region). φ ≥ 0: C7ax for ψ < 0, αL for ψ ≥ 0 (the usual
+    split of the rare left-handed side; Ramachandran regions as in Chodera et al. 2006).
+    """
+    deg = 180.0 / math.pi
+    phi, psi = phi * deg, psi * deg
+    alpha_r = (psi > -120) & (psi < 30)
+    idx = torch.where(phi < -120, 0, 1)
+    idx = torch.where(alpha_r, 2, idx)
+    idx = torch.where(phi >= 0, torch.where(psi < 0, 3, 4), idx)
+    return idx
+
+
+@dataclass
+class PeptideDiagnostics:
+    """How far to trust the weights: ``ess`` (Kish), ``ess_fraction`` = ess / n, ``khat``
+    (PSIS; ``-inf`` when all weights are equal, as after SMC's last resampling),
+    ``log_evidence`` ± ``log_evidence_stderr``, ``method``, ``num_samples``,
+    ``energy_evaluations`` (energies and forces evaluated, each counted once per
+    configuration), ``seconds`` of wall time."""
+
+    ess: float
+    ess_fraction: float
+    khat: float
+    log_evidence: float
+    log_evidence_stderr: float
+    method: str
+    num_samples: int
+    energy_evaluations: int
+    seconds: float
+
+    @property
+    def reliable(self) -> bool:
+        """:math:`\\hat k < 0.7` (PSIS's threshold), or equal weights."""
+        return not self.khat >= 0.7
+
+    def __str__(self) -> str:
+        return (f"{self.method}: {self.num_samples} samples, ESS {self.ess:.1f} ({self.ess_fraction:.1%}), "
+                f"k-hat {self.khat:.2f}, log Z {self.log_evidence:.3f} ± {self.log_evidence_stderr:.3f}, "
+                f"{self.energy_evaluations} energy evaluations, {self.seconds:.1f} s")
+
+
+@dataclass
+class PeptideEnsemble:
+    """Weighted configurations of a peptide: ``samples`` (:class:`~mcsample.weighted.WeightedSamples`
+    over ``(n, n_atoms, 3)`` nm), ``weights`` (n,) normalized float64, ``energies`` (n,) kJ/mol,
+    ``diagnostics``, ``peptide``."""
+
+    samples: object
+    weights: Tensor
+    energies: Tensor
+    diagnostics: PeptideDiagnostics
+    peptide: object
+
+    def __len__(self) -> int:
+        return self.weights.numel()
+
+    @property
+    def positions(self) -> Tensor:
+        return self.samples.samples
+
+    @property
+    def trajectory(self):
+        """An ``mdtraj.Trajectory`` of the samples (weights in :attr:`weights`)."""
+        return self.peptide.to_mdtraj(self.positions)
+
+    def ramachandran(self) -> tuple[Tensor, Tensor]:
+        """Backbone (φ, ψ) of every sample in radians (first φ/ψ pair of the chain)."""
+        from mcsample.systems import analysis
+
+        phi, psi = analysis.ramachandran_angles(self.trajectory)
+        return torch.as_tensor(np.asarray(phi)), torch.as_tensor(np.asarray(psi))
+
+    def free_energy_difference(self) -> dict:
+        r""":math:`\Delta F = -\log\frac{P(\phi>0)}{P(\phi<0)}` in kT with its standard error
+        (delta method on the self-normalized estimate of :math:`P(\phi>0)`, genealogy-aware
+        after SMC resampling). ``{"value", "stderr", "p_positive", "p_positive_stderr"}``;
+        ``value`` is ±inf and ``stderr`` NaN when no sample lies on one side."""
+        phi, _ = self.ramachandran()
+        ind = (phi > 0).to(torch.float64)
+        est = self.samples.expectation(lambda x: ind)
+        p, se = float(est.value), float(est.stderr)
+        if p <= 0.0 or p >= 1.0:
+            return {"value": math.inf if p <= 0 else -math.inf, "stderr": math.nan,
+                    "p_positive": p, "p_positive_stderr": se}
+        return {"value": -math.log(p / (1 - p)), "stderr": se / (p * (1 - p)),
+                "p_positive": p, "p_positive_stderr": se}
+
+    def basin_populations(self) -> dict:
+        """Populations of :data:`BASINS` ± standard errors: ``{name: (value, stderr)}``."""
+        phi, psi = self.ramachandran()
+        onehot = torch.nn.functional.one_hot(basin_index(phi, psi), len(BASINS)).to(torch.float64)
+        est = self.samples.expectation(lambda x: onehot)
+        return {b: (float(est.value[k]), float(est.stderr[k])) for k, b in enumerate(BASINS)}
+
+    def summary(self) -> dict:
+        """Every number of the ensemble as a JSON-ready dictionary."""
+        return {"diagnostics": asdict(self.diagnostics), "free_energy_difference_kT": self.free_energy_difference(),
+                "basin_populations": {k: list(v) for k, v in self.basin_populations().items()},
+                "peptide": self.peptide.identity(),
+                "mean_energy_kj_mol": float((self.weights * self.energies.to(torch.float64)).sum())}
+
+    def save(self, path) -> list[str]:
+        """Write the samples: ``.pdb`` / ``.dcd`` / ``.xtc`` (mdtraj; with ``.dcd``/``.xtc`` a
+        ``.pdb`` topology beside it) and always ``<stem>.weights.json`` with the normalized
+        weights, energies and diagnostics. Returns the paths written."""
+        path = os.fspath(path)
+        stem, ext = os.path.splitext(path)
+        ext = ext.lower()
+        if ext not in (".pdb", ".dcd", ".xtc"):
+            raise ValueError(f"unsupported output format {ext!r}: use .pdb, .dcd or .xtc")
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        traj = self.trajectory
+        written = []
+        tmp = f"{stem}.tmp{os.getpid()}{ext}"
+        traj.save(tmp)
+        os.replace(tmp, path)
+        written.append(path)
+        if ext != ".pdb":
+            top = stem + ".topology.pdb"
+            traj[0].save(top)
+            written.append(top)
+        meta = {**self.summary(), "weights": self.weights.tolist(),
+                "energies_kj_mol": self.energies.to(torch.float64).tolist()}
+        jpath = stem + ".weights.json"
+        tmpj = jpath + f".tmp{os.getpid()}"
+        with open(tmpj, "w") as fh:
+            json.dump(meta, fh, indent=1)
+        os.replace(tmpj, jpath)
+        written.append(jpath)
+        return written
+
+
+class _Counted:
+    """A target that counts the configurations whose energy it evaluates."""
+
+    def __init__(self, target):
+        self.target = target
+        self.event_shape = getattr(target, "event_shape", None)
+        self.count = 0
+
+    def log_prob(self, x):
+        self.count += int(x.shape[0])
+        return self.target.log_prob(x)
+
+
+class _Float64Flow:
+    """The internal-coordinate flow with float64 samples and log-densities, for SMC."""
+
+    def __init__(self, flow):
+        self.flow = flow
+        self.event_shape = flow.event_shape
+
+    def sample_and_log_prob(self, shape, generator=None):
+        z, lq = self.flow.sample_and_log_prob(shape, generator=generator)
+        return z.to(torch.float64), lq.to(torch.float64)
+
+    def log_prob(self, z):
+        return self.flow.log_prob(z).to(torch.float64)
+
+
+def _as_peptide(peptide_or_sequence, solvent: str, temperature: float | None):
+    from mcsample.systems.peptides import Peptide, alanine_dipeptide
+
+    if isinstance(peptide_or_sequence, Peptide):
+        return peptide_or_sequence
+    if isinstance(peptide_or_sequence, str):
+        key = peptide_or_sequence.strip().replace("-", "").upper()
+        if key in ("ALANINEDIPEPTIDE", "ALANINE_DIPEPTIDE", "ACEALANME", "ALDP", "ADP"):
+            return alanine_dipeptide(solvent, temperature=300.0 if temperature is None else temperature)
+        raise ValueError(
+            f"no shipped flow for {peptide_or_sequence!r}: the shipped Boltzmann generators cover "
+            "alanine dipeptide ('alanine_dipeptide', AMBER ff96, OBC1 or vacuum, 300 K); pass a "
+            "Peptide and a proposal= trained for it (mcsample.flows.training)"
+        )
+    raise TypeError(f"expected a Peptide or a name, got {type(peptide_or_sequence).__name__}")
+
+
+def sample_peptide(
+    peptide,
+    num_samples: int = 10_000,
+    method: str = "is",
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+    *,
+    proposal=None,
+    solvent: str = "obc1",
+    temperature: float | None = None,
+    batch_size: int = 4096,
+    smc_steps: int = 5,
+) -> PeptideEnsemble:
+    r"""Boltzmann-weighted configurations of ``peptide`` from a trained Boltzmann generator.
+
+    Args:
+        peptide: a :class:`~mcsample.systems.peptides.Peptide` (e.g. ``alanine_dipeptide("obc1")``)
+            or the name ``"alanine_dipeptide"`` (then ``solvent`` and ``temperature`` build it).
+        num_samples: importance samples (``"is"``) or SMC particles (``"smc"``).
+        method: ``"is"`` or ``"smc"`` (module docstring).
+        generator: ``torch.Generator`` for reproducible results.
+        progress: progress bars.
+        proposal: a :class:`~mcsample.flows.boltzmann_generator.BoltzmannGenerator` (default:
+            the shipped one for this peptide, :func:`mcsample.flows.pretrained`); its recorded
+            system must match ``peptide`` (force field, solvent, temperature, topology).
+        batch_size: configurations per energy batch for ``"is"``.
+        smc_steps: MALA + independence moves per SMC step.
+
+    Returns:
+        :class:`PeptideEnsemble`: weighted samples, weights, energies (kJ/mol), trajectory,
+        diagnostics. ``log_prob = -U/kT`` with U in kJ/mol.
+    """
+    import mcsample as mc
+    from mcsample.flows import pretrained
+    from mcsample.flows.boltzmann_generator import LOG_RIGID_VOLUME, BoltzmannGenerator
+
+    if method not in ("is", "smc"):
+        raise ValueError(f"method must be 'is' or 'smc', got {method!r}")
+    num_samples = int(num_samples)
+    if num_samples < 2:
+        raise ValueError(f"num_samples must be at least 2, got {num_samples}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    t0 = time.perf_counter()
+    peptide = _as_peptide(peptide, solvent, temperature)
+    if proposal is None:
+        proposal = pretrained(peptide)
+    if not isinstance(proposal, BoltzmannGenerator):
+        raise TypeError(f"proposal must be a BoltzmannGenerator, got {type(proposal).__name__}")
+    proposal.check_identity(peptide)
+    if generator is None:
+        generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ())))
+    if method == "is":
+        target = _Counted(peptide)
+        ws = mc.importance_sample(target, proposal, num_samples, batch_size=batch_size,
+                                  generator=generator, progress=progress)
+        evaluations = target.count
+    else:
+        from mcsample.kernels import MALA, Independence
+        from mcsample.systems.coordinates import InternalCoordinateTarget
+
+        internal = _Counted(InternalCoordinateTarget(peptide, zmatrix=proposal.ic.zmatrix, fix_rigid=True))
+        q = _Float64Flow(proposal.flow)
+        kernel = Independence(num_steps=smc_steps, local=MALA(), proposal=q)
+        res = mc.smc(internal, q, num_samples, kernel=kernel, generator=generator, progress=progress)
+        z = res.particles
+        with torch.no_grad():
+            x, _ = proposal.place(z.samples, generator)
+        # the Cartesian evidence is the internal one times the rigid-body volume (8π² nm³)
+        ws = mc.WeightedSamples(x, z.log_weights, log_scale=z.log_scale + LOG_RIGID_VOLUME,
+                                ancestors=z.ancestors, generations=z.generations,
+                                ess_history=z.ess_history,
+                                info={**z.info, "betas": list(map(float, res.betas))})
+        evaluations = internal.count
+    with torch.no_grad():
+        energies = peptide.energy(ws.samples)
+    khat = float(ws.khat)
+    diag = PeptideDiagnostics(
+        ess=float(ws.ess), ess_fraction=float(ws.ess) / len(ws), khat=khat,
+        log_evidence=float(ws.log_evidence), log_evidence_stderr=float(ws.log_evidence_stderr),
+        method=method, num_samples=len(ws), energy_evaluations=int(evaluations),
+        seconds=time.perf_counter() - t0,
+    )
+    return PeptideEnsemble(ws, ws.normalized_weights, energies, diag, peptide)
+
+
+def summary_table(ensembles: dict) -> str:
+    """A plain-text table of diagnostics, ΔF and basin populations, one column per ensemble."""
+    rows = [("ESS (fraction)", lambda e: f"{e.diagnostics.ess:.0f} ({e.diagnostics.ess_fraction:.1%})"),
+            ("k-hat", lambda e: f"{e.diagnostics.khat:.2f}"),
+            ("log Z", lambda e: f"{e.diagnostics.log_evidence:.3f} ± {e.diagnostics.log_evidence_stderr:.3f}"),
+            ("ΔF(φ>0 − φ<0) / kT", lambda e: "{value:.2f} ± {stderr:.2f}".format(**e.free_energy_difference())),
+            ("<U> kJ/mol", lambda e: f"{float((e.weights * e.energies.double()).sum()):.2f}")]
+    for k, b in enumerate(BASINS):
+        rows.append((f"P({b})", lambda e, b=b: "{:.4f} ± {:.4f}".format(*e.basin_populations()[b])))
+    rows += [("energy evaluations", lambda e: f"{e.diagnostics.energy_evaluations}"),
+             ("seconds", lambda e: f"{e.diagnostics.seconds:.1f}")]
+    names = list(ensembles)
+    cells = [[label] + [fn(ensembles[n]) for n in names] for label, fn in rows]
+    header = [""] + names
+    widths = [max(len(str(r[i])) for r in cells + [header]) for i in range(len(header))]
+    fmt = "  ".join(f"{{:<{w}}}" if i == 0 else f"{{:>{w}}}" for i, w in enumerate(widths))
+    lines = [fmt.format(*header), fmt.format(*["-" * w for w in widths])]
+    lines += [fmt.format(*r) for r in cells]
+    return "\n".join(lines)
+
+
+def _peptide_from_input(text: str, solvent: str):
+    """A sequence name or a PDB file -> the peptide a shipped flow covers (or a ValueError)."""
+    from mcsample.systems.peptides import alanine_dipeptide
+
+    if text.lower().endswith(".pdb"):
+        if not os.path.exists(text):
+            raise FileNotFoundError(f"no such file: {text}")
+        import mdtraj
+
+        try:
+            top = mdtraj.load_topology(text)
+        except Exception as err:  # mdtraj raises many types for unreadable files
+            raise ValueError(f"cannot read {text} as a PDB file ({err})") from err
+        residues = [r.name for r in top.residues]
+        if residues == ["ACE", "ALA", "NME"]:
+            return alanine_dipeptide(solvent)
+        raise ValueError(f"{text} holds {'-'.join(residues)}: a shipped Boltzmann generator exists "
+                         "only for alanine dipeptide (ACE-ALA-NME)")
+    return _as_peptide(text, solvent, None)
+
+
+def cli(argv=None) -> int:
+    """``mcsample peptide INPUT``: weighted Boltzmann samples of a peptide from the shipped flow."""
+    import argparse
+    import sys
+
+    ap = argparse.ArgumentParser(
+        prog="mcsample peptide",
+        description="Boltzmann-weighted configurations of a peptide from the shipped normalizing "
+        "flow, corrected by importance sampling or SMC. Writes the samples (PDB/DCD/XTC), their "
+        "weights and a JSON summary, and prints diagnostics, ΔF(φ>0 − φ<0) and basin populations.")
+    ap.add_argument("input", help="'alanine_dipeptide' (or ACE-ALA-NME), or a PDB file of it")
+    ap.add_argument("-n", "--num-samples", type=int, default=10_000,
+                    help="importance samples or SMC particles (default: %(default)s)")
+    ap.add_argument("--method", choices=["is", "smc"], default="is", help="estimator (default: %(default)s)")
+    ap.add_argument("--solvent", choices=["obc1", "vacuum"], default="obc1",
+                    help="AMBER ff96 with OBC1 implicit solvent, or vacuum (default: %(default)s)")
+    ap.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    ap.add_argument("-o", "--out", default="peptide_samples.pdb",
+                    help="samples file, .pdb/.dcd/.xtc; the weights and summary go to "
+                    "<stem>.weights.json (default: %(default)s)")
+    ap.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    ap.add_argument("--progress", action="store_true", help="show progress bars")
+    ap.add_argument("--debug", action="store_true", help="show tracebacks")
+    args = ap.parse_args(argv)
+    try:
+        if args.num_samples < 2:
+            raise ValueError(f"--num-samples must be at least 2, got {args.num_samples}")
+        if os.path.splitext(args.out)[1].lower() not in (".pdb", ".dcd", ".xtc"):
+            raise ValueError(f"--out must end in .pdb, .dcd or .xtc, got {args.out}")
+        if os.path.exists(args.out) and not args.overwrite:
+            raise FileExistsError(f"{args.out} exists; pass --overwrite to replace it")
+        peptide = _peptide_from_input(args.input, args.solvent)
+        ens = sample_peptide(peptide, args.num_samples, args.method,
+                             generator=torch.Generator().manual_seed(args.seed), progress=args.progress)
+        written = ens.save(args.out)
+    except (ValueError, FileNotFoundError, FileExistsError, TypeError) as err:
+        if args.debug:
+            raise
+        print(f"mcsample peptide: error: {err}", file=sys.stderr)
+        return 2
+    print(summary_table({f"{peptide.name} ({args.method})": ens}))
+    print("k-hat > 0.7: do not trust these weights; use --method smc" if not ens.diagnostics.reliable
+          else "k-hat < 0.7: the importance weights are reliable")
+    print("wrote " + ", ".join(written))
+    return 0
