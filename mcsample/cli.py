@@ -14,6 +14,10 @@ def _demo(args: argparse.Namespace) -> int:
     from mcsample.demo import run
 
     run(out_dir=args.out, num_particles=args.particles, seed=args.seed, progress=not args.quiet)
+    if not args.no_peptide:
+        from mcsample.demo import run_peptide
+
+        run_peptide(out_dir=args.out, seed=args.seed, progress=not args.quiet)
     return 0
 
 
@@ -28,11 +32,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"mcsample {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="command")
 
-    demo = sub.add_parser("demo", help="adaptive SMC on a 10-d Gaussian mixture, checked against exact answers")
+    demo = sub.add_parser("demo", help="adaptive SMC on a 10-d Gaussian mixture checked against exact answers, then "
+                          "alanine dipeptide from the shipped Boltzmann generator")
     demo.add_argument("--out", default="outputs/demo", help="output folder (default: %(default)s)")
     demo.add_argument("--particles", type=int, default=4096, help="number of particles (default: %(default)s)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
+    demo.add_argument("--no-peptide", action="store_true",
+                      help="skip the alanine-dipeptide Boltzmann-generator part")
     demo.set_defaults(func=_demo)
 
     conf = sub.add_parser(

@@ -263,3 +263,76 @@ def test_shipped_flow_importance_sampling(solvent):
     ws = mc.importance_sample(peptide, flow, 10_000, batch_size=5000, generator=torch.Generator().manual_seed(0))
     assert float(ws.ess) > 100
     assert math.isfinite(float(ws.log_evidence)) and float(ws.log_evidence_stderr) < 0.5
+
+
+def test_sample_peptide_is_and_smc_agree_on_the_evidence(tmp_path):
+    """IS and SMC from the shipped OBC1 flow estimate the same log Z (within 5 combined stderr)
+    and write PDB + weights JSON that read back."""
+    import json
+
+    from mcsample.systems.peptides import alanine_dipeptide
+
+    peptide = alanine_dipeptide("obc1")
+    g = torch.Generator().manual_seed(1)
+    ens_is = mc.sample_peptide(peptide, 4000, "is", generator=g)
+    ens_smc = mc.sample_peptide(peptide, 500, "smc", generator=g)
+    a, b = ens_is.diagnostics, ens_smc.diagnostics
+    assert a.energy_evaluations == 4000 and b.energy_evaluations > 500
+    assert abs(a.log_evidence - b.log_evidence) < 5 * math.hypot(a.log_evidence_stderr, b.log_evidence_stderr)
+    assert ens_is.positions.shape == (4000, 22, 3)
+    assert float(ens_is.weights.sum()) == pytest.approx(1.0)
+    pops = ens_smc.basin_populations()
+    assert sum(v for v, _ in pops.values()) == pytest.approx(1.0)
+    written = ens_is.save(tmp_path / "samples.pdb")
+    meta = json.loads((tmp_path / "samples.weights.json").read_text())
+    assert len(meta["weights"]) == 4000 and str(tmp_path / "samples.pdb") in written
+
+
+def test_sample_peptide_refuses_a_flow_for_another_system():
+    from mcsample.flows import pretrained
+    from mcsample.systems.peptides import alanine_dipeptide
+
+    with pytest.raises(ValueError, match="system_sha256"):
+        mc.sample_peptide(alanine_dipeptide("vacuum"), 10, proposal=pretrained("alanine_dipeptide", solvent="obc1"))
+    with pytest.raises(ValueError, match="method"):
+        mc.sample_peptide(alanine_dipeptide("vacuum"), 10, method="mcmc")
+
+
+def test_basins_partition_the_torus():
+    from mcsample.peptide_sampling import BASINS, basin_index
+
+    g = torch.Generator().manual_seed(0)
+    phi = (torch.rand(10_000, generator=g) * 2 - 1) * math.pi
+    psi = (torch.rand(10_000, generator=g) * 2 - 1) * math.pi
+    idx = basin_index(phi, psi)
+    assert set(idx.unique().tolist()) == set(range(len(BASINS)))
+    deg = math.pi / 180
+    centres = {"C5": (-155, 160), "C7eq": (-83, 73), "alphaR": (-70, -40), "C7ax": (70, -70), "alphaL": (60, 50)}
+    for k, name in enumerate(BASINS):
+        p, s = centres[name]
+        assert int(basin_index(torch.tensor([p * deg]), torch.tensor([s * deg]))) == k
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["peptide", "no_such_peptide"], "no shipped flow"),
+    (["peptide", "missing.pdb"], "no such file"),
+    (["peptide", "alanine_dipeptide", "-n", "0"], "at least 2"),
+    (["peptide", "alanine_dipeptide", "-o", "out.sdf"], ".pdb, .dcd or .xtc"),
+])
+def test_peptide_cli_bad_input_gets_one_line(argv, message, capsys, tmp_path, monkeypatch):
+    from mcsample.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+def test_peptide_cli_writes_samples(tmp_path, capsys):
+    from mcsample.cli import main
+
+    out = tmp_path / "ala.pdb"
+    assert main(["peptide", "alanine_dipeptide", "-n", "200", "-o", str(out)]) == 0
+    assert out.exists() and (tmp_path / "ala.weights.json").exists()
+    assert "ΔF" in capsys.readouterr().out
+    assert main(["peptide", "alanine_dipeptide", "-n", "200", "-o", str(out)]) == 2  # no --overwrite
