@@ -32,6 +32,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -56,17 +57,20 @@ __all__ = [
 
 @dataclass
 class TrainingHistory:
-    """What a training run recorded: ``step``, ``loss`` per step; ``valid_step``,
-    ``valid_metric`` (validation NLL for maximum likelihood, ESS fraction otherwise)."""
+    """What a training run recorded: ``loss`` per step; ``valid_step``, ``valid_metric``
+    (validation NLL for maximum likelihood, ESS fraction otherwise); ``beta`` per SNIS round;
+    ``seconds`` of wall time, summed over interrupted and resumed sessions."""
 
     loss: list = field(default_factory=list)
     valid_step: list = field(default_factory=list)
     valid_metric: list = field(default_factory=list)
     beta: list = field(default_factory=list)
+    seconds: float = 0.0
 
     def to_dict(self) -> dict:
         return {"loss": list(self.loss), "valid_step": list(self.valid_step),
-                "valid_metric": list(self.valid_metric), "beta": list(self.beta)}
+                "valid_metric": list(self.valid_metric), "beta": list(self.beta),
+                "seconds": float(self.seconds)}
 
 
 # ------------------------------------------------------------------------------ checkpoints
@@ -79,12 +83,17 @@ def _model_fingerprint(model) -> dict:
 
 
 def _plain(obj):
+    """Plain Python containers and scalars (loadable with ``torch.load(weights_only=True)``)."""
+    if isinstance(obj, str):
+        return str(obj)
     if isinstance(obj, dict):
         return {str(k): _plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [_plain(v) for v in obj]
     if isinstance(obj, Tensor):
         return obj.tolist()
+    if hasattr(obj, "item") and callable(obj.item):  # numpy scalars
+        return obj.item()
     return obj
 
 
@@ -101,6 +110,8 @@ class _Run:
         self.history = history
         self.step = 0
         self.extra: dict = {}
+        self._clock = time.perf_counter()
+        self._seconds_before = 0.0
 
     def resume(self) -> int:
         if self.path is None or not os.path.exists(self.path):
@@ -115,12 +126,18 @@ class _Run:
             self.scheduler.load_state_dict(saved["scheduler"])
         self.generator.set_state(saved["generator"])
         for k, v in saved["history"].items():
-            setattr(self.history, k, list(v))
+            setattr(self.history, k, float(v) if k == "seconds" else list(v))
+        self._seconds_before = self.history.seconds
         self.extra = saved.get("extra", {})
         self.step = int(saved["step"])
         return self.step
 
+    def tick(self) -> None:
+        """Update the history's wall time (this session plus the resumed ones)."""
+        self.history.seconds = self._seconds_before + time.perf_counter() - self._clock
+
     def save(self, step: int) -> None:
+        self.tick()
         if self.path is None:
             return
         blob = {"kind": "flow-training", "fingerprint": self.fingerprint, "step": int(step),
@@ -258,6 +275,7 @@ def fit_maximum_likelihood(
         if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
             run.save(step + 1)
     bar.close()
+    run.tick()
     model.eval()
     return history
 
@@ -345,6 +363,7 @@ def fit_reverse_kl(
         if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
             run.save(step + 1)
     bar.close()
+    run.tick()
     return history
 
 
@@ -379,7 +398,9 @@ def fit_snis(
     sampling, Ionides 2008: bounded weights, a vanishing bias), resample ``buffer_size`` points
     (multinomial, float64), freeze a copy of the flow, and take ``steps_per_round`` Adam steps on
     :math:`-\log q_\theta(x) + \lambda(\log q_\theta(x) - \log q_{\rm frozen}(x))^2` over
-    minibatches of the buffer (``regularization`` = λ; Prose uses 0.5). The validation metric
+    minibatches of the buffer (``regularization`` = λ; Prose uses 0.5), the learning rate
+    decaying from ``lr`` to 0 on a cosine over all rounds (late refits on a few heavy weights
+    then cannot undo the earlier ones). The validation metric
     is the ESS fraction at :math:`\beta = 1` of the round's draws (or of ``valid_samples``
     fresh ones when the round's :math:`\beta < 1`).
 
@@ -399,12 +420,14 @@ def fit_snis(
     device = _device(model)
     gen = _generator(generator, device)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
+    total_rounds = len(betas) * rounds_per_beta
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_rounds * steps_per_round)
     history = TrainingHistory()
-    fp = {"objective": "snis", "betas": betas, "rounds_per_beta": rounds_per_beta,
+    fp = {"objective": "snis", "lr_schedule": "cosine", "betas": betas, "rounds_per_beta": rounds_per_beta,
           "num_samples": num_samples, "buffer_size": buffer_size, "steps_per_round": steps_per_round,
           "batch_size": batch_size, "lr": lr, "regularization": regularization, "truncate": truncate,
           "clip_norm": clip_norm, "valid_samples": valid_samples}
-    run = _Run(checkpoint, "snis", fp, model, opt, gen, history)
+    run = _Run(checkpoint, "snis", fp, model, opt, gen, history, sched)
     start = run.resume()
     schedule = [b for b in betas for _ in range(rounds_per_beta)]
     bar = tqdm(total=len(schedule), initial=start, disable=not progress, desc="SNIS refit", unit="round")
@@ -441,6 +464,7 @@ def fit_snis(
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
             opt.step()
+            sched.step()
             history.loss.append(float(loss.detach()))
         model.eval()
         history.valid_step.append(r + 1)
@@ -450,6 +474,7 @@ def fit_snis(
         bar.update(1)
         run.save(r + 1)
     bar.close()
+    run.tick()
     return history
 
 
