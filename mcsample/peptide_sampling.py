@@ -154,21 +154,25 @@ class PeptideEnsemble:
 
     def save(self, path) -> list[str]:
         """Write the samples: ``.pdb`` / ``.dcd`` / ``.xtc`` (mdtraj; with ``.dcd``/``.xtc`` a
-        ``.pdb`` topology beside it) and always ``<stem>.weights.json`` with the normalized
-        weights, energies and diagnostics. Returns the paths written."""
+        ``.pdb`` topology beside it) or ``.sdf`` (RDKit; each record carries its
+        ``boltzmann_weight`` and ``energy_kj_mol``), and always ``<stem>.weights.json`` with the
+        normalized weights, energies and diagnostics. Returns the paths written."""
         path = os.fspath(path)
         stem, ext = os.path.splitext(path)
         ext = ext.lower()
-        if ext not in (".pdb", ".dcd", ".xtc"):
-            raise ValueError(f"unsupported output format {ext!r}: use .pdb, .dcd or .xtc")
+        if ext not in OUTPUT_FORMATS:
+            raise ValueError(f"unsupported output format {ext!r}: use {', '.join(OUTPUT_FORMATS)}")
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         traj = self.trajectory
         written = []
         tmp = f"{stem}.tmp{os.getpid()}{ext}"
-        traj.save(tmp)
+        if ext == ".sdf":
+            self._write_sdf(tmp, traj)
+        else:
+            traj.save(tmp)
         os.replace(tmp, path)
         written.append(path)
-        if ext != ".pdb":
+        if ext in (".dcd", ".xtc"):
             top = stem + ".topology.pdb"
             traj[0].save(top)
             written.append(top)
@@ -177,10 +181,54 @@ class PeptideEnsemble:
         jpath = stem + ".weights.json"
         tmpj = jpath + f".tmp{os.getpid()}"
         with open(tmpj, "w") as fh:
-            json.dump(meta, fh, indent=1)
+            json.dump(finite_json(meta), fh, indent=1)
         os.replace(tmpj, jpath)
         written.append(jpath)
         return written
+
+
+    def _write_sdf(self, path: str, traj) -> None:
+        from rdkit import Chem
+        from rdkit.Geometry import Point3D
+
+        pdb_path = path + ".template.pdb"
+        traj[0].save(pdb_path)
+        try:
+            template = Chem.MolFromPDBFile(pdb_path, removeHs=False, sanitize=False)
+        finally:
+            os.remove(pdb_path)
+        if template is None:
+            raise ValueError("RDKit could not read the peptide's structure to write an SDF")
+        xyz = traj.xyz * 10.0  # nm -> Å
+        writer = Chem.SDWriter(path)
+        try:
+            for k in range(traj.n_frames):
+                mol = Chem.Mol(template)
+                conf = mol.GetConformer()
+                for i in range(mol.GetNumAtoms()):
+                    conf.SetAtomPosition(i, Point3D(*map(float, xyz[k, i])))
+                mol.SetProp("_Name", f"{self.peptide.name} sample {k}")
+                mol.SetDoubleProp("boltzmann_weight", float(self.weights[k]))
+                mol.SetDoubleProp("energy_kj_mol", float(self.energies[k]))
+                writer.write(mol)
+        finally:
+            writer.close()
+
+
+def finite_json(obj):
+    """``obj`` with every non-finite float replaced by ``None`` (JSON has no inf or NaN; an
+    empty φ>0 region gives ΔF = inf)."""
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+#: file formats of :meth:`PeptideEnsemble.save` and ``mcsample peptide -o``
+OUTPUT_FORMATS = (".pdb", ".dcd", ".xtc", ".sdf")
 
 
 class _Counted:
@@ -374,7 +422,7 @@ def cli(argv=None) -> int:
                     help="AMBER ff96 with OBC1 implicit solvent, or vacuum (default: %(default)s)")
     ap.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     ap.add_argument("-o", "--out", default="peptide_samples.pdb",
-                    help="samples file, .pdb/.dcd/.xtc; the weights and summary go to "
+                    help="samples file, .pdb/.dcd/.xtc/.sdf; the weights and summary go to "
                     "<stem>.weights.json (default: %(default)s)")
     ap.add_argument("--overwrite", action="store_true", help="replace existing output files")
     ap.add_argument("--progress", action="store_true", help="show progress bars")
@@ -383,8 +431,8 @@ def cli(argv=None) -> int:
     try:
         if args.num_samples < 2:
             raise ValueError(f"--num-samples must be at least 2, got {args.num_samples}")
-        if os.path.splitext(args.out)[1].lower() not in (".pdb", ".dcd", ".xtc"):
-            raise ValueError(f"--out must end in .pdb, .dcd or .xtc, got {args.out}")
+        if os.path.splitext(args.out)[1].lower() not in OUTPUT_FORMATS:
+            raise ValueError(f"--out must end in {', '.join(OUTPUT_FORMATS)}, got {args.out}")
         if os.path.exists(args.out) and not args.overwrite:
             raise FileExistsError(f"{args.out} exists; pass --overwrite to replace it")
         peptide = _peptide_from_input(args.input, args.solvent)

@@ -286,6 +286,13 @@ def test_sample_peptide_is_and_smc_agree_on_the_evidence(tmp_path):
     written = ens_is.save(tmp_path / "samples.pdb")
     meta = json.loads((tmp_path / "samples.weights.json").read_text())
     assert len(meta["weights"]) == 4000 and str(tmp_path / "samples.pdb") in written
+    from rdkit import Chem
+
+    ens_smc.save(tmp_path / "smc.sdf")
+    mols = list(Chem.SDMolSupplier(str(tmp_path / "smc.sdf"), removeHs=False, sanitize=False))
+    assert len(mols) == 500 and mols[0].GetNumAtoms() == 22
+    total = sum(m.GetDoubleProp("boltzmann_weight") for m in mols)
+    assert total == pytest.approx(1.0, abs=1e-6)
 
 
 def test_sample_peptide_refuses_a_flow_for_another_system():
@@ -317,7 +324,7 @@ def test_basins_partition_the_torus():
     (["peptide", "no_such_peptide"], "no shipped flow"),
     (["peptide", "missing.pdb"], "no such file"),
     (["peptide", "alanine_dipeptide", "-n", "0"], "at least 2"),
-    (["peptide", "alanine_dipeptide", "-o", "out.sdf"], ".pdb, .dcd or .xtc"),
+    (["peptide", "alanine_dipeptide", "-o", "out.mol2"], ".pdb, .dcd, .xtc, .sdf"),
 ])
 def test_peptide_cli_bad_input_gets_one_line(argv, message, capsys, tmp_path, monkeypatch):
     from mcsample.cli import main
