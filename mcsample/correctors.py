@@ -83,7 +83,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from .checkpoint import default_generator, load_state, save_state
+from .checkpoint import default_generator, fingerprint, load_state, save_state
 from .diagnostics import ess as _ess
 from .resampling import resample as _resample
 from .weighted import WeightedSamples
@@ -465,7 +465,16 @@ def fk_corrector(
         exact_start = target.has_log_prob
     if exact_start and not target.has_log_prob:
         raise ValueError("exact_start needs every model to offer log_prob(x, t)")
-    saved, generator = load_state(checkpoint if resume else None, "fk_corrector", generator, device)
+    run = None
+    if checkpoint is not None:
+        run = fingerprint("fk_corrector", generator, num_particles=int(num_particles),
+                          event_shape=list(event_shape), grid=grid, target=target, variant=variant,
+                          correct=correct, resample_threshold=resample_threshold,
+                          resample_every=resample_every, scheme=scheme, steering=steering,
+                          exact_start=exact_start, dtype=dtype,
+                          device=None if device is None else torch.device(device).type)
+    saved, generator = load_state(checkpoint if resume else None, "fk_corrector", generator, device, run=run,
+                                  progress_of=lambda st: f"step {int(st['step'])} of {len(co['t']) - 1}")
     with torch.no_grad():
         if saved is not None:
             state = FKCState(**saved)
@@ -488,7 +497,7 @@ def fk_corrector(
                              scheme=scheme, steering=steering, generator=generator)
             if checkpoint is not None and (state.step % checkpoint_every == 0 or state.step == len(co["t"]) - 1):
                 save_state(checkpoint, {f.name: getattr(state, f.name) for f in fields(state)}, generator,
-                           "fk_corrector")
+                           "fk_corrector", run)
         log_w = state.log_weights
         if steering is not None:
             # final potential: λ r(x_N) over the lineage's product of intermediate potentials

@@ -106,7 +106,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mcsample.checkpoint import default_generator, load_state, save_state
+from mcsample.checkpoint import default_generator, fingerprint, load_state, save_state
 from mcsample.diagnostics import ess as _ess
 from mcsample.resampling import resample as _resample
 from mcsample.weighted import ParticleState, WeightedSamples
@@ -307,7 +307,14 @@ class _Base:
         checkpoint is resumed (:mod:`mcsample.checkpoint`): same result as one uninterrupted run."""
         start = time.perf_counter()
         kind = f"posterior.{self.name}"
-        saved, generator = load_state(checkpoint if resume else None, kind, generator, device)
+        run = None
+        if checkpoint is not None:
+            run = fingerprint(kind, generator, num_particles=int(num), dtype=dtype,
+                              device=None if device is None else torch.device(device).type,
+                              event_shape=None if event_shape is None else list(event_shape),
+                              sampler=self, model=self.model, measurement=self.measurement)
+        saved, generator = load_state(checkpoint if resume else None, kind, generator, device, run=run,
+                                      progress_of=lambda st: f"step {int(st['index'])} of {self.num_steps}")
         if saved is not None:
             state = PosteriorState.from_dict(saved)
             if state.x.shape[0] != num:
@@ -323,7 +330,7 @@ class _Base:
             state = self.step(state, generator=generator)
             bar.update(1)
             if checkpoint is not None and (state.index % checkpoint_every == 0 or self.done(state)):
-                save_state(checkpoint, state.to_dict(), generator, kind)
+                save_state(checkpoint, state.to_dict(), generator, kind, run)
         bar.close()
         return self.result(state, time.perf_counter() - start)
 

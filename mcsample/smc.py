@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mcsample.checkpoint import default_generator, load_state, save_state
+from mcsample.checkpoint import default_generator, fingerprint, load_state, probe_identity, save_state
 from mcsample.diagnostics import ess as _ess
 from mcsample.kernels import MALA, Kernel, Point, evaluator
 from mcsample.protocols import draw
@@ -241,8 +241,19 @@ def smc(
     schedule = as_schedule(schedule)
     if not 0.0 <= resample_threshold <= 1.0:
         raise ValueError(f"resample_threshold must be in [0, 1], got {resample_threshold}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    if int(num_particles) < 1:
+        raise ValueError(f"num_particles must be at least 1, got {num_particles}")
     state = None
-    saved, generator = load_state(checkpoint if resume else None, "smc", generator)
+    run = None
+    if checkpoint is not None:
+        run = fingerprint("smc", generator, num_particles=int(num_particles), kernel=kernel,
+                          schedule=schedule, resample_threshold=resample_threshold, scheme=scheme,
+                          final_moves=final_moves,
+                          identity=probe_identity(target, initial))
+    saved, generator = load_state(checkpoint if resume else None, "smc", generator, run=run,
+                                  progress_of=lambda st: f"step {st['iteration']} (beta = {float(st['beta']):.4g} of 1)")
     if saved is not None:
         state = SMCState.from_dict(saved)
         if state.log_w.numel() != num_particles:
@@ -271,7 +282,7 @@ def smc(
         bar.update(state.beta - prev)
         bar.set_postfix(ess=f"{state.ess_history[-1]:.0f}", acc=f"{state.acceptance_history[-1]:.2f}")
         if checkpoint is not None and (state.iteration % checkpoint_every == 0 or state.beta >= 1.0):
-            save_state(checkpoint, state.to_dict(), generator, "smc")
+            save_state(checkpoint, state.to_dict(), generator, "smc", run)
     bar.close()
     if final_moves > 0:
         state = move(state, target, initial, kernel, final_moves, generator)

@@ -399,8 +399,8 @@ def test_image_shaped_particles():
 
 
 def test_checkpoint_resume_is_exact(tmp_path, monkeypatch):
-    """Interrupted after 23 of 40 steps (checkpoints every 5), resumed with another seed: the
-    same particles, weights and genealogy as the uninterrupted run."""
+    """Interrupted after 23 of 40 steps (checkpoints every 5), resumed: the same particles,
+    weights and genealogy as the uninterrupted run; another seed or target is refused."""
     target = C.annealed(_bimodal(), 2.0)
     full = C.fk_corrector(target, 300, 1, _grid(40), dtype=F64, resample_threshold=0.7,
                           generator=torch.Generator().manual_seed(5))
@@ -420,11 +420,17 @@ def test_checkpoint_resume_is_exact(tmp_path, monkeypatch):
     monkeypatch.setattr(C, "fkc_step", real_step)
     saved = torch.load(path, weights_only=True)
     assert saved["kind"] == "fk_corrector" and saved["state"]["step"] == 20
+    with pytest.raises(ValueError, match="seed state"):
+        C.fk_corrector(target, 300, 1, _grid(40), dtype=F64, resample_threshold=0.7,
+                       generator=torch.Generator().manual_seed(6), checkpoint=path, checkpoint_every=5)
+    with pytest.raises(ValueError, match="target"):
+        C.fk_corrector(C.annealed(_bimodal(), 3.0), 300, 1, _grid(40), dtype=F64, resample_threshold=0.7,
+                       generator=torch.Generator().manual_seed(5), checkpoint=path, checkpoint_every=5)
     resumed = C.fk_corrector(target, 300, 1, _grid(40), dtype=F64, resample_threshold=0.7,
-                             generator=torch.Generator().manual_seed(6), checkpoint=path, checkpoint_every=5)
+                             generator=torch.Generator().manual_seed(5), checkpoint=path, checkpoint_every=5)
     assert full.generations > 2  # resampling happened before and after the interruption
     torch.testing.assert_close(resumed.samples, full.samples)
     torch.testing.assert_close(resumed.log_weights, full.log_weights)
     assert torch.equal(resumed.ancestors, full.ancestors) and resumed.generations == full.generations
-    with pytest.raises(ValueError, match="shape"):
+    with pytest.raises(ValueError, match="num_particles"):
         C.fk_corrector(target, 200, 1, _grid(40), dtype=F64, checkpoint=path)

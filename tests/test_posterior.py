@@ -372,7 +372,8 @@ def test_benchmark_d80_smc_and_ensemble_beat_dps():
 @pytest.mark.parametrize("fn", [P.dps, P.tds, P.mcgdiff, P.ensemble_sampler])
 def test_driver_checkpoint_resume_is_exact(fn, tmp_path, monkeypatch):
     """A run interrupted after 7 steps and resumed from its checkpoint (written every 3 steps)
-    equals the uninterrupted run with the same seed; a file from another sampler is refused."""
+    equals the uninterrupted run with the same seed; a file from another sampler, seed or
+    observation is refused."""
     model, op, y, _, _ = gaussian_problem()
     kw = dict(num_steps=15, dtype=F64)
     full = fn(model, op, y, 64, generator=torch.Generator().manual_seed(3), **kw)
@@ -395,7 +396,11 @@ def test_driver_checkpoint_resume_is_exact(fn, tmp_path, monkeypatch):
     assert path.exists()
     for cls, step in base_step.items():
         monkeypatch.setattr(cls, "step", step)
-    resumed = fn(model, op, y, 64, generator=torch.Generator().manual_seed(999), checkpoint=path,
+    with pytest.raises(ValueError, match="seed state"):
+        fn(model, op, y, 64, generator=torch.Generator().manual_seed(999), checkpoint=path, checkpoint_every=3, **kw)
+    with pytest.raises(ValueError, match="sampler"):
+        fn(model, op, y + 1.0, 64, generator=torch.Generator().manual_seed(3), checkpoint=path, checkpoint_every=3, **kw)
+    resumed = fn(model, op, y, 64, generator=torch.Generator().manual_seed(3), checkpoint=path,
                  checkpoint_every=3, **kw)
     torch.testing.assert_close(resumed.samples, full.samples)
     torch.testing.assert_close(resumed.log_weights, full.log_weights)

@@ -117,11 +117,41 @@ def test_checkpoint_resume_gives_identical_result(tmp_path):
                checkpoint_every=2, max_steps=5, **kw)
     saved = torch.load(path, weights_only=True)
     assert saved["state"]["iteration"] == 4
-    resumed = mc.smc(target, broad(10), 300, generator=torch.Generator().manual_seed(12345),
+    resumed = mc.smc(target, broad(10), 300, generator=torch.Generator().manual_seed(9),
                      checkpoint=path, checkpoint_every=2, **kw)
     assert torch.equal(full.particles.samples, resumed.particles.samples)
     assert torch.equal(full.betas, resumed.betas)
     assert float(full.log_evidence) == float(resumed.log_evidence)
+
+
+def test_checkpoint_of_another_run_is_refused(tmp_path, capsys):
+    """A checkpoint is resumed only by the run that wrote it: another target, seed, particle
+    count or kernel is refused with the difference named, never answered with the old result."""
+    target = mixture10()
+    kw = dict(kernel=mc.kernels.RandomWalk(num_steps=3), schedule=AdaptiveSchedule(cess=0.8))
+    path = tmp_path / "smc.pt"
+    with pytest.raises(RuntimeError, match="max_steps=3"):
+        mc.smc(target, broad(10), 300, generator=torch.Generator().manual_seed(9), checkpoint=path,
+               checkpoint_every=1, max_steps=3, **kw)
+    other_target = GaussianMixture.separated(dim=10, num_modes=4, spread=6.0, log_scale=2.0,
+                                             generator=torch.Generator().manual_seed(0))
+    cases = [
+        (dict(target=other_target), "target or proposal"),
+        (dict(generator=torch.Generator().manual_seed(10)), "seed state"),
+        (dict(num_particles=200), "num_particles"),
+        (dict(kernel=mc.kernels.MALA()), "kernel"),
+    ]
+    base = dict(target=target, initial=broad(10), num_particles=300,
+                generator=torch.Generator().manual_seed(9), **kw)
+    for change, message in cases:
+        args = {**base, **change}
+        if "generator" not in change:
+            args["generator"] = torch.Generator().manual_seed(9)
+        with pytest.raises(ValueError, match=message):
+            mc.smc(checkpoint=path, **args)
+    r = mc.smc(checkpoint=path, **{**base, "generator": torch.Generator().manual_seed(9)})
+    assert "resumed at step 3" in capsys.readouterr().err
+    assert r.betas[-1] == 1.0
 
 
 def test_callback_sees_every_step_with_per_particle_weights():
