@@ -197,6 +197,8 @@ class WeightedSamples:
     def log_evidence_stderr(self) -> Tensor:
         """Standard error of :math:`\\log\\hat Z` from one run (Lee & Whiteley 2018)."""
         n = self.log_weights.numel()
+        if bool(torch.isnan(self.log_scale)):  # the algorithm gave no evidence (see ``info``)
+            return torch.tensor(math.nan, dtype=torch.float64, device=self.log_weights.device)
         if n < 2:
             return torch.tensor(math.inf, dtype=torch.float64, device=self.log_weights.device)
         W = self.normalized_weights

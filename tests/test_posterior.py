@@ -110,7 +110,7 @@ def test_tds_is_exact_for_the_model_chain():
     true_mean, true_cov, _ = linear_gaussian_posterior(op.A, op.sigma_y, y, m, C)
     ws = smp.run(6000, generator=torch.Generator().manual_seed(0), dtype=F64)
     assert ws.info["nfe"] == 16 and ws.ess_history.numel() == 17
-    check_moments(ws, post_mean, post_cov, cov_rtol=0.05)
+    check_moments(ws, post_mean, post_cov, cov_rtol=0.10)  # 5 SE at the final ESS (~5000): sqrt(2/5000) = 0.02
     # the reference is not the true posterior: the test can tell them apart
     assert float((post_cov - true_cov).abs().max()) > 0.02
     # log-evidence: unbiased for p_θ(y); 5 SE from the genealogy estimator plus 0.05
@@ -278,6 +278,7 @@ def test_image_shaped_events_and_state_roundtrip(tmp_path):
 
     class ImageModel:
         schedule = SCHED
+        data_variance = flat.data_variance
 
         def score(self, x, t):
             return flat.score(x.reshape(x.shape[0], -1), t).reshape(x.shape)
@@ -331,8 +332,10 @@ def test_errors_are_clear():
         def score(self, x, t):
             return torch.full_like(x, float("nan"))
 
-    with pytest.raises(ValueError, match="NaN"):
+    with pytest.raises(ValueError, match="data_variance"):
         P.tds(NaNModel(), op, y, 8, num_steps=3, dtype=F64)
+    with pytest.raises(ValueError, match="NaN"):
+        P.tds(NaNModel(), op, y, 8, num_steps=3, dtype=F64, data_variance=1.0)
 
 
 @pytest.mark.slow
@@ -404,7 +407,15 @@ def test_driver_checkpoint_resume_is_exact(fn, tmp_path, monkeypatch):
                  checkpoint_every=3, **kw)
     torch.testing.assert_close(resumed.samples, full.samples)
     torch.testing.assert_close(resumed.log_weights, full.log_weights)
-    assert float(resumed.log_evidence) == pytest.approx(float(full.log_evidence))
+    assert float(resumed.log_evidence) == pytest.approx(float(full.log_evidence), nan_ok=True)
     other = P.tds if fn is not P.tds else P.dps
     with pytest.raises(ValueError, match="written by"):
         other(model, op, y, 64, checkpoint=path, **kw)
+
+
+def test_dps_reports_no_evidence():
+    """DPS has no importance weights: its log-evidence and stderr are NaN with a reason."""
+    model, op, y, _, _ = gaussian_problem()
+    ws = P.dps(model, op, y, 16, num_steps=5, dtype=F64, generator=torch.Generator().manual_seed(0))
+    assert math.isnan(float(ws.log_evidence)) and math.isnan(float(ws.log_evidence_stderr))
+    assert "not estimated" in ws.info["log_evidence"]

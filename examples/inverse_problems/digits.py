@@ -106,8 +106,8 @@ def run_method(name: str, model, op, y, args, g):
     kw = dict(num_steps=args.steps, grid=args.grid, generator=g, event_shape=SHAPE)
     if name == "dps":
         return P.dps(model, op, y, args.particles, zeta=args.zeta, **kw)
-    if name == "tds":
-        return P.tds(model, op, y, args.particles, **kw)
+    if name == "tds":  # the twist needs the prior's variance: that of the training pixels
+        return P.tds(model, op, y, args.particles, data_variance=args.data_variance, **kw)
     if name == "mcgdiff":
         return P.mcgdiff(model, op, y, args.particles, **kw)
     if name == "ensemble":
@@ -148,6 +148,7 @@ def main(argv=None):
     t_start = time.perf_counter()
     os.makedirs(args.out, exist_ok=True)
     train, test = load_data()
+    args.data_variance = float(train.var())
     model, train_secs = get_model(args, train)
     for p in model.net.parameters():
         p.requires_grad_(False)

@@ -90,6 +90,17 @@ class GaussianMixtureDiffusion:
     # ------------------------------------------------------------------------------------
     # data distribution
     @property
+    def data_variance(self) -> float:
+        r"""Variance of the mixture (the data at t = 0) per coordinate, averaged over
+        coordinates: :math:`\frac1d\operatorname{tr}\operatorname{Cov}(x_0)`."""
+        w = self.weights.to(torch.float64)
+        mu = self.means.to(torch.float64)
+        within = (w[:, None] * self.eigvals.to(torch.float64)).sum(0).sum()
+        centre = w @ mu
+        between = (w * ((mu - centre) ** 2).sum(-1)).sum()
+        return float((within + between) / self.dim)
+
+    @property
     def covs(self) -> Tensor:
         """Component covariances as full ``(K, d, d)`` matrices."""
         if self.eigvecs is None:
