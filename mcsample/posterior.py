@@ -909,7 +909,9 @@ class EnsembleSampler(_Base):
     Args:
         v_scale: :math:`v = \text{v\_scale}\cdot g(t)` (1: the paper's SDE variant).
         likelihood_drift: :math:`\lambda` in the drift :math:`H - \lambda v^2\nabla\mu_y`
-            (1: the paper; 0.5: Langevin force, no Laplacian needed).
+            (default 0.5: Langevin force, no Laplacian needed, and accurate evidence; 1, the
+            paper's, biases log Z upwards by the Euler step of the weight ODE: +2.4 to +8.7
+            nats at 100 steps on the mixture benchmark, shrinking as 1/steps).
         laplacian: for measurements without a closed form: ``"auto"`` (``"exact"`` up to
             ``exact_max_dim`` dimensions, else ``"hutchinson"`` with ``num_probes`` probes),
             ``"exact"`` or ``"hutchinson"``.
@@ -923,7 +925,7 @@ class EnsembleSampler(_Base):
     name = "ensemble"
 
     def __init__(self, model, measurement, y, *, potential: str = "auto", v_scale: float = 1.0,
-                 likelihood_drift: float = 1.0, laplacian: str = "auto", num_probes: int = 1,
+                 likelihood_drift: float = 0.5, laplacian: str = "auto", num_probes: int = 1,
                  exact_max_dim: int = 64, integrator: str = "auto", resample_threshold: float = 0.5,
                  scheme: str = "multinomial", **grid):
         super().__init__(model, measurement, y, **grid)
@@ -1023,7 +1025,7 @@ class EnsembleSampler(_Base):
 
 
 def ensemble_sampler(model, measurement, y: Tensor, num_particles: int, *, num_steps: int = 100,
-                     potential: str = "auto", v_scale: float = 1.0, likelihood_drift: float = 1.0,
+                     potential: str = "auto", v_scale: float = 1.0, likelihood_drift: float = 0.5,
                      laplacian: str = "auto", num_probes: int = 1, integrator: str = "auto",
                      resample_threshold: float = 0.5, scheme: str = "multinomial", generator=None,
                      dtype=torch.float32, device=None, event_shape=None, progress: bool = False,
