@@ -186,6 +186,17 @@ def _check_positive(**kwargs) -> None:
             raise ValueError(f"{name} must be positive, got {value}")
 
 
+def _descend(loss: Tensor, model, opt, sched, clip_norm: float, history: "TrainingHistory") -> None:
+    """One optimizer step on ``loss`` with gradient-norm clipping; records the loss."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
+    opt.step()
+    if sched is not None:
+        sched.step()
+    history.loss.append(float(loss.detach()))
+
+
 # ------------------------------------------------------------------------------ diagnostics
 
 
@@ -257,13 +268,7 @@ def fit_maximum_likelihood(
     for step in range(start, steps):
         idx = torch.randint(0, data.shape[0], (batch_size,), generator=gen)
         batch = data[idx].to(device)
-        loss = -model.log_prob(batch).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
-        opt.step()
-        sched.step()
-        history.loss.append(float(loss.detach()))
+        _descend(-model.log_prob(batch).mean(), model, opt, sched, clip_norm, history)
         if valid is not None and ((step + 1) % valid_every == 0 or step + 1 == steps):
             nll = validation_nll(model, valid)
             history.valid_step.append(step + 1)
@@ -348,12 +353,7 @@ def fit_reverse_kl(
         if data is not None:
             idx = torch.randint(0, data.shape[0], (batch_size,), generator=gen, device=gen.device)
             loss = loss - data_weight * model.log_prob(data[idx.cpu()].to(_device(model))).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
-        opt.step()
-        sched.step()
-        history.loss.append(float(loss.detach()))
+        _descend(loss, model, opt, sched, clip_norm, history)
         if (step + 1) % valid_every == 0 or step + 1 == steps:
             e = importance_ess(model, eval_log_prob, valid_samples, gen)
             history.valid_step.append(step + 1)
@@ -460,12 +460,7 @@ def fit_snis(
             j = torch.randint(0, buffer_size, (batch_size,), generator=gen, device=buffer.device)
             lqb = model.log_prob(buffer[j])
             loss = -lqb.mean() + regularization * ((lqb - lq_frozen[j]) ** 2).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
-            opt.step()
-            sched.step()
-            history.loss.append(float(loss.detach()))
+            _descend(loss, model, opt, sched, clip_norm, history)
         model.eval()
         history.valid_step.append(r + 1)
         history.valid_metric.append(valid)
