@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from mcsample.protocols import check_log_prob, draw
+from mcsample.protocols import check_event_shape, check_generator, check_log_prob, draw
 from mcsample.weighted import RunningMoments, WeightedSamples
 
 __all__ = ["importance_sample"]
@@ -55,6 +55,7 @@ def importance_sample(
     batch_size = min(num_samples, 1 << 16) if batch_size is None else int(batch_size)
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
+    check_generator(generator)
     statistics = dict(statistics or {})
     moments = {name: RunningMoments() for name in statistics}
     shapes: dict[str, torch.Size] = {}
@@ -66,6 +67,8 @@ def importance_sample(
         while done < num_samples:
             b = min(batch_size, num_samples - done)
             x, log_q = draw(proposal, b, generator)
+            if done == 0:
+                check_event_shape(target, x)
             log_p = check_log_prob(target.log_prob(x), b, "target")
             if done == 0:  # allocate the outputs once: no list of batches to concatenate
                 log_ws = torch.empty(num_samples, dtype=torch.float64, device=log_p.device)

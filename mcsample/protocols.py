@@ -194,6 +194,24 @@ def draw(
     return x, log_q
 
 
+def check_event_shape(target, x: Tensor, who: str = "proposal") -> None:
+    """Raise ``ValueError`` when draws ``x`` (``(N, *event)``) do not have the target's
+    ``event_shape`` (checked only when the target declares one)."""
+    shape = getattr(target, "event_shape", None)
+    if shape is None:
+        return
+    shape = tuple(shape)
+    if tuple(x.shape[1:]) != shape:
+        raise ValueError(f"the {who} draws samples of event shape {tuple(x.shape[1:])}, but the "
+                         f"target's event shape is {shape}")
+
+
+def check_generator(generator) -> None:
+    """Raise ``TypeError`` unless ``generator`` is ``None`` or a ``torch.Generator``."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator (or None), got {type(generator).__name__}")
+
+
 def log_prob_and_grad(target, x: Tensor) -> tuple[Tensor, Tensor]:
     """``log_prob(x)`` and its gradient in ``x``, from ``target.score`` when it has one."""
     score = getattr(target, "score", None)

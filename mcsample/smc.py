@@ -34,8 +34,8 @@ from tqdm.auto import tqdm
 from mcsample.checkpoint import default_generator, fingerprint, load_state, probe_identity, save_state
 from mcsample.diagnostics import ess as _ess
 from mcsample.kernels import MALA, Kernel, Point, evaluator
-from mcsample.protocols import draw
-from mcsample.resampling import resample
+from mcsample.protocols import check_event_shape, check_generator, draw
+from mcsample.resampling import SCHEMES, resample
 from mcsample.tempering import as_schedule, log_increment
 from mcsample.weighted import ParticleState, WeightedSamples
 
@@ -105,6 +105,7 @@ def _weighted_scale(x: Tensor, log_w: Tensor) -> Tensor:
 def init(target, initial, num_particles: int, kernel: Kernel, generator=None) -> SMCState:
     """Draw ``num_particles`` from ``initial`` at :math:`\\beta = 0`, equally weighted."""
     x, _ = draw(initial, num_particles, generator)
+    check_event_shape(target, x, "initial distribution")
     point = evaluator(target, initial)(x, kernel.needs_grad)
     n = x.shape[0]
     dim = int(math.prod(x.shape[1:]))
@@ -241,8 +242,9 @@ def smc(
     schedule = as_schedule(schedule)
     if not 0.0 <= resample_threshold <= 1.0:
         raise ValueError(f"resample_threshold must be in [0, 1], got {resample_threshold}")
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    check_generator(generator)
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown resampling scheme {scheme!r}; choose one of {sorted(SCHEMES)}")
     if int(num_particles) < 1:
         raise ValueError(f"num_particles must be at least 1, got {num_particles}")
     state = None

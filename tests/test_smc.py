@@ -234,3 +234,19 @@ def test_expectation_stderr_accounts_for_shared_ancestors():
     var, var_delta = float(torch.tensor(z).var()), float(torch.tensor(z_delta).var())
     assert 0.5 < var < 3.2, var
     assert var_delta > 2 * var, (var, var_delta)
+
+
+def test_bad_arguments_are_refused_before_any_work():
+    target = mixture10()
+    with pytest.raises(ValueError, match="scheme"):
+        mc.smc(target, broad(10), 100, scheme="stratifed")
+    with pytest.raises(TypeError, match="torch.Generator"):
+        mc.smc(target, broad(10), 100, generator=0)
+    with pytest.raises(ValueError, match="num_particles"):
+        mc.smc(target, broad(10), 0)
+    with pytest.raises(ValueError, match="event shape"):
+        mc.smc(target, broad(9), 100, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="event shape"):
+        mc.importance_sample(target, broad(9), 100)
+    with pytest.raises(TypeError, match="torch.Generator"):
+        mc.importance_sample(target, broad(10), 100, generator=1)
