@@ -41,6 +41,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mcsample.diagnostics import ess
+
 __all__ = ["PeptideDiagnostics", "PeptideEnsemble", "sample_peptide", "cli"]
 
 #: (φ, ψ) basins of alanine dipeptide, degrees: a partition of the Ramachandran plane
@@ -126,17 +128,23 @@ class PeptideEnsemble:
     def free_energy_difference(self) -> dict:
         r""":math:`\Delta F = -\log\frac{P(\phi>0)}{P(\phi<0)}` in kT with its standard error
         (delta method on the self-normalized estimate of :math:`P(\phi>0)`, genealogy-aware
-        after SMC resampling). ``{"value", "stderr", "p_positive", "p_positive_stderr"}``;
-        ``value`` is ±inf and ``stderr`` NaN when no sample lies on one side."""
+        after SMC resampling). ``{"value", "stderr", "p_positive", "p_positive_stderr",
+        "ess_positive"}``; ``value`` is ±inf and ``stderr`` NaN when no sample lies on one side.
+        ``ess_positive`` is the Kish ESS of the samples at φ>0 alone: the error bar is a
+        large-sample one, and with fewer than ~20 effective samples there (a rare basin met by
+        a few heavy weights) the run-to-run spread of ΔF was measured at up to 3× the stderr;
+        draw more samples until it is larger."""
         phi, _ = self.ramachandran()
         ind = (phi > 0).to(torch.float64)
         est = self.samples.expectation(lambda x: ind)
         p, se = float(est.value), float(est.stderr)
+        lw = self.samples.log_weights
+        pos = lw[ind.to(lw.device) > 0]
+        ess_pos = float(ess(pos)) if pos.numel() and bool(torch.isfinite(pos).any()) else 0.0
+        out = {"p_positive": p, "p_positive_stderr": se, "ess_positive": ess_pos}
         if p <= 0.0 or p >= 1.0:
-            return {"value": math.inf if p <= 0 else -math.inf, "stderr": math.nan,
-                    "p_positive": p, "p_positive_stderr": se}
-        return {"value": -math.log(p / (1 - p)), "stderr": se / (p * (1 - p)),
-                "p_positive": p, "p_positive_stderr": se}
+            return {"value": math.inf if p <= 0 else -math.inf, "stderr": math.nan, **out}
+        return {"value": -math.log(p / (1 - p)), "stderr": se / (p * (1 - p)), **out}
 
     def basin_populations(self) -> dict:
         """Populations of :data:`BASINS` ± standard errors: ``{name: (value, stderr)}``."""
@@ -368,6 +376,7 @@ def summary_table(ensembles: dict) -> str:
             ("k-hat", lambda e: f"{e.diagnostics.khat:.2f}"),
             ("log Z", lambda e: f"{e.diagnostics.log_evidence:.3f} ± {e.diagnostics.log_evidence_stderr:.3f}"),
             ("ΔF(φ>0 − φ<0) / kT", lambda e: "{value:.2f} ± {stderr:.2f}".format(**e.free_energy_difference())),
+            ("ESS at φ>0 (≥ 20 to trust ΔF)", lambda e: f"{e.free_energy_difference()['ess_positive']:.1f}"),
             ("<U> kJ/mol", lambda e: f"{float((e.weights * e.energies.double()).sum()):.2f}")]
     for k, b in enumerate(BASINS):
         rows.append((f"P({b})", lambda e, b=b: "{:.4f} ± {:.4f}".format(*e.basin_populations()[b])))
