@@ -1,6 +1,6 @@
 """TorchForceField against OpenMM's Reference platform (float64), clashes, float32, errors.
 
-Agreement criterion (issue 3): per configuration |ΔU| < 1e-3 kJ/mol and force RMS error
+Agreement criterion: per configuration |ΔU| < 1e-3 kJ/mol and force RMS error
 < 1e-3 kJ/mol/nm, on short Langevin-MD snapshots and on strongly perturbed configurations
 (Gaussian noise of 0.03 and 0.05 nm on every atom: energies up to ~1e6 kJ/mol), for alanine
 dipeptide (ff96, vacuum and OBC1) and KDEA (amber14 + OBC1, without and with a 2 nm cutoff),

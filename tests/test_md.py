@@ -192,7 +192,7 @@ def test_parallel_tempering_resume_continues_the_same_run(ala2, tmp_path):
 
 
 def test_smc_on_alanine_dipeptide_matches_md_energies(ala2, one_thread):
-    """The judged check of issue 3: SMC over internal coordinates from a broad start.
+    """SMC over internal coordinates from a broad start.
 
     SMC (adaptive tempering, HMC moves) on :class:`InternalCoordinateTarget` with the rigid
     body fixed, from :class:`_BroadStart`, then twelve HMC moves at β = 1 on the resampled
