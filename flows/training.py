@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mcsample.checkpoint import save_atomic
+from mcsample.checkpoint import differences, save_atomic
 from mcsample.diagnostics import ess as kish_ess
 from mcsample.resampling import resample
 
@@ -150,18 +150,10 @@ class _Run:
 
 
 def _refuse_mismatch(saved: dict, current: dict, path) -> None:
-    diffs = []
-    for key in sorted(set(saved) | set(current)):
-        if saved.get(key) != current.get(key):
-            diffs.append(f"{key}: checkpoint {_short(saved.get(key))}, this run {_short(current.get(key))}")
+    diffs = differences(saved, current)
     if diffs:
         raise ValueError(f"{path} belongs to another training run; refusing to resume it ("
                          + "; ".join(diffs) + "). Choose another checkpoint path.")
-
-
-def _short(v) -> str:
-    s = repr(v)
-    return s if len(s) < 80 else s[:77] + "..."
 
 
 def _generator(generator: torch.Generator | None, device) -> torch.Generator:

@@ -26,7 +26,7 @@ import sys
 import torch
 
 __all__ = ["save_atomic", "save_state", "load_state", "default_generator", "fingerprint",
-           "describe", "probe_identity"]
+           "describe", "probe_identity", "differences"]
 
 
 def save_atomic(obj: dict, path: str | os.PathLike) -> None:
@@ -108,7 +108,8 @@ def fingerprint(kind: str, generator: torch.Generator | None, **arguments) -> di
     return {"kind": kind, "generator": gen, **{k: describe(v) for k, v in arguments.items()}}
 
 
-def _differences(saved: dict, current: dict) -> list[str]:
+def differences(saved: dict, current: dict) -> list[str]:
+    """One line per key where two run fingerprints differ (a missing generator matches any)."""
     out = []
     for key in sorted(set(saved) | set(current)):
         a, b = saved.get(key), current.get(key)
@@ -156,7 +157,7 @@ def load_state(path: str | os.PathLike | None, kind: str, generator: torch.Gener
             raise ValueError(f"checkpoint {os.fspath(path)} carries no run fingerprint (written by an "
                              "older version); it cannot be matched to this run: delete it or choose "
                              "another path")
-        diff = _differences(previous, run)
+        diff = differences(previous, run)
         if diff:
             raise ValueError(f"checkpoint {os.fspath(path)} belongs to another run: " + "; ".join(diff)
                              + ". Delete it or choose another path.")

@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 
 from mcsample.kernels import RandomWalk, tempered
-from mcsample.protocols import draw
+from mcsample.protocols import Float64Proposal, draw
 
 __all__ = ["ConformerDiagnostics", "ConformerEnsemble", "TorsionMoves", "sample_conformers",
            "read_conformers", "cli"]
@@ -186,21 +186,6 @@ class TorsionMoves(RandomWalk):
         return point.where(accept, prop), prob
 
 
-class _Float64:
-    """Casts a proposal's samples to float64 (the target's dtype) for the engine."""
-
-    def __init__(self, q):
-        self.q = q
-        self.event_shape = getattr(q, "event_shape", None)
-
-    def sample_and_log_prob(self, shape, generator=None):
-        n = int(shape[0]) if isinstance(shape, (tuple, list, torch.Size)) else int(shape)
-        x, lq = draw(self.q, n, generator)
-        return x.to(torch.float64), lq.to(torch.float64)
-
-    def log_prob(self, x):
-        return self.q.log_prob(x).to(torch.float64)
-
 
 def sample_conformers(
     mol,
@@ -251,7 +236,7 @@ def sample_conformers(
         theta = torch.zeros(num_conformers, 0, dtype=torch.float64)
         ws = mc.WeightedSamples(theta, target.log_prob(theta).to(torch.float64))
     else:
-        q = _Float64(_as_proposal(proposal, target))
+        q = Float64Proposal(_as_proposal(proposal, target))
         if method == "is":
             ws = mc.importance_sample(target, q, num_conformers, generator=generator)
         else:

@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 
 from mcsample.diagnostics import ess
+from mcsample.protocols import Float64Proposal
 
 __all__ = ["PeptideDiagnostics", "PeptideEnsemble", "sample_peptide", "cli"]
 
@@ -119,11 +120,13 @@ class PeptideEnsemble:
         return self.peptide.to_mdtraj(self.positions)
 
     def ramachandran(self) -> tuple[Tensor, Tensor]:
-        """Backbone (φ, ψ) of every sample in radians (first φ/ψ pair of the chain)."""
-        from mcsample.systems import analysis
+        """Backbone (φ, ψ) of every sample in radians (first φ/ψ pair of the chain), computed once."""
+        if getattr(self, "_phi_psi", None) is None:
+            from mcsample.systems import analysis
 
-        phi, psi = analysis.ramachandran_angles(self.trajectory)
-        return torch.as_tensor(np.asarray(phi)), torch.as_tensor(np.asarray(psi))
+            phi, psi = analysis.ramachandran_angles(self.trajectory)
+            self._phi_psi = (torch.as_tensor(np.asarray(phi)), torch.as_tensor(np.asarray(psi)))
+        return self._phi_psi
 
     def free_energy_difference(self) -> dict:
         r""":math:`\Delta F = -\log\frac{P(\phi>0)}{P(\phi<0)}` in kT with its standard error
@@ -252,20 +255,6 @@ class _Counted:
         return self.target.log_prob(x)
 
 
-class _Float64Flow:
-    """The internal-coordinate flow with float64 samples and log-densities, for SMC."""
-
-    def __init__(self, flow):
-        self.flow = flow
-        self.event_shape = flow.event_shape
-
-    def sample_and_log_prob(self, shape, generator=None):
-        z, lq = self.flow.sample_and_log_prob(shape, generator=generator)
-        return z.to(torch.float64), lq.to(torch.float64)
-
-    def log_prob(self, z):
-        return self.flow.log_prob(z).to(torch.float64)
-
 
 def _as_peptide(peptide_or_sequence, solvent: str, temperature: float | None):
     from mcsample.systems.peptides import Peptide, alanine_dipeptide
@@ -349,7 +338,7 @@ def sample_peptide(
         from mcsample.systems.coordinates import InternalCoordinateTarget
 
         internal = _Counted(InternalCoordinateTarget(peptide, zmatrix=proposal.ic.zmatrix, fix_rigid=True))
-        q = _Float64Flow(proposal.flow)
+        q = Float64Proposal(proposal.flow)
         kernel = Independence(num_steps=smc_steps, local=MALA(), proposal=q)
         res = mc.smc(internal, q, num_samples, kernel=kernel, generator=generator, progress=progress)
         z = res.particles
@@ -375,18 +364,19 @@ def sample_peptide(
 
 def summary_table(ensembles: dict) -> str:
     """A plain-text table of diagnostics, ΔF and basin populations, one column per ensemble."""
-    rows = [("ESS (fraction)", lambda e: f"{e.diagnostics.ess:.0f} ({e.diagnostics.ess_fraction:.1%})"),
-            ("k-hat", lambda e: f"{e.diagnostics.khat:.2f}"),
-            ("log Z", lambda e: f"{e.diagnostics.log_evidence:.3f} ± {e.diagnostics.log_evidence_stderr:.3f}"),
-            ("ΔF(φ>0 − φ<0) / kT", lambda e: "{value:.2f} ± {stderr:.2f}".format(**e.free_energy_difference())),
-            ("ESS at φ>0 (≥ 20 to trust ΔF)", lambda e: f"{e.free_energy_difference()['ess_positive']:.1f}"),
-            ("<U> kJ/mol", lambda e: f"{float((e.weights * e.energies.double()).sum()):.2f}")]
-    for k, b in enumerate(BASINS):
-        rows.append((f"P({b})", lambda e, b=b: "{:.4f} ± {:.4f}".format(*e.basin_populations()[b])))
-    rows += [("energy evaluations", lambda e: f"{e.diagnostics.energy_evaluations}"),
-             ("seconds", lambda e: f"{e.diagnostics.seconds:.1f}")]
+    est = {n: (e, e.free_energy_difference(), e.basin_populations()) for n, e in ensembles.items()}
+    rows = [("ESS (fraction)", lambda e, f, b: f"{e.diagnostics.ess:.0f} ({e.diagnostics.ess_fraction:.1%})"),
+            ("k-hat", lambda e, f, b: f"{e.diagnostics.khat:.2f}"),
+            ("log Z", lambda e, f, b: f"{e.diagnostics.log_evidence:.3f} ± {e.diagnostics.log_evidence_stderr:.3f}"),
+            ("ΔF(φ>0 − φ<0) / kT", lambda e, f, b: "{value:.2f} ± {stderr:.2f}".format(**f)),
+            ("ESS at φ>0 (≥ 20 to trust ΔF)", lambda e, f, b: f"{f['ess_positive']:.1f}"),
+            ("<U> kJ/mol", lambda e, f, b: f"{float((e.weights * e.energies.double()).sum()):.2f}")]
+    for name in BASINS:
+        rows.append((f"P({name})", lambda e, f, b, name=name: "{:.4f} ± {:.4f}".format(*b[name])))
+    rows += [("energy evaluations", lambda e, f, b: f"{e.diagnostics.energy_evaluations}"),
+             ("seconds", lambda e, f, b: f"{e.diagnostics.seconds:.1f}")]
     names = list(ensembles)
-    cells = [[label] + [fn(ensembles[n]) for n in names] for label, fn in rows]
+    cells = [[label] + [fn(*est[n]) for n in names] for label, fn in rows]
     header = [""] + names
     widths = [max(len(str(r[i])) for r in cells + [header]) for i in range(len(header))]
     fmt = "  ".join(f"{{:<{w}}}" if i == 0 else f"{{:>{w}}}" for i, w in enumerate(widths))

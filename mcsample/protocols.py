@@ -212,6 +212,23 @@ def check_generator(generator) -> None:
         raise TypeError(f"generator must be a torch.Generator (or None), got {type(generator).__name__}")
 
 
+class Float64Proposal:
+    """A proposal whose samples and log-densities are cast to float64 (the targets' dtype), for
+    the engine; draws go through :func:`draw`."""
+
+    def __init__(self, q):
+        self.q = q
+        self.event_shape = getattr(q, "event_shape", None)
+
+    def sample_and_log_prob(self, shape, generator=None):
+        n = int(shape[0]) if isinstance(shape, (tuple, list, torch.Size)) else int(shape)
+        x, lq = draw(self.q, n, generator)
+        return x.to(torch.float64), lq.to(torch.float64)
+
+    def log_prob(self, x):
+        return self.q.log_prob(x).to(torch.float64)
+
+
 def log_prob_and_grad(target, x: Tensor) -> tuple[Tensor, Tensor]:
     """``log_prob(x)`` and its gradient in ``x``, from ``target.score`` when it has one."""
     score = getattr(target, "score", None)

@@ -113,7 +113,8 @@ def test_torsion_moves_leave_tempered_density_invariant(beta):
     chi-square, 23 dof, failing at p < 1e-5 (false-failure rate 1e-5; the seed is fixed)."""
     from scipy import stats
 
-    from mcsample.conformers import TorsionMoves, _as_proposal, _Float64
+    from mcsample.conformers import TorsionMoves, _as_proposal
+    from mcsample.protocols import Float64Proposal as _Float64
     from mcsample.kernels import evaluator
 
     target = TorsionTarget.from_smiles("CCc1ccccc1")
