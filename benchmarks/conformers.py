@@ -11,7 +11,7 @@ one CPU thread:
 * ``network+IS``: the same plus the MMFF energies and normalized importance weights
   (:func:`mcsample.importance_sample`): Boltzmann-weighted conformers;
 * ``network+SMC``: annealed SMC from the network to the Boltzmann density with
-  :class:`~mcsample.conformers.TorsionMoves`, as ``sample_conformers(method="smc")`` runs it.
+  :class:`~mcsample.systems.conformers.TorsionMoves`, as ``sample_conformers(method="smc")`` runs it.
 
 VonMisesNet (Swanson et al. 2023) reports 3.1 ms per conformer on CPU against ETKDG's 12.3 ms.
 Printed: ms per conformer, and the ratios ours / ETKDG (< 1 means faster), then one JSON line.
@@ -90,7 +90,7 @@ def main(argv=None):
             target.positions(ws.samples.double())
 
         def network_smc():
-            from mcsample.conformers import TorsionMoves, _Float64
+            from mcsample.systems.conformers import TorsionMoves, _Float64
 
             q = _Float64(net.proposal(target))
             res = mc.smc(target, q, n, kernel=TorsionMoves(num_steps=5, proposal=q), generator=gen)

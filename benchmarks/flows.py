@@ -111,7 +111,8 @@ def main() -> None:
 
     # OpenMM MD: effective samples per second
     t = time.perf_counter()
-    md = run_md(peptide, args.md_ps, report_interval_ps=0.1, seed=0, progress=False, threads=1)
+    md = run_md(peptide, args.md_ps, report_interval_ps=0.1, generator=torch.Generator().manual_seed(0),
+                progress=False, threads=1)
     t_md = time.perf_counter() - t
     g = analysis.statistical_inefficiency(md.energies)
     md_ess_per_s = md.n_frames / g / t_md

@@ -30,7 +30,12 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import Tensor, nn
-from zuko.transforms import CircularShiftTransform, MonotonicRQSTransform
+
+from mcsample._optional import require
+
+require("zuko", extra="flows")
+
+from zuko.transforms import CircularShiftTransform, MonotonicRQSTransform  # noqa: E402
 
 __all__ = ["CouplingConfig", "CouplingSplineFlow"]
 

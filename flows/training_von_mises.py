@@ -27,7 +27,9 @@ r"""Training the von Mises mixture network: reference samples, maximum likelihoo
 
 from __future__ import annotations
 
+import copy
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -227,19 +229,49 @@ def negative_log_likelihood(net, graphs, samples, batch: int, generator) -> Tens
     return -lp[valid].mean()
 
 
+def _generator(generator, seed, who: str) -> torch.Generator:
+    """``generator`` (``None``: one seeded from torch's global RNG), or the deprecated integer
+    ``seed`` as ``torch.Generator().manual_seed(seed)``."""
+    if seed is not None:
+        if generator is not None:
+            raise TypeError(f"{who}: pass generator= or the deprecated seed=, not both")
+        warnings.warn(f"{who}(seed=...) is deprecated; pass generator=torch.Generator().manual_seed(seed)",
+                      DeprecationWarning, stacklevel=3)
+        return torch.Generator().manual_seed(int(seed))
+    if generator is None:
+        return torch.Generator().manual_seed(int(torch.randint(0, 2**62, ())))
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"{who}: generator must be a torch.Generator, got {type(generator).__name__}")
+    return generator
+
+
 def fit_maximum_likelihood(net, train: TrainingSet, steps: int = 600, lr: float = 2e-3,
-                           batch: int = 64, mirror: bool = True, seed: int = 0,
+                           batch: int = 64, mirror: bool = True, generator: torch.Generator | None = None,
                            valid: TrainingSet | None = None, weight_decay: float = 1e-4,
-                           progress: bool = False, log_every: int = 50) -> list[dict]:
+                           progress: bool = False, log_every: int = 50, *,
+                           seed: int | None = None) -> list[dict]:
     """AdamW on the mean NLL per torsion (nats) of the reference samples, cosine-decayed
     learning rate; each step uses every training molecule (and its mirror image) with
     ``batch`` random samples. With ``valid`` (molecules held back from the fit, never the test
     set) the NLL on it is logged every ``log_every`` steps and the network ends with the
-    weights of the best validation NLL (early stopping). Returns the log."""
-    import copy
+    weights of the best validation NLL (early stopping). Returns the log.
 
-    gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)  # dropout masks
+    ``generator`` (``torch.Generator``) draws the minibatches and seeds the dropout masks (in
+    a forked RNG: the global one is left alone) and the validation draws; ``seed`` is its
+    deprecated integer alias."""
+    gen = _generator(generator, seed, "fit_maximum_likelihood")
+    draws = torch.randint(0, 2**62, (2,), generator=gen, device=gen.device).tolist()
+    valid_seed, dropout_seed = int(draws[0]), int(draws[1])
+    device = next((p.device for p in net.parameters()), torch.device("cpu"))
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(dropout_seed)  # dropout masks
+        log = _fit_ml_loop(net, train, steps, lr, batch, mirror, gen, valid, weight_decay, progress,
+                           log_every, valid_seed)
+    return log
+
+
+def _fit_ml_loop(net, train, steps, lr, batch, mirror, gen, valid, weight_decay, progress, log_every,
+                 valid_seed) -> list[dict]:
     graphs, samples = list(train.graphs), [s.to(torch.float32) for s in train.samples]
     if mirror:
         graphs += [g.mirrored() for g in train.graphs]
@@ -262,7 +294,7 @@ def fit_maximum_likelihood(net, train: TrainingSet, steps: int = 600, lr: float 
                 net.eval()
                 with torch.no_grad():
                     v = float(negative_log_likelihood(net, valid.graphs, [s.float() for s in valid.samples], 512,
-                                   torch.Generator().manual_seed(seed + 1)))
+                                   torch.Generator().manual_seed(valid_seed)))
                 entry["valid_nll"] = v
                 if v < best[0]:
                     best = (v, copy.deepcopy(net.state_dict()), step)
@@ -276,7 +308,8 @@ def fit_maximum_likelihood(net, train: TrainingSet, steps: int = 600, lr: float 
 
 
 def fine_tune_snis(net, targets: list, steps: int = 200, num_samples: int = 256, lr: float = 2e-4,
-                   penalty: float = 0.5, seed: int = 0, progress: bool = False) -> list[dict]:
+                   penalty: float = 0.5, generator: torch.Generator | None = None, progress: bool = False,
+                   *, seed: int | None = None) -> list[dict]:
     r"""Self-normalized importance-weighted maximum likelihood on the targets themselves.
 
     Each step and molecule: :math:`\theta_i\sim q`, :math:`\bar w_i \propto p(\theta_i)/q(\theta_i)`
@@ -288,13 +321,14 @@ def fine_tune_snis(net, targets: list, steps: int = 200, num_samples: int = 256,
     mode-seeking, and a von Mises component cannot travel to a mode on the other side of the
     circle (the location gradient :math:`\kappa\sin(\theta-\mu)` vanishes there). From a
     random network on ethylbenzene (modes at :math:`\pm 90°`) it locked onto one mode. The
-    shipped checkpoint is not fine-tuned.
+    shipped checkpoint is not fine-tuned. ``generator``: ``torch.Generator`` for the draws
+    (``seed``: its deprecated integer alias).
     """
     import copy
 
     from mcsample.flows.von_mises import featurize
 
-    gen = torch.Generator().manual_seed(seed)
+    gen = _generator(generator, seed, "fine_tune_snis")
     frozen = copy.deepcopy(net).eval()
     graphs = [featurize(t) for t in targets]
     with torch.no_grad():

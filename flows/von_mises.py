@@ -59,6 +59,10 @@ import torch
 from torch import Tensor, nn
 from torch.distributions import Categorical, MixtureSameFamily, VonMises
 
+from mcsample._optional import require
+
+require("rdkit", extra="molecules")
+
 __all__ = [
     "VonMisesConfig",
     "MolGraph",
@@ -269,7 +273,7 @@ def batch_graphs(graphs: list[MolGraph]) -> tuple[MolGraph, list[int]]:
 
 @dataclass
 class VonMisesConfig:
-    """Architecture: ``hidden`` width, ``num_layers`` message-passing rounds, ``components``
+    r"""Architecture: ``hidden`` width, ``num_layers`` message-passing rounds, ``components``
     von Mises per torsion, ``autoregressive`` conditioning on earlier torsions, ``dropout`` in
     the hidden layers of every MLP (training only), and ``uniform_weight`` :math:`\epsilon`, the
     weight of a uniform component in each torsion's mixture (defensive importance sampling)."""
@@ -362,7 +366,7 @@ class VonMisesNet(nn.Module):
         return torch.sigmoid(self.gate(pair)) * mask[..., None]
 
     def values(self, emb: Tensor, theta: Tensor) -> Tensor:
-        """Values ``(..., B, T, H)`` of drawn torsions ``theta (..., B, T)``, embeddings
+        r"""Values ``(..., B, T, H)`` of drawn torsions ``theta (..., B, T)``, embeddings
         ``(..., T, H)``: :math:`v(e_s, \cos k\theta_s, \sin k\theta_s)_{k=1,2,3}`."""
         k = torch.arange(1, 4, dtype=emb.dtype, device=emb.device)
         ang = theta[..., None].to(emb.dtype) * k
@@ -405,7 +409,7 @@ def _sample_mixture(logits: Tensor, loc: Tensor, conc: Tensor, n: int | None) ->
 
 
 def _defend(theta: Tensor, uniform_weight: float) -> Tensor:
-    """Replace each draw, with probability :math:`\epsilon`, by a uniform angle (the mixture's
+    r"""Replace each draw, with probability :math:`\epsilon`, by a uniform angle (the mixture's
     uniform component), from the (forked) global RNG like the von Mises sampler."""
     if uniform_weight <= 0:
         return theta

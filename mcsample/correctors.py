@@ -77,15 +77,16 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
 
-from .checkpoint import default_generator, fingerprint, load_state, save_state
-from .diagnostics import ess as _ess
-from .resampling import resample as _resample
+from . import feynman_kac as fk
+from .checkpoint import fingerprint
+from .diffusion import grid_coefficients
+from .protocols import check_generator
 from .weighted import WeightedSamples
 
 __all__ = [
@@ -251,43 +252,12 @@ class Steering:
 # ---------------------------------------------------------------------------------------------
 # state and step
 
-
-@dataclass
-class FKCState:
-    """Everything a Feynman-Kac corrector run needs to continue (a checkpoint is this object).
-
-    ``x`` ``(N, *event)`` particles at grid index ``step``; ``log_weights`` float64 since the
-    last resampling; ``log_scale`` the banked log-evidence; ``ancestors`` the time-0 index of
-    each lineage; ``steer_log_potential`` :math:`\\sum_k\\log G_k` along each lineage and
-    ``steer_stat`` the potential's running reward statistic; histories per step.
-    """
-
-    x: Tensor
-    log_weights: Tensor
-    step: int = 0
-    log_scale: Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.float64))
-    ancestors: Tensor | None = None
-    steer_log_potential: Tensor | None = None
-    steer_stat: Tensor | None = None
-    nfe: int = 0
-    num_resampled: int = 0
-    ess_history: list = field(default_factory=list)
-    resampled_at: list = field(default_factory=list)
-
-
-def _grid_floats(schedule, grid: Tensor) -> dict[str, list[float]]:
-    g = torch.as_tensor(grid, dtype=torch.float64).detach().cpu()
-    if g.ndim != 1 or g.numel() < 2 or not bool((g[1:] < g[:-1]).all()):
-        raise ValueError("grid must be a strictly decreasing 1-D tensor of at least 2 times "
-                         "(from noise t_max down to data t_min)")
-    return {
-        "t": g.tolist(),
-        "alpha": schedule.alpha(g).tolist(),
-        "sigma": schedule.sigma(g).tolist(),
-        "f": schedule.f(g).tolist(),
-        "g2": schedule.g2(g).tolist(),
-        "log_alpha": torch.log(schedule.alpha(g)).tolist(),
-    }
+#: The corrector's state is the core's :class:`~mcsample.feynman_kac.FKState`: particles at grid
+#: index ``index``, float64 log-weights since the last resampling, the banked log-evidence
+#: ``log_scale``, the genealogy; ``cache`` carries the steering statistics along each lineage
+#: (``steer_log_potential`` :math:`\sum_k\log G_k`, ``steer_stat``), ``counters["nfe"]`` the
+#: score evaluations.
+FKCState = fk.FKState
 
 
 def _check_same_schedule(target: ScoreProduct, grid: Tensor) -> None:
@@ -329,14 +299,15 @@ def fkc_step(
        integrated exactly; skipped if not ``correct``),
        plus the steering potential; 2. record the ESS and resample if it is below
        ``resample_threshold``·N (or every ``resample_every`` steps), banking
-       :math:`\log\frac1N\sum w` in ``log_scale``; 3. Euler–Maruyama move
+       :math:`\log\frac1N\sum w` in ``log_scale`` (:func:`mcsample.feynman_kac.resample_if_needed`);
+       3. Euler–Maruyama move
        :math:`x \mathrel{+}= \Delta t\,(-f x + \tfrac12(1+c)g^2S) + \sqrt{c\,g^2\Delta t}\,z`.
     """
-    k = state.step
+    k = state.index
     n_steps = len(co["t"]) - 1
     if k >= n_steps:
         raise ValueError(f"the corrector is already at the end of its grid ({n_steps} steps)")
-    x, log_w = state.x, state.log_weights
+    x = state.x
     N = x.shape[0]
     t_k = co["t"][k]
     dt = t_k - co["t"][k + 1]
@@ -344,68 +315,89 @@ def fkc_step(
     d = x[0].numel()
     tt = torch.full((N,), t_k, dtype=x.dtype, device=x.device)
     S, rate = target.terms(x, tt, g2)
-    nfe = state.nfe + target.num_models
+    state = state.count(nfe=target.num_models)
     if correct:
         # x-dependent part by the left-point rule; (B-1) d ∫f dt = (B-1) d Δlog α exactly
         incr = rate * dt + (target.total_exponent - 1.0) * d * (co["log_alpha"][k] - co["log_alpha"][k + 1])
-        if bool(torch.isnan(incr).any()):
-            bad = int(torch.isnan(incr).sum())
-            raise ValueError(f"Feynman-Kac weight increment is NaN for {bad} of {N} particles at "
-                             f"step {k} (t={t_k:.4g}); check the models' scores")
-        log_w = log_w + incr
-    steer_lp, steer_stat = state.steer_log_potential, state.steer_stat
+        state = fk.reweight(state, incr, f"Feynman-Kac corrector step {k} (t={t_k:.4g}; check the models' scores)")
+    cache = dict(state.cache, score=S)
     if steering is not None and k % steering.every == 0:
         x0 = (x + co["sigma"][k] ** 2 * S) / co["alpha"][k]
-        log_g, steer_stat = steering.log_potential(steering.evaluate(x0), steer_stat)
-        log_w = log_w + log_g
-        steer_lp = log_g if steer_lp is None else steer_lp + log_g
-    ess = _ess(log_w)
-    ess_history = state.ess_history + [ess]
-    do_resample = (resample_every is not None and (k + 1) % resample_every == 0) or bool(
-        ess < resample_threshold * N
-    )
-    log_scale, ancestors, n_res, res_at = state.log_scale, state.ancestors, state.num_resampled, state.resampled_at
-    if do_resample:
-        idx = _resample(log_w, N, scheme=scheme, generator=generator)
-        log_scale = log_scale + torch.logsumexp(log_w, 0) - math.log(N)
-        log_w = torch.zeros_like(log_w)
-        x, S = x[idx], S[idx]
-        ancestors = None if ancestors is None else ancestors[idx]
-        steer_lp = None if steer_lp is None else steer_lp[idx]
-        steer_stat = None if steer_stat is None else steer_stat[idx]
-        n_res += 1
-        res_at = res_at + [k]
+        log_g, stat = steering.log_potential(steering.evaluate(x0), cache.get("steer_stat"))
+        state = fk.reweight(state, log_g, f"steering potential at step {k}")
+        lp = cache.get("steer_log_potential")
+        cache["steer_log_potential"] = log_g if lp is None else lp + log_g
+        cache["steer_stat"] = stat
+    state = state.replace(cache=cache)
+    force = resample_every is not None and (k + 1) % resample_every == 0
+    state = fk.resample_if_needed(state, resample_threshold, scheme, generator, force=force)
+    x, S = state.x, state.cache["score"]
+    cache = {key: v for key, v in state.cache.items() if key != "score"}
     c = noise_scale
     z = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
     x = x + dt * (-f * x + 0.5 * (1.0 + c) * g2 * S)
     if c > 0:
         x = x + math.sqrt(c * g2 * dt) * z
-    return FKCState(x=x, log_weights=log_w, step=k + 1, log_scale=log_scale, ancestors=ancestors,
-                    steer_log_potential=steer_lp, steer_stat=steer_stat, nfe=nfe, num_resampled=n_res,
-                    ess_history=ess_history, resampled_at=res_at)
+    return state.replace(x=x, cache=cache, index=k + 1)
 
 
-def _initial_state(target: ScoreProduct, num_particles: int, event_shape, co: dict, *,
-                   exact_start: bool, correct: bool, dtype, device, generator) -> FKCState:
-    B = target.total_exponent
-    sig = co["sigma"][0] / math.sqrt(B)
-    x = sig * torch.randn((num_particles, *event_shape), generator=generator, dtype=dtype, device=device)
-    d = int(math.prod(event_shape))
-    log_w = torch.zeros(num_particles, dtype=torch.float64, device=device)
-    log_scale = torch.zeros((), dtype=torch.float64, device=device)
-    if correct:
-        if exact_start:
-            t0 = torch.full((num_particles,), co["t"][0], dtype=dtype, device=device)
-            log_ref = (-0.5 * x.flatten(1).to(torch.float64).pow(2).sum(-1) / sig**2
-                       - 0.5 * d * math.log(2 * math.pi * sig**2))
-            log_w = target.log_prob(x, t0) - log_ref
-        else:
-            # ∫ Π_i N(x; 0, σ²)^{β_i} dx: the start's normalizer under the Gaussian stand-in
-            s2 = co["sigma"][0] ** 2
-            log_scale = log_scale + (-0.5 * d * B * math.log(2 * math.pi * s2)
-                                     + 0.5 * d * math.log(2 * math.pi * s2 / B))
-    return FKCState(x=x, log_weights=log_w, log_scale=log_scale,
-                    ancestors=torch.arange(num_particles, device=device))
+class FKCorrector:
+    """The corrector as a Feynman-Kac model for :func:`mcsample.feynman_kac.run`."""
+
+    name = "fk_corrector"
+    description = "Feynman-Kac corrector"
+
+    def __init__(self, target: ScoreProduct, num_particles: int, event_shape, co: dict, *, noise_scale,
+                 correct, resample_threshold, resample_every, scheme, steering, exact_start, dtype, device):
+        self.target, self.num_particles, self.event_shape, self.co = target, num_particles, event_shape, co
+        self.noise_scale, self.correct = noise_scale, correct
+        self.resample_threshold, self.resample_every, self.scheme = resample_threshold, resample_every, scheme
+        self.steering, self.exact_start, self.dtype, self.device = steering, exact_start, dtype, device
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.co["t"]) - 1
+
+    def init(self, generator) -> FKCState:
+        target, co, num_particles, event_shape = self.target, self.co, self.num_particles, self.event_shape
+        dtype, device = self.dtype, self.device
+        B = target.total_exponent
+        sig = co["sigma"][0] / math.sqrt(B)
+        x = sig * torch.randn((num_particles, *event_shape), generator=generator, dtype=dtype, device=device)
+        d = int(math.prod(event_shape))
+        log_w, log_scale = None, 0.0
+        if self.correct:
+            if self.exact_start:
+                t0 = torch.full((num_particles,), co["t"][0], dtype=dtype, device=device)
+                log_ref = (-0.5 * x.flatten(1).to(torch.float64).pow(2).sum(-1) / sig**2
+                           - 0.5 * d * math.log(2 * math.pi * sig**2))
+                log_w = target.log_prob(x, t0) - log_ref
+            else:
+                # ∫ Π_i N(x; 0, σ²)^{β_i} dx: the start's normalizer under the Gaussian stand-in
+                s2 = co["sigma"][0] ** 2
+                log_scale = (-0.5 * d * B * math.log(2 * math.pi * s2) + 0.5 * d * math.log(2 * math.pi * s2 / B))
+        state = fk.start(x, log_w, log_scale, counters={"nfe": 0})
+        fk.check_log_weights(state.log_w, "Feynman-Kac corrector start")
+        return state
+
+    def step(self, state: FKCState, generator) -> FKCState:
+        return fkc_step(state, self.target, self.co, noise_scale=self.noise_scale, correct=self.correct,
+                        resample_threshold=self.resample_threshold, resample_every=self.resample_every,
+                        scheme=self.scheme, steering=self.steering, generator=generator)
+
+    def done(self, state: FKCState) -> bool:
+        return state.index >= self.num_steps
+
+    def progress(self, state: FKCState) -> tuple[float, float, dict]:
+        return state.index, self.num_steps, ({"ess": f"{state.ess_history[-1]:.0f}"} if state.ess_history else {})
+
+    def check(self, state: FKCState) -> None:
+        if tuple(state.x.shape[1:]) != tuple(self.event_shape):
+            raise ValueError(f"checkpoint holds particles of event shape {tuple(state.x.shape[1:])}, "
+                             f"not {tuple(self.event_shape)}")
+
+    def describe_position(self, saved: dict) -> str:
+        return f"step {int(saved['index'])} of {self.num_steps}"
 
 
 def fk_corrector(
@@ -444,22 +436,25 @@ def fk_corrector(
             paper's code; 0: never unless ``resample_every``).
         scheme: resampling scheme for :func:`mcsample.resample`.
         checkpoint: path of a checkpoint (:mod:`mcsample.checkpoint`) written atomically every
-            ``checkpoint_every`` steps; with ``resume=True`` an existing one is continued, giving
-            the same result as an uninterrupted run with the same generator.
+            ``checkpoint_every`` steps; with ``resume=True`` an existing one of the same run is
+            continued, giving the same result as an uninterrupted run with the same generator.
         exact_start: weight the Gaussian start to the exact :math:`\prod(q^i_{t_{\max}})^{\beta_i}`;
             default when every model has ``log_prob(x, t)``.
 
     Returns:
         :class:`~mcsample.WeightedSamples` at :math:`t_{\min}` with ``ess_history`` (before each
-        resampling decision), ``ancestors``, ``log_scale`` (banked log-evidence: with an exact
+        resampling decision), the genealogy, ``log_scale`` (banked log-evidence: with an exact
         start, ``log_evidence`` estimates :math:`\log\int\prod_i(q^i_{t_{\min}})^{\beta_i}`) and
         ``info`` (``nfe``, ``resampled_at``, ``grid``).
     """
     event_shape = (event_shape,) if isinstance(event_shape, int) else tuple(event_shape)
-    if not 0.0 <= resample_threshold <= 1.0:
-        raise ValueError(f"resample_threshold must be in [0, 1], got {resample_threshold}")
+    fk.check_resampling(resample_threshold, scheme)
+    num_particles = fk.check_num_particles(num_particles)
+    check_generator(generator)
+    if resample_every is not None and int(resample_every) < 1:
+        raise ValueError(f"resample_every must be >= 1, got {resample_every}")
     _check_same_schedule(target, grid)
-    co = _grid_floats(target.schedule, grid)
+    co = grid_coefficients(target.schedule, grid)
     c = _noise_scale(variant, target.total_exponent)
     if exact_start is None:
         exact_start = target.has_log_prob
@@ -467,53 +462,25 @@ def fk_corrector(
         raise ValueError("exact_start needs every model to offer log_prob(x, t)")
     run = None
     if checkpoint is not None:
-        run = fingerprint("fk_corrector", generator, num_particles=int(num_particles),
+        run = fingerprint("fk_corrector", generator, num_particles=num_particles,
                           event_shape=list(event_shape), grid=grid, target=target, variant=variant,
                           correct=correct, resample_threshold=resample_threshold,
                           resample_every=resample_every, scheme=scheme, steering=steering,
                           exact_start=exact_start, dtype=dtype,
                           device=None if device is None else torch.device(device).type)
-    saved, generator = load_state(checkpoint if resume else None, "fk_corrector", generator, device, run=run,
-                                  progress_of=lambda st: f"step {int(st['step'])} of {len(co['t']) - 1}")
+    model = FKCorrector(target, num_particles, event_shape, co, noise_scale=c, correct=correct,
+                        resample_threshold=resample_threshold, resample_every=resample_every, scheme=scheme,
+                        steering=steering, exact_start=exact_start, dtype=dtype, device=device)
     with torch.no_grad():
-        if saved is not None:
-            state = FKCState(**saved)
-            if state.x.shape != (num_particles, *event_shape):
-                raise ValueError(f"checkpoint {checkpoint} holds particles of shape {tuple(state.x.shape)}, "
-                                 f"not {(num_particles, *event_shape)}")
-        else:
-            if generator is None and checkpoint is not None:
-                generator = default_generator(device)
-            state = _initial_state(target, num_particles, event_shape, co, exact_start=exact_start,
-                                   correct=correct, dtype=dtype, device=device, generator=generator)
-        steps = range(state.step, len(co["t"]) - 1)
-        if progress:
-            from tqdm.auto import tqdm
-
-            steps = tqdm(steps, desc="Feynman-Kac corrector", initial=state.step, total=len(co["t"]) - 1)
-        for _ in steps:
-            state = fkc_step(state, target, co, noise_scale=c, correct=correct,
-                             resample_threshold=resample_threshold, resample_every=resample_every,
-                             scheme=scheme, steering=steering, generator=generator)
-            if checkpoint is not None and (state.step % checkpoint_every == 0 or state.step == len(co["t"]) - 1):
-                save_state(checkpoint, {f.name: getattr(state, f.name) for f in fields(state)}, generator,
-                           "fk_corrector", run)
-        log_w = state.log_weights
+        state = fk.run(model, num_particles, generator=generator, progress=progress, checkpoint=checkpoint,
+                       checkpoint_every=checkpoint_every, resume=resume, fingerprint=run, device=device)
+        log_w = state.log_w
         if steering is not None:
             # final potential: λ r(x_N) over the lineage's product of intermediate potentials
-            r = steering.evaluate(state.x)
-            final = steering.lam * r
-            if state.steer_log_potential is not None:
-                final = final - state.steer_log_potential
+            final = steering.lam * steering.evaluate(state.x)
+            lp = state.cache.get("steer_log_potential")
+            if lp is not None:
+                final = final - lp
             log_w = log_w + final
-    ess_hist = torch.stack(state.ess_history) if state.ess_history else None
-    return WeightedSamples(
-        state.x,
-        log_w,
-        log_scale=state.log_scale,
-        ancestors=state.ancestors,
-        generations=1 + state.num_resampled,
-        ess_history=ess_hist,
-        info={"nfe": state.nfe, "resampled_at": state.resampled_at, "grid": torch.as_tensor(grid),
-              "noise_scale": c, "corrected": correct},
-    )
+    return fk.to_weighted_samples(state, log_w=log_w, grid=torch.as_tensor(grid), noise_scale=c,
+                                  corrected=correct)

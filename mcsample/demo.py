@@ -20,18 +20,38 @@ import json
 import math
 import os
 import time
+import warnings
 
 import torch
 
 import mcsample as mc
 
 
-def run(out_dir: str = "outputs/demo", num_particles: int = 4096, seed: int = 0,
-        dim: int = 10, progress: bool = True) -> dict:
-    """Run the demo; returns the numbers it printed and writes ``summary.json`` and ``marginals.png``."""
+def _generator(generator, seed, who: str) -> torch.Generator:
+    """``generator``, or the deprecated integer ``seed`` as one; default seed 0, so that the
+    printed numbers are reproducible."""
+    if seed is not None:
+        if generator is not None:
+            raise TypeError(f"{who}: pass generator= or the deprecated seed=, not both")
+        warnings.warn(f"{who}(seed=...) is deprecated; pass generator=torch.Generator().manual_seed(seed)",
+                      DeprecationWarning, stacklevel=3)
+        return torch.Generator().manual_seed(int(seed))
+    if generator is None:
+        return torch.Generator().manual_seed(0)
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"{who}: generator must be a torch.Generator, got {type(generator).__name__}")
+    return generator
+
+
+def run(out_dir: str = "outputs/demo", num_particles: int = 4096, generator: torch.Generator | None = None,
+        dim: int = 10, progress: bool = True, *, seed: int | None = None) -> dict:
+    """Run the demo; returns the numbers it printed and writes ``summary.json`` and ``marginals.png``.
+
+    ``generator`` (``torch.Generator``; default seeded with 0) draws the mixture and the SMC
+    run; ``seed`` is its deprecated integer alias."""
     from mcsample.systems.analytic import GaussianMixture
 
-    g = torch.Generator().manual_seed(seed)
+    g = _generator(generator, seed, "run")
     target = GaussianMixture.separated(dim=dim, num_modes=4, spread=6.0, std=1.0,
                                        log_scale=3.0, generator=g)
     initial = torch.distributions.MultivariateNormal(
@@ -82,10 +102,13 @@ def run(out_dir: str = "outputs/demo", num_particles: int = 4096, seed: int = 0,
 
 
 def run_peptide(out_dir: str = "outputs/demo", num_samples: int = 20_000, num_particles: int = 2000,
-                seed: int = 0, progress: bool = True) -> dict | None:
-    """Alanine dipeptide (OBC1, 300 K) from the shipped flow by IS and SMC; prints the summary
-    table and writes ``peptide_summary.json``. Returns ``None`` (with a printed reason) when
-    OpenMM or the shipped checkpoint is missing."""
+                generator: torch.Generator | None = None, progress: bool = True, *,
+                seed: int | None = None) -> dict | None:
+    """Alanine dipeptide (OBC1, 300 K) from the shipped flow by IS (``num_samples`` draws) and
+    SMC (``num_particles``); prints the summary table and writes ``peptide_summary.json``.
+    Returns ``None`` (with a printed reason) when OpenMM or the shipped checkpoint is missing.
+    ``generator``: as in :func:`run` (``seed``: its deprecated integer alias)."""
+    g = _generator(generator, seed, "run_peptide")
     try:
         from mcsample.peptide_sampling import sample_peptide, summary_table
         from mcsample.systems.peptides import alanine_dipeptide
@@ -94,7 +117,6 @@ def run_peptide(out_dir: str = "outputs/demo", num_samples: int = 20_000, num_pa
     except ImportError as err:
         print(f"\n(peptide demo skipped: {err})")
         return None
-    g = torch.Generator().manual_seed(seed)
     print(f"\nmcsample demo: alanine dipeptide (AMBER ff96 + OBC1, 300 K) from the shipped "
           f"Boltzmann generator, {num_samples} IS draws and {num_particles} SMC particles")
     ens = {"IS": sample_peptide(peptide, num_samples, "is", generator=g, progress=progress),

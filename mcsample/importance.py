@@ -11,6 +11,7 @@ log-weight).
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 import torch
@@ -25,33 +26,43 @@ __all__ = ["importance_sample"]
 def importance_sample(
     target,
     proposal,
-    num_samples: int,
+    num_particles: int | None = None,
     batch_size: int | None = None,
     generator: torch.Generator | None = None,
     *,
     keep_samples: bool = True,
     statistics: dict[str, Callable[[torch.Tensor], torch.Tensor]] | None = None,
     progress: bool = False,
+    num_samples: int | None = None,
 ) -> WeightedSamples:
     r"""Self-normalized importance sampling of ``target`` with ``proposal``.
 
     Args:
         target: unnormalized log-density, ``log_prob(x) -> (B,)``.
         proposal: sampler with normalized ``log_prob`` (any :class:`~mcsample.protocols.Proposal`).
-        num_samples: total number of draws :math:`N`.
+        num_particles: total number of draws :math:`N`.
         batch_size: draws per batch (default: all at once, capped at :math:`2^{16}`).
         generator: source of randomness; a fixed seed reproduces the result.
         keep_samples: keep the samples (default) or only log-weights and ``statistics``.
         statistics: ``{name: f}`` streamed as weighted running sums, available afterwards
             through ``result.expectation(name)``.
         progress: show a tqdm bar.
+        num_samples: deprecated name of ``num_particles``.
 
     Returns:
         :class:`~mcsample.weighted.WeightedSamples` with :math:`\log w = \log\tilde\pi - \log q`.
     """
-    num_samples = int(num_samples)
+    if num_samples is not None:
+        if num_particles is not None:
+            raise TypeError("importance_sample: pass num_particles or the deprecated num_samples, not both")
+        warnings.warn("importance_sample(num_samples=...) is deprecated; use num_particles=",
+                      DeprecationWarning, stacklevel=2)
+        num_particles = num_samples
+    if num_particles is None:
+        raise TypeError("importance_sample() missing the required argument 'num_particles'")
+    num_samples = int(num_particles)
     if num_samples < 1:
-        raise ValueError(f"num_samples must be positive, got {num_samples}")
+        raise ValueError(f"num_particles must be positive, got {num_samples}")
     batch_size = min(num_samples, 1 << 16) if batch_size is None else int(batch_size)
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")

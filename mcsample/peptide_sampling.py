@@ -35,14 +35,18 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from mcsample._optional import require
 from mcsample.diagnostics import ess
 from mcsample.protocols import Float64Proposal
+
+require("openmm", "mdtraj", "zuko", extra="peptides")
 
 __all__ = ["PeptideDiagnostics", "PeptideEnsemble", "sample_peptide", "cli"]
 
@@ -275,7 +279,7 @@ def _as_peptide(peptide_or_sequence, solvent: str, temperature: float | None):
 
 def sample_peptide(
     peptide,
-    num_samples: int = 100_000,
+    num_particles: int | None = None,
     method: str = "is",
     generator: torch.Generator | None = None,
     progress: bool = False,
@@ -285,13 +289,14 @@ def sample_peptide(
     temperature: float | None = None,
     batch_size: int = 4096,
     smc_steps: int = 5,
+    num_samples: int | None = None,
 ) -> PeptideEnsemble:
     r"""Boltzmann-weighted configurations of ``peptide`` from a trained Boltzmann generator.
 
     Args:
         peptide: a :class:`~mcsample.systems.peptides.Peptide` (e.g. ``alanine_dipeptide("obc1")``)
             or the name ``"alanine_dipeptide"`` (then ``solvent`` and ``temperature`` build it).
-        num_samples: importance samples (``"is"``) or SMC particles (``"smc"``). The default,
+        num_particles: importance samples (``"is"``) or SMC particles (``"smc"``). The default,
             10⁵ (about 25 s of IS on 2 CPU cores), is what the ΔF(φ>0 − φ<0) error bar needs: with
             the shipped vacuum flow its run-to-run spread was 1.7× the reported stderr at 10⁵
             draws and 2.7× at 2·10⁴ (the φ>0 basins are met by a few heavy weights).
@@ -303,6 +308,7 @@ def sample_peptide(
             system must match ``peptide`` (force field, solvent, temperature, topology).
         batch_size: configurations per energy batch for ``"is"``.
         smc_steps: MALA + independence moves per SMC step.
+        num_samples: deprecated name of ``num_particles``.
 
     Returns:
         :class:`PeptideEnsemble`: weighted samples, weights, energies (kJ/mol), trajectory,
@@ -314,9 +320,15 @@ def sample_peptide(
 
     if method not in ("is", "smc"):
         raise ValueError(f"method must be 'is' or 'smc', got {method!r}")
-    num_samples = int(num_samples)
-    if num_samples < 2:
-        raise ValueError(f"num_samples must be at least 2, got {num_samples}")
+    if num_samples is not None:
+        if num_particles is not None:
+            raise TypeError("sample_peptide: pass num_particles or the deprecated num_samples, not both")
+        warnings.warn("sample_peptide(num_samples=...) is deprecated; use num_particles=",
+                      DeprecationWarning, stacklevel=2)
+        num_particles = num_samples
+    num_particles = 100_000 if num_particles is None else int(num_particles)
+    if num_particles < 2:
+        raise ValueError(f"num_particles must be at least 2, got {num_particles}")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     t0 = time.perf_counter()
@@ -330,7 +342,7 @@ def sample_peptide(
         generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ())))
     if method == "is":
         target = _Counted(peptide)
-        ws = mc.importance_sample(target, proposal, num_samples, batch_size=batch_size,
+        ws = mc.importance_sample(target, proposal, num_particles, batch_size=batch_size,
                                   generator=generator, progress=progress)
         evaluations = target.count
     else:
@@ -340,7 +352,7 @@ def sample_peptide(
         internal = _Counted(InternalCoordinateTarget(peptide, zmatrix=proposal.ic.zmatrix, fix_rigid=True))
         q = Float64Proposal(proposal.flow)
         kernel = Independence(num_steps=smc_steps, local=MALA(), proposal=q)
-        res = mc.smc(internal, q, num_samples, kernel=kernel, generator=generator, progress=progress)
+        res = mc.smc(internal, q, num_particles, kernel=kernel, generator=generator, progress=progress)
         z = res.particles
         with torch.no_grad():
             x, _ = proposal.place(z.samples, generator)
@@ -386,12 +398,17 @@ def summary_table(ensembles: dict) -> str:
 
 
 def _peptide_from_input(text: str, solvent: str):
-    """A sequence name or a PDB file -> the peptide a shipped flow covers (or a ValueError)."""
-    from mcsample.systems.peptides import alanine_dipeptide
+    """A name, a one-letter sequence or a PDB file -> the peptide a shipped flow covers; a
+    ``ValueError`` / ``FileNotFoundError`` naming the problem otherwise."""
+    from mcsample.systems.peptides import ONE_LETTER_CODES, alanine_dipeptide
 
     if text.lower().endswith(".pdb"):
         if not os.path.exists(text):
             raise FileNotFoundError(f"no such file: {text}")
+        if not os.path.isfile(text):
+            raise ValueError(f"{text} is not a file")
+        with open(text, "rb"):  # unreadable files raise PermissionError here
+            pass
         import mdtraj
 
         try:
@@ -401,51 +418,58 @@ def _peptide_from_input(text: str, solvent: str):
         residues = [r.name for r in top.residues]
         if residues == ["ACE", "ALA", "NME"]:
             return alanine_dipeptide(solvent)
-        raise ValueError(f"{text} holds {'-'.join(residues)}: a shipped Boltzmann generator exists "
-                         "only for alanine dipeptide (ACE-ALA-NME)")
+        raise ValueError(f"{text} holds {'-'.join(residues) or 'no residues'}: a shipped Boltzmann "
+                         "generator exists only for alanine dipeptide (ACE-ALA-NME)")
+    key = text.strip().replace("-", "").replace("_", "").upper()
+    names = ("ALANINEDIPEPTIDE", "ACEALANME", "ALDP", "ADP")
+    if key not in names and (not key.isalpha() or set(key) - set(ONE_LETTER_CODES)):
+        raise ValueError(f"no shipped flow for {text!r}: it is not a peptide name or a sequence of the "
+                         f"one-letter codes {''.join(sorted(ONE_LETTER_CODES))}; give 'alanine_dipeptide' "
+                         "or a .pdb file of it")
     return _as_peptide(text, solvent, None)
 
 
 def cli(argv=None) -> int:
-    """``mcsample peptide INPUT``: weighted Boltzmann samples of a peptide from the shipped flow."""
-    import argparse
-    import sys
+    """``mcsample peptide INPUT [-n N] [--method is|smc] [--solvent obc1|vacuum] [--seed S]
+    [-o OUT] [--overwrite]``: weighted Boltzmann samples of a peptide from the shipped flow.
+    Input errors raise ``ValueError`` / ``OSError`` (``mcsample`` turns them into one line and
+    exit status 2)."""
+    from mcsample.cli import ArgumentParser, add_debug, check_output, seed
 
-    ap = argparse.ArgumentParser(
+    ap = ArgumentParser(
         prog="mcsample peptide",
         description="Boltzmann-weighted configurations of a peptide from the shipped normalizing "
-        "flow, corrected by importance sampling or SMC. Writes the samples (PDB/DCD/XTC), their "
+        "flow, corrected by importance sampling or SMC. Writes the samples (PDB/DCD/XTC/SDF), their "
         "weights and a JSON summary, and prints diagnostics, ΔF(φ>0 − φ<0) and basin populations.")
     ap.add_argument("input", help="'alanine_dipeptide' (or ACE-ALA-NME), or a PDB file of it")
     ap.add_argument("-n", "--num-samples", type=int, default=100_000,
-                    help="importance samples or SMC particles (default: %(default)s)")
+                    help="importance samples or SMC particles, at least 2 (default: %(default)s)")
     ap.add_argument("--method", choices=["is", "smc"], default="is", help="estimator (default: %(default)s)")
     ap.add_argument("--solvent", choices=["obc1", "vacuum"], default="obc1",
                     help="AMBER ff96 with OBC1 implicit solvent, or vacuum (default: %(default)s)")
-    ap.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    ap.add_argument("--seed", type=seed, default=0, help="random seed (default: %(default)s)")
     ap.add_argument("-o", "--out", default="peptide_samples.pdb",
                     help="samples file, .pdb/.dcd/.xtc/.sdf; the weights and summary go to "
-                    "<stem>.weights.json (default: %(default)s)")
-    ap.add_argument("--overwrite", action="store_true", help="replace existing output files")
-    ap.add_argument("--progress", action="store_true", help="show progress bars")
-    ap.add_argument("--debug", action="store_true", help="show tracebacks")
+                    "<stem>.weights.json, and a .dcd/.xtc gets its topology in <stem>.topology.pdb "
+                    "(default: %(default)s)")
+    ap.add_argument("--overwrite", action="store_true", help="replace existing output files (default: off)")
+    ap.add_argument("--progress", action="store_true", help="show progress bars (default: off)")
+    add_debug(ap)
     args = ap.parse_args(argv)
-    try:
-        if args.num_samples < 2:
-            raise ValueError(f"--num-samples must be at least 2, got {args.num_samples}")
-        if os.path.splitext(args.out)[1].lower() not in OUTPUT_FORMATS:
-            raise ValueError(f"--out must end in {', '.join(OUTPUT_FORMATS)}, got {args.out}")
-        if os.path.exists(args.out) and not args.overwrite:
-            raise FileExistsError(f"{args.out} exists; pass --overwrite to replace it")
-        peptide = _peptide_from_input(args.input, args.solvent)
-        ens = sample_peptide(peptide, args.num_samples, args.method,
-                             generator=torch.Generator().manual_seed(args.seed), progress=args.progress)
-        written = ens.save(args.out)
-    except (ValueError, FileNotFoundError, FileExistsError, TypeError) as err:
-        if args.debug:
-            raise
-        print(f"mcsample peptide: error: {err}", file=sys.stderr)
-        return 2
+    if args.num_samples < 2:
+        ap.error(f"argument -n/--num-samples: must be at least 2, got {args.num_samples}")
+    stem, ext = os.path.splitext(args.out)
+    if ext.lower() not in OUTPUT_FORMATS:
+        raise ValueError(f"--out must end in {', '.join(OUTPUT_FORMATS)}, got {args.out}")
+    outputs = [args.out, stem + ".weights.json"]
+    if ext.lower() in (".dcd", ".xtc"):
+        outputs.append(stem + ".topology.pdb")
+    for path in outputs:
+        check_output(path, args.overwrite)
+    peptide = _peptide_from_input(args.input, args.solvent)
+    ens = sample_peptide(peptide, args.num_samples, args.method,
+                         generator=torch.Generator().manual_seed(args.seed), progress=args.progress)
+    written = ens.save(args.out)
     print(summary_table({f"{peptide.name} ({args.method})": ens}))
     print("k-hat > 0.7: do not trust these weights; use --method smc" if not ens.diagnostics.reliable
           else "k-hat < 0.7: the importance weights are reliable")

@@ -16,54 +16,84 @@ resampling events) is unbiased in :math:`\hat Z` with or without resampling at a
 standard error from a single run is the genealogy estimator of Lee & Whiteley (2018), using
 each particle's time-0 ancestor (see :mod:`mcsample.weighted`).
 
-The algorithm is a small explicit state, :class:`SMCState`, and a pure :func:`step`;
-:func:`smc` is a thin loop that can checkpoint the state atomically every ``k`` steps and
-resume from it with the same result as an uninterrupted run.
+The algorithm is a Feynman-Kac model (:mod:`mcsample.feynman_kac`): a small explicit state,
+:class:`SMCState`, and a pure :func:`step`; reweighting, resampling and the genealogy are the
+core's, and :func:`smc` runs the model with the core's driver (progress bar, checkpoints with a
+run fingerprint, resume with the same result as an uninterrupted run).
 """
 
 from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
-from mcsample.checkpoint import default_generator, fingerprint, load_state, probe_identity, save_state
-from mcsample.diagnostics import ess as _ess
+from mcsample import feynman_kac as fk
+from mcsample.checkpoint import default_generator, fingerprint, probe_identity
 from mcsample.kernels import MALA, Kernel, Point, evaluator
 from mcsample.protocols import check_event_shape, check_generator, draw
-from mcsample.resampling import SCHEMES, resample
 from mcsample.tempering import as_schedule, log_increment
-from mcsample.weighted import ParticleState, WeightedSamples
+from mcsample.weighted import WeightedSamples
 
-__all__ = ["SMCState", "SMCResult", "init", "step", "move", "smc"]
+__all__ = ["SMCState", "SMCResult", "AnnealedSMC", "init", "step", "move", "smc"]
 
 
-@dataclass
-class SMCState(ParticleState):
-    """Everything an SMC run needs to continue: particles, weights, beta, genealogy, histories."""
+@dataclass(frozen=True)
+class SMCState(fk.FKState):
+    """The core's :class:`~mcsample.feynman_kac.FKState` plus the annealing: ``beta``, the
+    kernel's adapted ``step_size``, and per-step ``betas`` and ``acceptance_history``. The cached
+    log-densities (``parts``, ``(N, 2)`` float64: log q0, log target) and their gradients travel
+    with the particles in ``cache``."""
 
-    x: Tensor
-    parts: Tensor  # (N, 2) float64: log q0, log target
-    grads: Tensor | None
-    log_w: Tensor  # float64, since the last resampling
-    log_scale: Tensor  # float64 scalar: log-evidence folded in at resampling events
-    beta: float
-    ancestors: Tensor  # time-0 ancestor of each particle
-    generations: int
-    step_size: Tensor
-    iteration: int = 0
-    betas: list = field(default_factory=lambda: [0.0])
-    ess_history: list = field(default_factory=list)
-    acceptance_history: list = field(default_factory=list)
-    resampled: list = field(default_factory=list)
+    beta: float = 0.0
+    step_size: Tensor | None = None
+    betas: tuple = (0.0,)
+    acceptance_history: tuple = ()
+
+    @property
+    def parts(self) -> Tensor:
+        return self.cache["parts"]
+
+    @property
+    def grads(self) -> Tensor | None:
+        return self.cache.get("grads")
 
     @property
     def point(self) -> Point:
         return Point(self.x, self.parts, self.grads)
+
+    @property
+    def iteration(self) -> int:
+        """Steps taken (the core's ``index``)."""
+        return self.index
+
+    @property
+    def resampled(self) -> list[bool]:
+        """Whether each step resampled."""
+        at = set(self.resampled_at)
+        return [k in at for k in range(self.index)]
+
+    def to_dict(self) -> dict:
+        d = super().to_dict()
+        d["betas"] = [float(b) for b in self.betas]
+        d["acceptance_history"] = [float(a) for a in self.acceptance_history]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SMCState":
+        d = dict(d)
+        d["betas"] = tuple(d.get("betas", (0.0,)))
+        d["acceptance_history"] = tuple(d.get("acceptance_history", ()))
+        return super().from_dict(d)
+
+    def with_point(self, point: Point, **changes) -> "SMCState":
+        cache = {"parts": point.parts}
+        if point.grads is not None:
+            cache["grads"] = point.grads
+        return self.replace(x=point.x, cache=cache, **changes)
 
 
 @dataclass
@@ -103,23 +133,26 @@ def _weighted_scale(x: Tensor, log_w: Tensor) -> Tensor:
 
 
 def init(target, initial, num_particles: int, kernel: Kernel, generator=None) -> SMCState:
-    """Draw ``num_particles`` from ``initial`` at :math:`\\beta = 0`, equally weighted."""
+    """Draw ``num_particles`` from ``initial`` at :math:`\beta = 0`, equally weighted."""
     x, _ = draw(initial, num_particles, generator)
     check_event_shape(target, x, "initial distribution")
     point = evaluator(target, initial)(x, kernel.needs_grad)
-    n = x.shape[0]
     dim = int(math.prod(x.shape[1:]))
-    return SMCState(
-        x=point.x,
-        parts=point.parts,
-        grads=point.grads,
-        log_w=torch.zeros(n, dtype=torch.float64, device=x.device),
-        log_scale=torch.zeros((), dtype=torch.float64, device=x.device),
-        beta=0.0,
-        ancestors=torch.arange(n, device=x.device),
-        generations=1,
-        step_size=torch.tensor(kernel.initial_step_size(dim), dtype=torch.float64, device=x.device),
-    )
+    state = fk.start(point.x, state_class=SMCState,
+                     step_size=torch.tensor(kernel.initial_step_size(dim), dtype=torch.float64,
+                                            device=x.device))
+    return state.with_point(point)
+
+
+def _move(state: SMCState, evaluate, kernel: Kernel, beta: float, num_moves: int, generator):
+    scale = _weighted_scale(state.x, state.log_w)
+    point, h, rates = state.point, state.step_size, []
+    for _ in range(num_moves):
+        point, prob = kernel.step(point, evaluate, beta, h, scale, generator)
+        rates.append(prob.mean())
+        h = kernel.adapt(h, rates[-1])
+    acc = float(torch.stack(rates).mean()) if rates else float("nan")
+    return point, h, acc
 
 
 def step(
@@ -135,61 +168,56 @@ def step(
 ) -> SMCState:
     """One SMC step: next beta, reweight, resample if the ESS is low, move. Returns a new state."""
     schedule = as_schedule(schedule)
-    n = state.log_w.numel()
     ell = state.parts[:, 1] - state.parts[:, 0]
     new_beta = schedule.next_beta(state.beta, state.log_w, ell)
-    log_w = state.log_w + log_increment(new_beta - state.beta, ell)
-    if bool((log_w == -math.inf).all()):
-        raise ValueError(
-            f"all {n} particles have zero weight at beta = {new_beta:.4g}: the target is zero "
-            "wherever the particles are (check the initial distribution's support)"
-        )
-    ess = _ess(log_w)
-    point, log_scale = state.point, state.log_scale
-    ancestors, generations = state.ancestors, state.generations
-    did_resample = bool(ess < resample_threshold * n)
-    if did_resample:
-        idx = resample(log_w, n, scheme, generator)
-        log_scale = log_scale + torch.logsumexp(log_w, 0) - math.log(n)
-        point, ancestors = point.take(idx), ancestors[idx]
-        log_w = torch.zeros_like(log_w)
-        generations += 1
-    evaluate = evaluator(target, initial)
-    scale = _weighted_scale(point.x, log_w)
-    h, rates = state.step_size, []
-    for _ in range(kernel.num_steps):
-        point, prob = kernel.step(point, evaluate, new_beta, h, scale, generator)
-        rate = prob.mean()
-        rates.append(rate)
-        h = kernel.adapt(h, rate)
-    acc = float(torch.stack(rates).mean()) if rates else float("nan")
-    return SMCState(
-        x=point.x, parts=point.parts, grads=point.grads, log_w=log_w, log_scale=log_scale,
-        beta=new_beta, ancestors=ancestors, generations=generations, step_size=h,
-        iteration=state.iteration + 1,
-        betas=state.betas + [new_beta],
-        ess_history=state.ess_history + [float(ess)],
-        acceptance_history=state.acceptance_history + [acc],
-        resampled=state.resampled + [did_resample],
-    )
+    state = fk.reweight(state, log_increment(new_beta - state.beta, ell), f"SMC at beta = {new_beta:.4g}")
+    state = fk.resample_if_needed(state, resample_threshold, scheme, generator)
+    point, h, acc = _move(state, evaluator(target, initial), kernel, new_beta, kernel.num_steps, generator)
+    return state.with_point(point, beta=new_beta, step_size=h, index=state.index + 1,
+                            betas=state.betas + (new_beta,),
+                            acceptance_history=state.acceptance_history + (acc,))
 
 
 def move(state: SMCState, target, initial, kernel: Kernel, num_moves: int,
          generator: torch.Generator | None = None) -> SMCState:
     """``num_moves`` extra MCMC moves at the current beta (e.g. rejuvenation at beta = 1).
 
-    The weights do not change: each move leaves :math:`\\pi_\\beta` invariant.
+    The weights do not change: each move leaves :math:`\pi_\beta` invariant.
     """
-    evaluate = evaluator(target, initial)
-    scale = _weighted_scale(state.x, state.log_w)
-    point, h, rates = state.point, state.step_size, []
-    for _ in range(num_moves):
-        point, prob = kernel.step(point, evaluate, state.beta, h, scale, generator)
-        rates.append(prob.mean())
-        h = kernel.adapt(h, rates[-1])
-    new = SMCState(**{**state.to_dict(), "x": point.x, "parts": point.parts, "grads": point.grads,
-                      "step_size": h})
-    return new
+    point, h, _ = _move(state, evaluator(target, initial), kernel, state.beta, num_moves, generator)
+    return state.with_point(point, step_size=h)
+
+
+class AnnealedSMC:
+    """Annealed SMC as a Feynman-Kac model for :func:`mcsample.feynman_kac.run`."""
+
+    name = "smc"
+    description = "SMC beta"
+
+    def __init__(self, target, initial, num_particles: int, kernel: Kernel, schedule,
+                 resample_threshold: float, scheme: str):
+        self.target, self.initial, self.num_particles = target, initial, num_particles
+        self.kernel, self.schedule = kernel, as_schedule(schedule)
+        self.resample_threshold, self.scheme = resample_threshold, scheme
+
+    def init(self, generator) -> SMCState:
+        return init(self.target, self.initial, self.num_particles, self.kernel, generator)
+
+    def step(self, state: SMCState, generator) -> SMCState:
+        return step(state, self.target, self.initial, self.kernel, self.schedule,
+                    resample_threshold=self.resample_threshold, scheme=self.scheme, generator=generator)
+
+    def done(self, state: SMCState) -> bool:
+        return state.beta >= 1.0
+
+    def progress(self, state: SMCState) -> tuple[float, float, dict]:
+        post = {}
+        if state.ess_history:
+            post = {"ess": f"{state.ess_history[-1]:.0f}", "acc": f"{state.acceptance_history[-1]:.2f}"}
+        return state.beta, 1.0, post
+
+    def describe_position(self, saved: dict) -> str:
+        return f"step {int(saved['index'])} (beta = {float(saved['beta']):.4g} of 1)"
 
 
 def smc(
@@ -227,7 +255,8 @@ def smc(
         max_steps: raise if beta has not reached 1 after this many steps.
         progress: tqdm bar over beta.
         checkpoint: path of a checkpoint written atomically every ``checkpoint_every`` steps;
-            with ``resume=True`` an existing checkpoint is continued.
+            with ``resume=True`` an existing checkpoint of the same run is continued, and one of
+            another run (target, initial, seed, particle count, settings) is refused.
         final_moves: extra MCMC moves of every particle at beta = 1 after the last step
             (rejuvenation; the weights are unchanged).
         callback: called as ``callback(state)`` after every step, e.g. to record the
@@ -240,59 +269,23 @@ def smc(
     """
     kernel = MALA() if kernel is None else kernel
     schedule = as_schedule(schedule)
-    if not 0.0 <= resample_threshold <= 1.0:
-        raise ValueError(f"resample_threshold must be in [0, 1], got {resample_threshold}")
+    fk.check_resampling(resample_threshold, scheme)
     check_generator(generator)
-    if scheme not in SCHEMES:
-        raise ValueError(f"unknown resampling scheme {scheme!r}; choose one of {sorted(SCHEMES)}")
-    if int(num_particles) < 1:
-        raise ValueError(f"num_particles must be at least 1, got {num_particles}")
-    state = None
+    num_particles = fk.check_num_particles(num_particles)
     run = None
     if checkpoint is not None:
-        run = fingerprint("smc", generator, num_particles=int(num_particles), kernel=kernel,
+        run = fingerprint("smc", generator, num_particles=num_particles, kernel=kernel,
                           schedule=schedule, resample_threshold=resample_threshold, scheme=scheme,
-                          final_moves=final_moves,
-                          identity=probe_identity(target, initial))
-    saved, generator = load_state(checkpoint if resume else None, "smc", generator, run=run,
-                                  progress_of=lambda st: f"step {st['iteration']} (beta = {float(st['beta']):.4g} of 1)")
-    if saved is not None:
-        state = SMCState.from_dict(saved)
-        if state.log_w.numel() != num_particles:
-            raise ValueError(
-                f"checkpoint {checkpoint} holds {state.log_w.numel()} particles, "
-                f"not num_particles={num_particles}"
-            )
-    if state is None:
-        if generator is None:
-            generator = default_generator(torch.as_tensor(draw(initial, 1, None)[0]).device)
-        state = init(target, initial, num_particles, kernel, generator)
-    bar = tqdm(total=1.0, disable=not progress, desc="SMC beta",
-               bar_format="{l_bar}{bar}| beta={n:.4f} [{elapsed}{postfix}]")
-    bar.update(state.beta)
-    while state.beta < 1.0:
-        if state.iteration >= max_steps:
-            raise RuntimeError(
-                f"SMC reached max_steps={max_steps} at beta={state.beta:.4g}; the adaptive "
-                "schedule is stalling (targets with zero density where the initial has mass?)"
-            )
-        prev = state.beta
-        state = step(state, target, initial, kernel, schedule,
-                     resample_threshold=resample_threshold, scheme=scheme, generator=generator)
-        if callback is not None:
-            callback(state)
-        bar.update(state.beta - prev)
-        bar.set_postfix(ess=f"{state.ess_history[-1]:.0f}", acc=f"{state.acceptance_history[-1]:.2f}")
-        if checkpoint is not None and (state.iteration % checkpoint_every == 0 or state.beta >= 1.0):
-            save_state(checkpoint, state.to_dict(), generator, "smc", run)
-    bar.close()
+                          final_moves=final_moves, identity=probe_identity(target, initial))
+    if generator is None:
+        generator = default_generator(torch.as_tensor(draw(initial, 1, None)[0]).device)
+    model = AnnealedSMC(target, initial, num_particles, kernel, schedule, resample_threshold, scheme)
+    state = fk.run(model, num_particles, generator=generator, progress=progress, checkpoint=checkpoint,
+                   checkpoint_every=checkpoint_every, resume=resume, fingerprint=run,
+                   state_class=SMCState, callback=callback, max_steps=max_steps)
     if final_moves > 0:
         state = move(state, target, initial, kernel, final_moves, generator)
-    particles = WeightedSamples(
-        state.x, state.log_w, log_scale=state.log_scale, ancestors=state.ancestors,
-        generations=state.generations,
-        ess_history=torch.tensor(state.ess_history, dtype=torch.float64),
-    )
+    particles = fk.to_weighted_samples(state)
     return SMCResult(
         particles=particles,
         betas=torch.tensor(state.betas, dtype=torch.float64),

@@ -26,7 +26,7 @@ Expectations carry the delta-method standard error of the self-normalized estima
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Callable
 
 import torch
@@ -35,7 +35,7 @@ from torch import Tensor
 from mcsample.diagnostics import _check, ess as _ess, psis
 from mcsample.resampling import resample as _resample
 
-__all__ = ["Estimate", "WeightedSamples", "RunningMoments", "ParticleState"]
+__all__ = ["Estimate", "WeightedSamples", "RunningMoments", "ParticleState", "Genealogy"]
 
 
 @dataclass(frozen=True)
@@ -123,6 +123,186 @@ class RunningMoments:
         return Estimate(mu.reshape(shape), var.sqrt().reshape(shape))
 
 
+def _relative_variance(W: Tensor, groups: Tensor | None, log_c: Tensor | float) -> Tensor:
+    r""":math:`\widehat V = 1 - c\,(1 - \sum_a S_a^2)` with :math:`S_a` the summed normalized weights
+    ``W`` of group ``a`` (``groups`` ``None``: every particle its own group) and
+    :math:`c = e^{\log c}`, written :math:`c\,s - (c-1)` with ``expm1`` for accuracy."""
+    if groups is None:
+        s = (W * W).sum()
+    else:
+        S = torch.zeros_like(W).index_add_(0, groups.to(W.device), W)
+        s = (S * S).sum()
+    cm1 = torch.expm1(torch.as_tensor(log_c, dtype=torch.float64, device=W.device))
+    return (1.0 + cm1) * s - cm1
+
+
+def _log_offspring_factor(W: Tensor, idx: Tensor, groups: Tensor | None) -> Tensor:
+    r"""One resampling event's factor :math:`\log(1+\kappa)` for lineage groups ``groups``
+    (``None``: each particle its own): with :math:`W_G` the groups' weights before and
+    :math:`O_G` their offspring counts after drawing :math:`M` ancestor indices ``idx``,
+
+    .. math:: \kappa = \frac{\sum_G (O_G - M W_G)^2}{M(M-1)\,(1 - \sum_G W_G^2)} .
+
+    The numerator is the realized resampling noise of the groups' sizes; multinomial
+    resampling has :math:`E\sum_G(O_G - MW_G)^2 = M(1-\sum_G W_G^2)`, so
+    :math:`E\kappa = 1/(M-1)`: Lee & Whiteley's :math:`M/(M-1)` per generation.
+    """
+    m = idx.numel()
+    if m < 2:
+        return torch.zeros((), dtype=torch.float64, device=W.device)
+    ones = torch.ones(m, dtype=torch.float64, device=W.device)
+    counts = torch.zeros_like(W).index_add_(0, idx, ones)  # offspring of each particle
+    if groups is not None:
+        g = groups.to(W.device)
+        counts = torch.zeros_like(W).index_add_(0, g, counts)
+        W = torch.zeros_like(W).index_add_(0, g, W)
+    noise = ((counts - m * W) ** 2).sum()
+    den = m * (m - 1) * (1.0 - (W * W).sum())
+    kappa = torch.where(den > 0, noise / den.clamp(min=1e-300), torch.zeros_like(den))
+    return torch.log1p(kappa)
+
+
+@dataclass(frozen=True)
+class Genealogy:
+    r"""Who descends from whom, as much as the error bars need; updated online at each
+    resampling event (:meth:`resampled`), memory :math:`O(N\cdot\text{lag})`.
+
+    Fields (plain tensors and numbers, so that ``torch.load(weights_only=True)`` round-trips
+    :meth:`to_dict`):
+
+    * ``eves`` ``(N,)`` — each particle's time-0 ancestor ("Eve"); ``generations`` — 1 + the
+      number of resampling events; ``eve_log_c`` — :math:`\sum\log(1+\kappa)` over the events,
+      the resampling noise of the Eve groups (:func:`_log_offspring_factor`).
+    * ``enochs`` ``(L', N)`` — row ``j`` each particle's ancestor ``j + 1`` resampling events
+      back (Olsson & Douc's "Enoch" indices), :math:`L' = \min(\text{events}, \text{lag})`;
+      ``lag_log_c`` ``(L',)`` the same noise sums for the groups of those ancestors.
+    * ``banked`` — the relative variance contributed by blocks that have left the lag window;
+      ``lag`` — the window, in resampling events.
+
+    See :meth:`log_evidence_variance` for the estimators.
+    """
+
+    eves: Tensor
+    generations: int = 1
+    eve_log_c: Tensor | None = None
+    enochs: Tensor | None = None
+    lag_log_c: Tensor | None = None
+    banked: Tensor | None = None
+    lag: int = 8
+
+    @classmethod
+    def start(cls, num_particles: int, device=None, lag: int = 8) -> "Genealogy":
+        """Each of ``num_particles`` particles its own Eve, no resampling yet."""
+        n = int(num_particles)
+        zero = torch.zeros((), dtype=torch.float64, device=device)
+        return cls(eves=torch.arange(n, device=device), generations=1, eve_log_c=zero,
+                   enochs=torch.zeros((0, n), dtype=torch.long, device=device),
+                   lag_log_c=torch.zeros(0, dtype=torch.float64, device=device),
+                   banked=zero.clone(), lag=int(lag))
+
+    @classmethod
+    def from_ancestors(cls, ancestors: Tensor, generations: int = 1) -> "Genealogy":
+        """Time-0 ancestors and a generation count only, without the online record: the
+        multinomial Lee & Whiteley estimator is all that can be computed."""
+        return cls(eves=ancestors, generations=int(generations))
+
+    @property
+    def has_history(self) -> bool:
+        """Whether the online record was kept (a genealogy built by :meth:`start`)."""
+        return self.enochs is not None
+
+    # -- the online update ----------------------------------------------------------------
+    def resampled(self, log_w: Tensor, idx: Tensor) -> "Genealogy":
+        r"""The genealogy after resampling with ancestor indices ``idx`` ``(M,)`` drawn from the
+        float64 log-weights ``log_w`` ``(N,)`` (the weights *before* resampling). Pure.
+
+        Carries the Eve and Enoch indices along, adds this event's resampling noise of every
+        lineage grouping in use, and banks the lag estimator's term for the block that leaves
+        the window (:meth:`log_evidence_variance`)."""
+        idx = idx.to(self.eves.device)
+        if not self.has_history:
+            return replace(self, eves=self.eves[idx], generations=self.generations + 1)
+        n, L = log_w.numel(), self.lag
+        W = torch.softmax(log_w.to(torch.float64), 0)
+        i = idx.to(W.device)
+        depth = self.enochs.shape[0]
+        banked = self.banked
+        if depth == L:  # the block L events back leaves the window: bank its term
+            banked = banked + self._window(W, L) - (self._window(W, L - 1) if L > 0 else 0.0)
+        # noise of this event for the windows rooted 0, 1, ..., depth events back
+        roots = [_log_offspring_factor(W, i, None)]
+        roots += [_log_offspring_factor(W, i, self.enochs[j]) for j in range(min(depth, L - 1))]
+        lag_log_c = (torch.stack(roots) + torch.cat([torch.zeros(1, dtype=torch.float64, device=W.device),
+                                                     self.lag_log_c[: len(roots) - 1]]))[:L]
+        enochs = torch.stack([idx] + [row[idx] for row in self.enochs[: max(L - 1, 0)]])[:L] \
+            if L > 0 else self.enochs[:, idx]
+        return replace(self, eves=self.eves[idx], generations=self.generations + 1,
+                       eve_log_c=self.eve_log_c + _log_offspring_factor(W, i, self.eves.to(W.device)),
+                       enochs=enochs, lag_log_c=lag_log_c, banked=banked)
+
+    def _window(self, W: Tensor, j: int) -> Tensor:
+        """Relative variance of the last ``j`` events' evidence, grouping the current weights by
+        their ancestors ``j`` events back (``j = 0``: each particle its own group)."""
+        n = W.numel()
+        root = math.log(n / (n - 1))
+        if j == 0:
+            return _relative_variance(W, None, root)
+        return _relative_variance(W, self.enochs[j - 1], root + self.lag_log_c[j - 1])
+
+    # -- estimators -----------------------------------------------------------------------
+    def lee_whiteley_variance(self, log_w: Tensor) -> Tensor:
+        r"""Lee & Whiteley (2018): :math:`1 - (\frac{N}{N-1})^g(1 - \sum_e S_e^2)`, possibly < 0."""
+        n = log_w.numel()
+        W = torch.softmax(log_w.to(torch.float64), 0)
+        return _relative_variance(W, self.eves, self.generations * math.log(n / (n - 1)))
+
+    def eve_variance(self, log_w: Tensor) -> Tensor:
+        r"""The Eve estimator with the realized resampling noise of the Eve groups."""
+        n = log_w.numel()
+        W = torch.softmax(log_w.to(torch.float64), 0)
+        return _relative_variance(W, self.eves, math.log(n / (n - 1)) + self.eve_log_c)
+
+    def lag_variance(self, log_w: Tensor) -> Tensor:
+        r"""The fixed-lag estimator: banked terms plus the window's grouped estimate."""
+        W = torch.softmax(log_w.to(torch.float64), 0)
+        return self.banked + self._window(W, self.enochs.shape[0])
+
+    def log_evidence_variance(self, log_w: Tensor) -> Tensor:
+        """Relative variance of :math:`\\hat Z` (≈ variance of :math:`\\log\\hat Z`), >= 0."""
+        if not self.has_history:
+            return self.lee_whiteley_variance(log_w).clamp(min=0.0)
+        return self.lag_variance(log_w).clamp(min=0.0)
+
+    def log_evidence_stderr(self, log_w: Tensor) -> Tensor:
+        """float64 standard error of :math:`\\log\\hat Z` (delta method), ``log_w`` the final
+        log-weights since the last resampling."""
+        n = log_w.numel()
+        if n < 2:
+            return torch.tensor(math.inf, dtype=torch.float64, device=log_w.device)
+        return self.log_evidence_variance(log_w).sqrt()
+
+    def expectation_stderr(self, W: Tensor, values: Tensor) -> Tensor:
+        r"""Standard error of :math:`\hat\mu = \sum_j W_j f_j` (``values`` ``(N, k)`` float64,
+        ``W`` normalized) grouped by Eve (Chan & Lai 2013; Lee & Whiteley 2018):
+        :math:`\hat V = (\tfrac{N}{N-1})^{g}\sum_e\big(\sum_{j:E_j=e} W_j (f_j-\hat\mu)\big)^2`."""
+        n = values.shape[0]
+        mu = W @ values
+        S = torch.zeros_like(values).index_add_(0, self.eves.to(values.device), W[:, None] * (values - mu))
+        c = math.exp(self.generations * math.log1p(1.0 / (n - 1))) if n > 1 else math.inf
+        return (c * (S * S).sum(0)).sqrt()
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Genealogy":
+        return cls(**d)
+
+    def to(self, device) -> "Genealogy":
+        return replace(self, **{k: v.to(device) for k, v in self.to_dict().items() if isinstance(v, Tensor)})
+
+
 class WeightedSamples:
     """Samples with float64 log-weights; see the module docstring for the estimators.
 
@@ -132,6 +312,8 @@ class WeightedSamples:
         log_scale: log of a constant multiplying every weight (SMC's evidence so far).
         ancestors: time-0 ancestor index of each particle (``None``: each its own).
         generations: number of sampling generations (1 + resampling events).
+        genealogy: a :class:`Genealogy` recorded online by the algorithm (replaces
+            ``ancestors``/``generations``; needed for the fixed-lag error bars).
         ess_history: ESS at each step of the algorithm that produced the samples.
         statistics: streamed :class:`RunningMoments` by name (``keep_samples=False``).
         info: free-form dictionary of algorithm-specific diagnostics.
@@ -145,6 +327,7 @@ class WeightedSamples:
         log_scale: float | Tensor = 0.0,
         ancestors: Tensor | None = None,
         generations: int = 1,
+        genealogy: Genealogy | None = None,
         ess_history: Tensor | None = None,
         statistics: dict[str, tuple[RunningMoments, torch.Size]] | None = None,
         info: dict | None = None,
@@ -156,19 +339,32 @@ class WeightedSamples:
                 f"{log_weights.shape[0]} log-weights; expected samples of shape "
                 f"({log_weights.shape[0]}, *event_shape)"
             )
-        if ancestors is not None and ancestors.shape != log_weights.shape:
-            raise ValueError(f"ancestors must have shape {tuple(log_weights.shape)}")
+        if genealogy is None and ancestors is not None:
+            genealogy = Genealogy.from_ancestors(ancestors, generations)
+        if genealogy is not None and genealogy.eves.shape != log_weights.shape:
+            raise ValueError(f"ancestors must have shape {tuple(log_weights.shape)}, got "
+                             f"{tuple(genealogy.eves.shape)}")
         self.samples = samples
         self.log_weights = log_weights
         self.log_scale = torch.as_tensor(log_scale, dtype=torch.float64, device=log_weights.device)
-        self.ancestors = ancestors
-        self.generations = int(generations)
+        self.genealogy = genealogy
+        self._generations = int(generations)
         self.ess_history = ess_history
         self.statistics = statistics or {}
         self.info = info or {}
 
     def __len__(self) -> int:
         return self.log_weights.numel()
+
+    @property
+    def ancestors(self) -> Tensor | None:
+        """Time-0 ancestor of each particle (``None``: each its own, no resampling)."""
+        return None if self.genealogy is None else self.genealogy.eves
+
+    @property
+    def generations(self) -> int:
+        """Sampling generations: 1 + resampling events."""
+        return self._generations if self.genealogy is None else self.genealogy.generations
 
     def __repr__(self) -> str:
         return (
@@ -201,16 +397,11 @@ class WeightedSamples:
             return torch.tensor(math.nan, dtype=torch.float64, device=self.log_weights.device)
         if n < 2:
             return torch.tensor(math.inf, dtype=torch.float64, device=self.log_weights.device)
-        W = self.normalized_weights
-        if self.ancestors is None:
-            s = (W * W).sum()
-        else:
-            S = torch.zeros_like(W).index_add_(0, self.ancestors.to(W.device), W)
-            s = (S * S).sum()
-        # V = 1 - c (1 - s) = c s - (c - 1), c = (N/(N-1))^g; c-1 via expm1 for accuracy
-        cm1 = math.expm1(self.generations * math.log1p(1.0 / (n - 1)))
-        var = (1.0 + cm1) * s - cm1
-        return var.clamp(min=0.0).sqrt()
+        if self.genealogy is None:
+            W = self.normalized_weights
+            return _relative_variance(W, None, self.generations * math.log1p(1.0 / (n - 1))
+                                      ).clamp(min=0.0).sqrt()
+        return self.genealogy.log_evidence_stderr(self.log_weights)
 
     @property
     def khat(self) -> Tensor:
@@ -257,11 +448,9 @@ class WeightedSamples:
         W = self.normalized_weights.to(values.device)
         v = values.to(torch.float64).reshape(n, -1)
         mu = W @ v
-        S = torch.zeros_like(v).index_add_(0, self.ancestors.to(v.device), W[:, None] * (v - mu))
-        c = math.exp(self.generations * math.log1p(1.0 / (n - 1))) if n > 1 else math.inf
-        var = c * (S * S).sum(0)
+        se = self.genealogy.expectation_stderr(W, v)
         shape = values.shape[1:]
-        return Estimate(mu.reshape(shape), var.sqrt().reshape(shape))
+        return Estimate(mu.reshape(shape), se.reshape(shape))
 
     def resample(
         self,
@@ -281,8 +470,8 @@ class WeightedSamples:
             None if self.samples is None else self.samples.to(device),
             self.log_weights.to(device),
             log_scale=self.log_scale.to(device),
-            ancestors=None if self.ancestors is None else self.ancestors.to(device),
             generations=self.generations,
+            genealogy=None if self.genealogy is None else self.genealogy.to(device),
             ess_history=self.ess_history,
             statistics=self.statistics,
             info=self.info,

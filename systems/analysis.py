@@ -34,6 +34,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mcsample._optional import require
+
 __all__ = [
     "normalized_weights",
     "effective_sample_size",
@@ -142,6 +144,7 @@ def statistical_inefficiency(series, mintime: int = 3) -> float:
 
 def backbone_torsions(traj) -> tuple[np.ndarray, np.ndarray]:
     """Backbone φ and ψ (radians, ``(F, n_phi)`` and ``(F, n_psi)``) via mdtraj."""
+    require("mdtraj", extra="peptides")
     import mdtraj as md
 
     _, phi = md.compute_phi(traj)
@@ -155,6 +158,7 @@ def ramachandran_angles(traj_or_x, topology=None) -> tuple[np.ndarray, np.ndarra
     With positions, ``topology`` (mdtraj) is required. Raises if the molecule has not exactly
     one φ and one ψ (use :func:`backbone_torsions` for longer peptides).
     """
+    require("mdtraj", extra="peptides")
     import mdtraj as md
 
     traj = traj_or_x
@@ -225,6 +229,7 @@ def plot_ramachandran(phi, psi, path, weights=None, log_weights=None, bins: int 
                       kT: float = 1.0, title: str | None = None, vmax: float | None = None,
                       unit: str = "kT") -> str:
     """Plot :func:`ramachandran_free_energy` as a PNG at ``path`` (matplotlib, Agg). Returns the path."""
+    require("matplotlib", extra="plots")
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -306,6 +311,7 @@ def energy_histogram(energies, weights=None, log_weights=None, bins=50, range=No
 def plot_energy_histograms(sets: dict, path, bins: int = 60, unit: str = "kJ/mol",
                            title: str | None = None) -> str:
     """Overlay weighted energy histograms, ``sets = {label: energies | (energies, weights)}``; PNG."""
+    require("matplotlib", extra="plots")
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -379,6 +385,7 @@ def circular_wasserstein(angles_p, angles_q, weights_p=None, weights_q=None, log
     For p > 1 POT's binary search runs to a tolerance of 1e-10 (its default 1e-6 leaves errors
     of ~1e-5 rad).
     """
+    require("ot", extra="peptides")
     import ot
 
     a = _to_numpy(angles_p).reshape(-1).astype(np.float64)
@@ -403,6 +410,7 @@ def torus_wasserstein(angles_p, angles_q, weights_p=None, weights_q=None, log_we
     keeping their weights renormalized: the result is then an estimate with a small positive
     bias. ``angles_*``: ``(N, d)`` radians.
     """
+    require("ot", extra="peptides")
     import ot
 
     a = _to_numpy(angles_p).astype(np.float64)

@@ -59,6 +59,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mcsample._optional import require
+
+require("mdtraj", extra="peptides")
+
 __all__ = [
     "zmatrix_from_topology",
     "InternalCoordinates",

@@ -70,6 +70,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from mcsample._optional import require
+
 from ._ff_fused import _FusedPairs
 from ._ff_numba import _numba_kernel, _NumbaEnergy, _NumbaParams
 from ._ff_openmm_gb import _obc_from_custom_gb, _obc_from_gbsaobc
@@ -83,6 +85,8 @@ from ._ff_terms import (
     UnsupportedForceError,
     dihedral,
 )
+
+require("openmm", extra="peptides")
 
 __all__ = [
     "TorchForceField",

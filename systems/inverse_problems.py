@@ -346,6 +346,9 @@ class PyroTarget:
 
     def __init__(self, model, *args, observations: dict, unconstrained: bool = True,
                  vectorized: bool = True, **kwargs):
+        from mcsample._optional import require
+
+        require("pyro", extra="pyro", by="PyroTarget")
         import pyro
         import pyro.poutine as poutine
         from pyro.distributions.transforms import biject_to

@@ -30,6 +30,12 @@ and resumes like :func:`run_md`: one OpenMM checkpoint per replica, the replica 
 the exchange counts and the swap RNG's state, so a continued run equals an uninterrupted one on
 the same platform.
 
+**Randomness.** Both take a ``generator`` (``torch.Generator``); one integer is drawn from it,
+:math:`s\sim\mathcal U\{1,\dots,2^{31}-2\}`, and OpenMM's integrator and velocity seeds (and
+the swap RNG of parallel tempering) are derived from :math:`s`, which the metadata records as
+``seed``. ``generator=None`` draws :math:`s` from torch's global RNG (``torch.manual_seed``);
+continuing a saved run without a generator keeps the run's recorded seed.
+
 Units are OpenMM's: nm, ps, K, kJ/mol; ``log_prob = -U/kT``.
 """
 
@@ -45,6 +51,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from tqdm.auto import tqdm
+
+from mcsample._optional import require
+
+require("openmm", "mdtraj", extra="peptides")
 
 __all__ = [
     "MDResult",
@@ -266,9 +276,10 @@ def _load_same_run(path, settings: dict):
     traj, energy, meta, extra = load_npz(path)
     for key, value in settings.items():
         if meta.get(key) != value:
+            hint = "; generator=None continues it with its recorded seed" if key == "seed" else ""
             raise ValueError(
                 f"{path} was written with {key}={meta.get(key)!r}, not {value!r}: refusing to "
-                "continue a different run (choose another path)"
+                f"continue a different run (choose another path{hint})"
             )
     return traj, energy, meta, extra
 
@@ -277,6 +288,51 @@ def _system_hash(system) -> str:
     import openmm
 
     return hashlib.sha256(openmm.XmlSerializer.serialize(system).encode()).hexdigest()[:16]
+
+
+def _run_seed(generator, seed, who: str) -> int | None:
+    """The run's integer seed drawn from ``generator`` (``None``: torch's global RNG; returns
+    ``None`` then, so that a resumed run may keep its recorded seed); ``seed`` is the deprecated
+    integer alias, equivalent to ``generator=torch.Generator().manual_seed(seed)``."""
+    import torch
+
+    if seed is not None:
+        if generator is not None:
+            raise TypeError(f"{who}: pass generator= or the deprecated seed=, not both")
+        warnings.warn(f"{who}(seed=...) is deprecated; pass generator=torch.Generator().manual_seed(seed)",
+                      DeprecationWarning, stacklevel=3)
+        generator = torch.Generator().manual_seed(int(seed))
+    if generator is None:
+        return None
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"{who}: generator must be a torch.Generator (or None), got "
+                        f"{type(generator).__name__}; for an integer seed s pass "
+                        "generator=torch.Generator().manual_seed(s)")
+    return _draw_seed(generator)
+
+
+def _draw_seed(generator=None) -> int:
+    import torch
+
+    device = generator.device if generator is not None else "cpu"
+    return int(torch.randint(1, 2**31 - 1, (), generator=generator, device=device))
+
+
+def _settle_seed(drawn: int | None, path, kind: str) -> int:
+    """The seed of this run: ``drawn`` (from the caller's generator), or, with no generator,
+    the one recorded in ``path`` when continuing that run of ``kind``, else a fresh one from
+    torch's global RNG."""
+    if drawn is not None:
+        return drawn
+    if path is not None and os.path.exists(path):
+        try:
+            with np.load(path, allow_pickle=False) as f:  # the metadata only, not the frames
+                meta = json.loads(str(f["metadata"]))
+        except Exception:  # unreadable: _load_same_run reports it
+            meta = {}
+        if meta.get("kind") == kind and "seed" in meta:
+            return int(meta["seed"])
+    return _draw_seed()
 
 
 def _openmm_seed(seed: int, salt: int = 0) -> int:
@@ -325,7 +381,7 @@ def run_md(
     timestep_fs: float = 1.0,
     friction_per_ps: float = 1.0,
     report_interval_ps: float = 1.0,
-    seed: int = 0,
+    generator=None,
     platform: str = "CPU",
     path=None,
     progress: bool = True,
@@ -335,6 +391,7 @@ def run_md(
     equilibration_ps: float = 0.0,
     threads: int | None = None,
     checkpoint_every_s: float = 60.0,
+    seed: int | None = None,
 ) -> MDResult:
     r"""Langevin MD of ``peptide`` with OpenMM's ``LangevinMiddleIntegrator``.
 
@@ -347,7 +404,10 @@ def run_md(
         temperature: K (default: the peptide's).
         timestep_fs, friction_per_ps: integrator settings (1 fs: no constraints, as the field).
         report_interval_ps: one frame (positions + potential energy) every this many ps.
-        seed: seeds the initial Maxwell velocities and the integrator's noise.
+        generator: ``torch.Generator``; seeds the initial Maxwell velocities and the
+            integrator's noise (module docstring; ``None``: torch's global RNG). The seed used
+            is recorded as ``metadata["seed"]``; continuing a run with ``path`` needs the same
+            generator seed (or none).
         platform: OpenMM platform name ("CPU", "Reference", "CUDA", ...); ``threads`` for CPU.
         path: ``.npz`` file to save to and resume from (module docstring).
         progress: tqdm bar over frames.
@@ -355,6 +415,7 @@ def run_md(
         positions: start here instead of ``peptide.positions``.
         equilibration_ps: unrecorded MD before the first frame.
         checkpoint_every_s: wall-clock seconds between saves when ``path`` is given.
+        seed: deprecated; ``generator=torch.Generator().manual_seed(seed)``.
 
     Returns:
         :class:`MDResult`; ``metadata`` has the settings, the number of steps, the wall time and
@@ -363,6 +424,7 @@ def run_md(
     import openmm
     import openmm.unit as unit
 
+    seed = _settle_seed(_run_seed(generator, seed, "run_md"), path, "langevin_md")
     temperature = float(peptide.temperature if temperature is None else temperature)
     report_steps = _steps(report_interval_ps, timestep_fs)
     if report_steps < 1:
@@ -470,7 +532,7 @@ def run_parallel_tempering(
     timestep_fs: float = 1.0,
     friction_per_ps: float = 1.0,
     report_interval_ps: float = 1.0,
-    seed: int = 0,
+    generator=None,
     platform: str = "CPU",
     path=None,
     progress: bool = True,
@@ -478,6 +540,7 @@ def run_parallel_tempering(
     minimize: bool = True,
     threads: int | None = None,
     checkpoint_every_s: float = 60.0,
+    seed: int | None = None,
 ) -> PTResult:
     r"""Replica-exchange MD over ``temperatures`` (ascending; the first is the target).
 
@@ -488,6 +551,8 @@ def run_parallel_tempering(
     (frames so far, one OpenMM checkpoint per replica, the replica permutation, the exchange
     counts and the swap RNG's state); calling it again with the same ``path`` and settings
     continues the run (a larger ``time_ps`` extends it), as :func:`run_md` does.
+    ``generator`` (``torch.Generator``) seeds the integrators, the initial velocities and the
+    swaps, as in :func:`run_md` (``seed=`` is its deprecated integer alias).
 
     Returns:
         :class:`PTResult` at ``temperatures[0]`` with per-pair acceptance rates.
@@ -495,6 +560,7 @@ def run_parallel_tempering(
     import openmm
     import openmm.unit as unit
 
+    seed = _settle_seed(_run_seed(generator, seed, "run_parallel_tempering"), path, "parallel_tempering")
     temps = np.asarray(temperatures, dtype=np.float64)
     if temps.ndim != 1 or temps.size < 2 or np.any(np.diff(temps) <= 0):
         raise ValueError(f"temperatures must be at least two, strictly increasing; got {temps.tolist()}")

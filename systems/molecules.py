@@ -59,6 +59,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mcsample._optional import require
+
+require("rdkit", extra="molecules")
+
 __all__ = [
     "KCAL_TO_KJ",
     "K_B",

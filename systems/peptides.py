@@ -36,6 +36,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mcsample._optional import require
+
+require("openmm", "mdtraj", extra="peptides")
+
 __all__ = ["Peptide", "alanine_dipeptide", "boltzmann_constant", "ONE_LETTER_CODES",
            "SUPPORTED_RESIDUES"]
 
@@ -215,7 +219,7 @@ class Peptide:
         """Read a PDB file, add missing hydrogens (Modeller, pH 7), parametrize and minimize.
 
         ``forcefield``: ``"amber14"`` (amber14-all.xml) or a list of OpenMM force-field XML
-        files; ``solvent``: ``"vacuum"``, ``"obc1"`` or ``"obc2"`` (amber14's implicit/*.xml);
+        files; ``solvent``: ``"vacuum"``, ``"obc1"`` or ``"obc2"`` (amber14's ``implicit/*.xml``);
         ``cutoff``: ``None`` for NoCutoff, or nm for CutoffNonPeriodic.
         """
         import openmm.app as app
@@ -422,6 +426,7 @@ def alanine_dipeptide(solvent: str = "obc1", temperature: float = 300.0, minimiz
     ``AlanineDipeptideVacuum(constraints=None)``; the Boltzmann-generator benchmark of
     Noé et al. (2019) and FAB (Midgley et al. 2023).
     """
+    require("openmmtools", extra="peptides", by="alanine_dipeptide")
     import logging
     import warnings
 
@@ -482,6 +487,7 @@ def _build_heavy_atoms(sequence: str, caps: bool = True, seed: int = 0):
     ``caps=True`` adds ACE (C, O, CH3) before and NME (N, C) after the chain; otherwise the
     termini stay free (Modeller makes them NH3+ and COO-).
     """
+    require("rdkit", extra="peptides", by="Peptide.from_sequence")
     import openmm.app as app
     from rdkit import Chem
     from rdkit.Chem import AllChem

@@ -236,7 +236,7 @@ def test_short_training_lowers_validation_nll(ala2):
     """Maximum likelihood on MD frames (20 ps of OpenMM Langevin MD) lowers the held-out NLL."""
     from mcsample.systems.md import run_md
 
-    md = run_md(ala2, 20.0, report_interval_ps=0.05, seed=0, progress=False)
+    md = run_md(ala2, 20.0, report_interval_ps=0.05, generator=torch.Generator().manual_seed(0), progress=False)
     x = ala2.from_mdtraj(md.trajectory)
     train, valid = x[::2], x[1::2]
     bg = BoltzmannGenerator.from_data(ala2, train, layers=4, hidden=64)
@@ -303,6 +303,20 @@ def test_sample_peptide_refuses_a_flow_for_another_system():
         mc.sample_peptide(alanine_dipeptide("vacuum"), 10, proposal=pretrained("alanine_dipeptide", solvent="obc1"))
     with pytest.raises(ValueError, match="method"):
         mc.sample_peptide(alanine_dipeptide("vacuum"), 10, method="mcmc")
+
+
+def test_sample_peptide_num_samples_is_a_deprecated_alias():
+    """``num_samples=`` warns, names ``num_particles``, and gives the same weighted samples."""
+    from mcsample.systems.peptides import alanine_dipeptide
+
+    peptide = alanine_dipeptide("vacuum")
+    new = mc.sample_peptide(peptide, num_particles=64, generator=torch.Generator().manual_seed(2))
+    with pytest.warns(DeprecationWarning, match="num_particles"):
+        old = mc.sample_peptide(peptide, num_samples=64, generator=torch.Generator().manual_seed(2))
+    assert len(old.samples) == 64 and torch.equal(old.samples.samples, new.samples.samples)
+    assert torch.equal(old.weights, new.weights)
+    with pytest.raises(TypeError, match="not both"):
+        mc.sample_peptide(peptide, 64, num_samples=64)
 
 
 def test_basins_partition_the_torus():

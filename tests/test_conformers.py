@@ -12,7 +12,7 @@ pytest.importorskip("rdkit")
 from rdkit import Chem  # noqa: E402
 
 import mcsample as mc  # noqa: E402
-from mcsample.conformers import read_conformers, sample_conformers  # noqa: E402
+from mcsample.systems.conformers import read_conformers, sample_conformers  # noqa: E402
 from mcsample.systems.molecules import MoleculeError, TorsionTarget  # noqa: E402
 
 SMI = "CCOc1ccccc1C(=O)N"  # 3 torsions
@@ -88,6 +88,31 @@ def test_lazy_top_level_name():
     assert mc.sample_conformers is sample_conformers
 
 
+def test_engine_shim_forwards_without_importing_rdkit():
+    """``mcsample.conformers`` (the old home) forwards to ``mcsample.systems.conformers``, and
+    importing the engine with it does not import RDKit."""
+    import subprocess
+    import sys
+
+    import mcsample.conformers as shim
+
+    assert shim.sample_conformers is sample_conformers and shim.TorsionMoves.__module__ == "mcsample.systems.conformers"
+    code = ("import sys, mcsample, mcsample.conformers; "
+            "print('rdkit' in sys.modules, 'mcsample.systems.conformers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
+
+
+def test_num_conformers_is_a_deprecated_alias_of_num_particles():
+    """``num_conformers=`` warns, names ``num_particles``, and gives the same ensemble."""
+    new = sample_conformers(SMI, num_particles=12, method="is", generator=torch.Generator().manual_seed(4))
+    with pytest.warns(DeprecationWarning, match="num_particles"):
+        old = sample_conformers(SMI, num_conformers=12, method="is", generator=torch.Generator().manual_seed(4))
+    assert len(old) == 12 and torch.equal(old.torsions, new.torsions) and torch.equal(old.weights, new.weights)
+    with pytest.raises(TypeError, match="not both"):
+        sample_conformers(SMI, 12, num_conformers=12)
+
+
 def test_rigid_molecule():
     ens = sample_conformers("c1ccccc1", 5)
     assert ens.mol.GetNumConformers() == 5 and ens.torsions.shape == (5, 0)
@@ -113,7 +138,7 @@ def test_torsion_moves_leave_tempered_density_invariant(beta):
     chi-square, 23 dof, failing at p < 1e-5 (false-failure rate 1e-5; the seed is fixed)."""
     from scipy import stats
 
-    from mcsample.conformers import TorsionMoves, _as_proposal
+    from mcsample.systems.conformers import TorsionMoves, _as_proposal
     from mcsample.protocols import Float64Proposal as _Float64
     from mcsample.kernels import evaluator
 
@@ -160,7 +185,7 @@ def test_smc_expectation_matches_quadrature():
 
 
 def test_cli_writes_sdf(tmp_path, capsys):
-    from mcsample.conformers import cli
+    from mcsample.systems.conformers import cli
 
     out = tmp_path / "c.sdf"
     assert cli(["CCOc1ccccc1", "-n", "20", "--method", "is", "-o", str(out)]) == 0

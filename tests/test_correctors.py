@@ -419,7 +419,7 @@ def test_checkpoint_resume_is_exact(tmp_path, monkeypatch):
                        generator=torch.Generator().manual_seed(5), checkpoint=path, checkpoint_every=5)
     monkeypatch.setattr(C, "fkc_step", real_step)
     saved = torch.load(path, weights_only=True)
-    assert saved["kind"] == "fk_corrector" and saved["state"]["step"] == 20
+    assert saved["kind"] == "fk_corrector" and saved["state"]["index"] == 20
     with pytest.raises(ValueError, match="seed state"):
         C.fk_corrector(target, 300, 1, _grid(40), dtype=F64, resample_threshold=0.7,
                        generator=torch.Generator().manual_seed(6), checkpoint=path, checkpoint_every=5)

@@ -102,7 +102,25 @@ def test_f_and_g2_match_finite_differences(sch):
 def test_schedules_keep_dtype_and_accept_floats():
     sch = VPSchedule()
     assert sch.alpha(torch.tensor([0.5], dtype=torch.float32)).dtype == torch.float32
-    assert float(sch.alpha(0.5)) == pytest.approx(math.exp(-0.5 * (0.1 * 0.5 + 0.25 * 19.9 * 0.5)), rel=1e-6)
+    assert float(sch.alpha(0.5)) == pytest.approx(math.exp(-0.5 * (0.1 * 0.5 + 0.25 * 39.9 * 0.5)), rel=1e-6)
+
+
+def test_default_vp_start_is_standard_normal_for_data_of_scale_20():
+    """Default β range: α_1 = exp(-(β_min+β_max)/4) makes the KL bound ½α_1²E[x²] of the
+    N(0, I) start below 1e-6 nats per coordinate for data with E[x²] = 400."""
+    a1 = float(VPSchedule().alpha(torch.tensor(1.0, dtype=F64)))
+    assert a1 == pytest.approx(math.exp(-(0.1 + 40.0) / 4), rel=1e-12)
+    assert 0.5 * a1**2 * 400 < 1e-6
+    assert 0.5 * float(VPSchedule(beta_max=20.0).alpha(torch.tensor(1.0, dtype=F64))) ** 2 * 400 > 1e-3
+
+
+def test_saved_schedule_configs_keep_their_values():
+    """A config saved with explicit values rebuilds the same schedule whatever the defaults."""
+    saved = {"class": "VPSchedule", "kwargs": {"kind": "linear", "beta_min": 0.1, "beta_max": 20.0,
+                                               "cosine_s": 0.008, "cosine_t_end": 0.9946}}
+    sch = schedule_from_config(saved)
+    assert sch.beta_max == 20.0 and sch.config() == saved
+    assert float(sch.alpha(torch.tensor(1.0, dtype=F64))) == pytest.approx(math.exp(-0.5 * (0.1 + 0.5 * 19.9)), rel=1e-12)
 
 
 @pytest.mark.parametrize("sch", SCHEDULES, ids=IDS)
@@ -143,7 +161,7 @@ def test_parameterization_round_trips(seed, t):
 
 
 def _gmm(sch=None, covs="iso"):
-    sch = sch or VPSchedule()
+    sch = sch or VPSchedule(beta_max=20.0)  # data of unit scale: DDPM's range suffices
     means = torch.tensor([[-2.0, 0.0], [2.0, 1.0], [0.0, 3.0]], dtype=F64)
     if covs == "iso":
         c = torch.tensor([0.3, 0.5, 0.2], dtype=F64)
@@ -402,7 +420,8 @@ def test_checkpoint_round_trip(tmp_path):
 def test_training_reduces_the_loss():
     """100 DSM steps (importance-sampled times) reduce the training loss and keep it finite."""
     torch.manual_seed(0)
-    g = GaussianMixtureDiffusion([0.5, 0.5], torch.tensor([[-1.5], [1.5]]), torch.tensor([0.1, 0.1]), VPSchedule())
+    g = GaussianMixtureDiffusion([0.5, 0.5], torch.tensor([[-1.5], [1.5]]), torch.tensor([0.1, 0.1]),
+                                 VPSchedule(beta_max=20.0))
     data = g.sample_data(2000, torch.Generator().manual_seed(0))
     net = ScoreMLP(1, hidden=32, depth=1, time_embed_dim=16)
     res = train_score_model(net, g.schedule, data, steps=100, batch_size=256, lr=1e-2, importance=True,
@@ -419,7 +438,8 @@ def test_training_learns_the_mixture_score():
     baseline (the untrained net, whose output layer starts at zero) against the exact ε by a
     factor 2 at mid noise (measured: 0.037 vs 0.100)."""
     torch.manual_seed(0)
-    g = GaussianMixtureDiffusion([0.5, 0.5], torch.tensor([[-1.5], [1.5]]), torch.tensor([0.1, 0.1]), VPSchedule())
+    g = GaussianMixtureDiffusion([0.5, 0.5], torch.tensor([[-1.5], [1.5]]), torch.tensor([0.1, 0.1]),
+                                 VPSchedule(beta_max=20.0))
     data = g.sample_data(4000, torch.Generator().manual_seed(0))
     net = ScoreMLP(1, hidden=64, depth=2, time_embed_dim=32)
     res = train_score_model(net, g.schedule, data, steps=600, batch_size=256, lr=1e-2,

@@ -101,6 +101,20 @@ def test_reproducible_with_generator_and_resample():
     assert a.log_weights.dtype == torch.float64
 
 
+def test_num_samples_is_a_deprecated_alias_of_num_particles():
+    """``num_samples=`` warns, names ``num_particles``, and draws exactly what it does."""
+    target, proposal = problem()
+    new = mc.importance_sample(target, proposal, num_particles=500, generator=torch.Generator().manual_seed(3))
+    with pytest.warns(DeprecationWarning, match="num_particles"):
+        old = mc.importance_sample(target, proposal, num_samples=500, generator=torch.Generator().manual_seed(3))
+    assert len(old) == 500 and torch.equal(old.samples, new.samples)
+    assert torch.equal(old.log_weights, new.log_weights)
+    with pytest.raises(TypeError, match="not both"):
+        mc.importance_sample(target, proposal, 10, num_samples=10)
+    with pytest.raises(TypeError, match="num_particles"):
+        mc.importance_sample(target, proposal)
+
+
 class NaNTarget:
     def log_prob(self, x):
         out = -0.5 * (x**2).sum(-1)
@@ -115,6 +129,8 @@ class WrongShape:
 
 def test_errors():
     proposal = torch.distributions.MultivariateNormal(torch.zeros(2), torch.eye(2))
+    with pytest.raises(ValueError, match="num_particles must be positive"):
+        mc.importance_sample(NaNTarget(), proposal, 0)
     with pytest.raises(ValueError, match="NaN for 10 of 100 particles"):
         mc.importance_sample(NaNTarget(), proposal, 100)
     with pytest.raises(ValueError, match=r"expected \(100,\)"):

@@ -1,6 +1,6 @@
 """Reference MD, resume, parallel tempering, and SMC on alanine dipeptide against MD.
 
-The MD checks are deterministic (fixed seeds; the Reference platform is bit-reproducible).
+The MD checks are deterministic (seeded generators; the Reference platform is bit-reproducible).
 The SMC-vs-MD check is statistical: the bound is 5 combined standard errors (MD error from
 the statistical inefficiency of the energy series, SMC error from the weights); its false-
 failure rate is below 1e-6 if those errors are right (the MD one is an estimate from a short
@@ -24,8 +24,17 @@ def ala2():
     return alanine_dipeptide("obc1")
 
 
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _drawn_seed(seed: int) -> int:
+    """The integer seed a run draws from ``torch.Generator().manual_seed(seed)``."""
+    return int(torch.randint(1, 2**31 - 1, (), generator=_gen(seed)))
+
+
 def test_short_md_gives_finite_energies_and_an_mdtraj_trajectory(ala2):
-    res = run_md(ala2, 0.3, report_interval_ps=0.01, seed=1, progress=False)  # 300 steps of 1 fs
+    res = run_md(ala2, 0.3, report_interval_ps=0.01, generator=_gen(1), progress=False)  # 300 steps of 1 fs
     traj = res.trajectory
     assert traj.n_frames == 30 and traj.n_atoms == 22
     assert [a.name for a in traj.topology.atoms] == [a.name for a in ala2.topology.atoms]
@@ -39,19 +48,22 @@ def test_short_md_gives_finite_energies_and_an_mdtraj_trajectory(ala2):
     u_min = float(ala2.energy(ala2.positions[None], backend="openmm"))
     assert u_min < res.energies.mean() < u_min + 200
     meta = res.metadata
-    assert meta["timestep_fs"] == 1.0 and meta["seed"] == 1 and meta["temperature_K"] == 300.0
+    assert meta["timestep_fs"] == 1.0 and meta["seed"] == _drawn_seed(1) and meta["temperature_K"] == 300.0
     assert meta["steps"] == 300 and meta["integrator"] == "LangevinMiddleIntegrator"
 
 
 def test_resume_continues_the_same_trajectory(ala2, tmp_path):
-    """Half a run saved, then extended, equals the uninterrupted run (Reference platform: exact)."""
-    kw = dict(report_interval_ps=0.02, seed=7, platform="Reference", progress=False)
-    whole = run_md(ala2, 0.2, **kw)
+    """Half a run saved, then extended, equals the uninterrupted run (Reference platform: exact).
+
+    The continuation is given no generator: it keeps the seed recorded in the file."""
+    kw = dict(report_interval_ps=0.02, platform="Reference", progress=False)
+    whole = run_md(ala2, 0.2, generator=_gen(7), **kw)
     path = tmp_path / "md.npz"
-    first = run_md(ala2, 0.1, path=path, **kw)
+    first = run_md(ala2, 0.1, path=path, generator=_gen(7), **kw)
     assert first.n_frames == 5 and not first.metadata["resumed"]
     traj, energy, meta, extra = load_npz(path)
     assert meta["complete"] and meta["n_frames"] == 5 and int(extra["step"]) == 100
+    assert meta["seed"] == whole.metadata["seed"] == _drawn_seed(7)
     resumed = run_md(ala2, 0.2, path=path, **kw)
     assert resumed.metadata["resumed"] and resumed.metadata["steps"] == 200
     assert np.array_equal(resumed.trajectory.xyz, whole.trajectory.xyz)
@@ -64,14 +76,17 @@ def test_resume_continues_the_same_trajectory(ala2, tmp_path):
     # a different setting is refused rather than mixed into the same file
     with pytest.raises(ValueError, match="friction_per_ps"):
         run_md(ala2, 0.3, path=path, **{**kw, "friction_per_ps": 2.0})
+    with pytest.raises(ValueError, match="seed="):  # another generator seed is another run
+        run_md(ala2, 0.3, path=path, generator=_gen(8), **kw)
 
 
 def test_resume_from_positions_when_checkpoint_is_foreign(ala2, tmp_path):
     """A checkpoint from another platform falls back to the saved positions and velocities."""
     path = tmp_path / "md.npz"
-    run_md(ala2, 0.05, report_interval_ps=0.01, seed=2, platform="Reference", progress=False, path=path)
+    run_md(ala2, 0.05, report_interval_ps=0.01, generator=_gen(2), platform="Reference", progress=False,
+           path=path)
     with pytest.warns(UserWarning, match="checkpoint"):
-        res = run_md(ala2, 0.1, report_interval_ps=0.01, seed=2, platform="CPU", progress=False,
+        res = run_md(ala2, 0.1, report_interval_ps=0.01, generator=_gen(2), platform="CPU", progress=False,
                      path=path)
     assert res.n_frames == 10 and np.isfinite(res.energies).all()
     # continuity: the first new frame is 10 fs after the last saved one, so atoms moved little
@@ -80,9 +95,51 @@ def test_resume_from_positions_when_checkpoint_is_foreign(ala2, tmp_path):
     assert res.metadata["steps"] == 100
 
 
+def test_generator_seeds_the_trajectory(ala2):
+    """Same generator seed, same trajectory (Reference platform: bitwise); another seed, another
+    trajectory; the integer drawn from the generator is the recorded seed."""
+    kw = dict(report_interval_ps=0.01, platform="Reference", progress=False, minimize=False)
+    a = run_md(ala2, 0.03, generator=_gen(11), **kw)
+    b = run_md(ala2, 0.03, generator=_gen(11), **kw)
+    c = run_md(ala2, 0.03, generator=_gen(12), **kw)
+    assert np.array_equal(a.trajectory.xyz, b.trajectory.xyz) and np.array_equal(a.energies, b.energies)
+    assert np.abs(a.trajectory.xyz - c.trajectory.xyz).max() > 1e-4
+    assert a.metadata["seed"] == _drawn_seed(11) != c.metadata["seed"]
+    # the run advances the generator by exactly that one draw: the next run gets a new seed
+    g, ref = _gen(11), _gen(11)
+    draws = [int(torch.randint(1, 2**31 - 1, (), generator=ref)) for _ in range(2)]
+    assert run_md(ala2, 0.01, generator=g, **kw).metadata["seed"] == draws[0]
+    assert run_md(ala2, 0.01, generator=g, **kw).metadata["seed"] == draws[1]
+
+
+def test_seed_is_a_deprecated_alias_of_generator(ala2):
+    """``seed=s`` warns, names the replacement, and runs exactly ``generator=manual_seed(s)``."""
+    kw = dict(report_interval_ps=0.01, platform="Reference", progress=False, minimize=False)
+    with pytest.warns(DeprecationWarning, match=r"generator=torch\.Generator\(\)\.manual_seed"):
+        old = run_md(ala2, 0.02, seed=5, **kw)
+    new = run_md(ala2, 0.02, generator=_gen(5), **kw)
+    assert np.array_equal(old.trajectory.xyz, new.trajectory.xyz)
+    assert old.metadata["seed"] == new.metadata["seed"] == _drawn_seed(5)
+    pt_kw = dict(exchange_interval_ps=0.01, report_interval_ps=0.01, platform="Reference", progress=False)
+    with pytest.warns(DeprecationWarning, match="generator="):
+        old = run_parallel_tempering(ala2, [300.0, 330.0], 0.02, seed=5, **pt_kw)
+    new = run_parallel_tempering(ala2, [300.0, 330.0], 0.02, generator=_gen(5), **pt_kw)
+    assert np.array_equal(old.state_energies, new.state_energies)
+    with pytest.raises(TypeError, match="not both"):
+        run_md(ala2, 0.01, seed=5, generator=_gen(5), **kw)
+
+
+def test_generator_must_be_a_torch_generator(ala2):
+    """An integer (or a numpy Generator) where a torch.Generator belongs is refused, naming the fix."""
+    with pytest.raises(TypeError, match=r"torch\.Generator.*manual_seed"):
+        run_md(ala2, 0.01, generator=3, progress=False)
+    with pytest.raises(TypeError, match="Generator"):
+        run_parallel_tempering(ala2, [300.0, 330.0], 0.01, generator=np.random.default_rng(0), progress=False)
+
+
 def test_parallel_tempering_swaps(ala2):
     res = run_parallel_tempering(ala2, [300.0, 320.0, 345.0], 0.6, exchange_interval_ps=0.02,
-                                 report_interval_ps=0.04, seed=0, progress=False)
+                                 report_interval_ps=0.04, generator=_gen(0), progress=False)
     assert res.trajectory.n_frames == 15 and res.trajectory.n_atoms == 22
     assert res.attempts.tolist() == [15, 15]  # 30 exchange rounds, alternating even/odd pairs
     assert np.all(res.acceptance > 0.0) and np.all(res.acceptance < 1.0)
@@ -171,14 +228,14 @@ def one_thread():
 
 def test_parallel_tempering_resume_continues_the_same_run(ala2, tmp_path):
     """Half a PT run saved, then extended, equals the uninterrupted run (Reference platform)."""
-    kw = dict(exchange_interval_ps=0.02, report_interval_ps=0.04, seed=3, platform="Reference",
+    kw = dict(exchange_interval_ps=0.02, report_interval_ps=0.04, platform="Reference",
               progress=False)
     temps = [300.0, 330.0, 365.0]
-    whole = run_parallel_tempering(ala2, temps, 0.4, **kw)
+    whole = run_parallel_tempering(ala2, temps, 0.4, generator=_gen(3), **kw)
     path = tmp_path / "pt.npz"
-    first = run_parallel_tempering(ala2, temps, 0.2, path=path, **kw)
+    first = run_parallel_tempering(ala2, temps, 0.2, path=path, generator=_gen(3), **kw)
     assert first.trajectory.n_frames == 5 and not first.metadata["resumed"]
-    resumed = run_parallel_tempering(ala2, temps, 0.4, path=path, **kw)
+    resumed = run_parallel_tempering(ala2, temps, 0.4, path=path, generator=_gen(3), **kw)
     assert resumed.metadata["resumed"] and resumed.trajectory.n_frames == 10
     assert np.array_equal(resumed.trajectory.xyz, whole.trajectory.xyz)
     assert np.array_equal(resumed.state_energies, whole.state_energies)
@@ -187,8 +244,8 @@ def test_parallel_tempering_resume_continues_the_same_run(ala2, tmp_path):
     assert 0 < whole.acceptance.min() and whole.acceptance.max() < 1  # swaps happened and were refused
     traj, _, meta, extra = load_npz(path)
     assert meta["complete"] and meta["n_frames"] == 10 and len(extra["pt_replica_at_state"]) == 10
-    with pytest.raises(ValueError, match="seed=3"):
-        run_parallel_tempering(ala2, temps, 0.4, path=path, **{**kw, "seed": 4})
+    with pytest.raises(ValueError, match=f"seed={_drawn_seed(3)}"):
+        run_parallel_tempering(ala2, temps, 0.4, path=path, generator=_gen(4), **kw)
 
 
 def test_smc_on_alanine_dipeptide_matches_md_energies(ala2, one_thread):
@@ -216,7 +273,7 @@ def test_smc_on_alanine_dipeptide_matches_md_energies(ala2, one_thread):
 
     # --- MD reference
     ref = run_md(ala2, 40.0, friction_per_ps=5.0, report_interval_ps=0.05, equilibration_ps=2.0,
-                 seed=3, threads=1, progress=False)
+                 generator=_gen(3), threads=1, progress=False)
     phi_md, psi_md = A.ramachandran_angles(ref.trajectory)
     in_md = _beta_basin(phi_md, psi_md)
     assert in_md.mean() > 0.5

@@ -116,7 +116,7 @@ def test_checkpoint_resume_gives_identical_result(tmp_path):
         mc.smc(target, broad(10), 300, generator=torch.Generator().manual_seed(9), checkpoint=path,
                checkpoint_every=2, max_steps=5, **kw)
     saved = torch.load(path, weights_only=True)
-    assert saved["state"]["iteration"] == 4
+    assert saved["state"]["index"] == 4
     resumed = mc.smc(target, broad(10), 300, generator=torch.Generator().manual_seed(9),
                      checkpoint=path, checkpoint_every=2, **kw)
     assert torch.equal(full.particles.samples, resumed.particles.samples)

@@ -148,7 +148,8 @@ def test_maximum_likelihood_fits_von_mises_samples(targets):
     x = truth.sample((2000, 1))
     net = VonMisesNet(VonMisesConfig(hidden=16, num_layers=2, components=2))
     ts = TrainingSet(["m"], [featurize(t)], [x])
-    log = fit_maximum_likelihood(net, ts, steps=150, lr=1e-2, batch=256, mirror=False, log_every=149)
+    log = fit_maximum_likelihood(net, ts, steps=150, lr=1e-2, batch=256, mirror=False, log_every=149,
+                                 generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         q = net.proposal(t)
         nll = float(-q.log_prob(x).mean())
@@ -159,6 +160,31 @@ def test_maximum_likelihood_fits_von_mises_samples(targets):
     assert log[-1]["train_nll"] < log[0]["train_nll"]
     assert abs(mean - 1.0) < 0.1
     assert nll - true_nll < 0.05
+
+
+def test_maximum_likelihood_seed_is_a_deprecated_alias_and_global_rng_untouched(targets):
+    """``seed=s`` warns and trains exactly as ``generator=manual_seed(s)``; training (dropout
+    included) leaves torch's global RNG where it was."""
+    t = targets[ONE_TORSION]
+    torch.manual_seed(1)
+    x = torch.distributions.VonMises(torch.tensor(1.0), torch.tensor(8.0)).sample((200, 1))
+    ts = TrainingSet(["m"], [featurize(t)], [x])
+
+    def fit(**kw):
+        torch.manual_seed(0)
+        net = VonMisesNet(VonMisesConfig(hidden=8, num_layers=1, components=2, dropout=0.1))
+        before = torch.get_rng_state()
+        log = fit_maximum_likelihood(net, ts, steps=5, batch=32, mirror=False, log_every=1, **kw)
+        assert torch.equal(torch.get_rng_state(), before)
+        return log, net.state_dict()
+
+    new_log, new_state = fit(generator=torch.Generator().manual_seed(3))
+    with pytest.warns(DeprecationWarning, match="generator="):
+        old_log, old_state = fit(seed=3)
+    assert old_log == new_log and all(torch.equal(old_state[k], new_state[k]) for k in new_state)
+    assert fit(generator=torch.Generator().manual_seed(4))[0] != new_log
+    with pytest.raises(TypeError, match="torch.Generator"):
+        fit(generator=3)
 
 
 def test_parallel_tempering_matches_exact_marginal(targets):

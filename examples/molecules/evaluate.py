@@ -11,7 +11,7 @@ marginals compared with a long parallel-tempering reference of the same
 (b) ``network``: the von Mises mixture network alone (the shipped checkpoint);
 (c) ``network+IS``: its samples importance-weighted to the Boltzmann density;
 (d) ``network+SMC``: annealed SMC from the network to the target, moves
-    :class:`~mcsample.conformers.TorsionMoves` (random walk + independence redraws from the
+    :class:`~mcsample.systems.conformers.TorsionMoves` (random walk + independence redraws from the
     network), as ``sample_conformers(method="smc")`` does;
 (ref) ``reference subsample``: N reference samples: the finite-sample floor of the metrics.
 
@@ -57,7 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import EVAL_REFERENCE, OUTPUTS, circular_emd, histogram, histogram_kl, load_molecules, make_target, reference  # noqa: E402
 
 import mcsample as mc  # noqa: E402
-from mcsample.conformers import TorsionMoves  # noqa: E402
+from mcsample.systems.conformers import TorsionMoves  # noqa: E402
 from mcsample.flows.von_mises import DEFAULT_CHECKPOINT, load_checkpoint  # noqa: E402
 
 METHODS = ["etkdg", "network", "network+IS", "network+SMC", "reference subsample"]

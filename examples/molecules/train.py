@@ -100,12 +100,14 @@ def main(argv=None):
     print(f"fit on {len(train)} molecules, early stopping on {len(valid)}", flush=True)
     t0 = time.time()
     log = fit_maximum_likelihood(net, train, steps=args.steps, lr=args.lr, batch=args.batch,
-                                 seed=args.seed, valid=valid, weight_decay=args.weight_decay,
+                                 generator=torch.Generator().manual_seed(args.seed), valid=valid,
+                                 weight_decay=args.weight_decay,
                                  progress=True)
     fit_time = time.time() - t0
     snis = []
     if args.snis_steps:
-        snis = fine_tune_snis(net, fit_targets, steps=args.snis_steps, seed=args.seed, progress=True)
+        snis = fine_tune_snis(net, fit_targets, steps=args.snis_steps,
+                              generator=torch.Generator().manual_seed(args.seed), progress=True)
     heldout = None
     if args.heldout_nll:
         test = build_set(load_molecules("heldout"), EVAL_REFERENCE, "heldout", progress=False)[0]

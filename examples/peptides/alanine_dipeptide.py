@@ -88,8 +88,8 @@ def _md_job(solvent: str, temperature: float, seed: int, quick: bool, progress: 
     path = md_path(solvent, temperature, quick)
     path.parent.mkdir(parents=True, exist_ok=True)
     run_md(alanine_dipeptide(solvent), 20.0 if quick else 1000.0, temperature=temperature,
-           report_interval_ps=0.1, equilibration_ps=10.0, seed=seed, path=path, progress=progress,
-           threads=1)
+           report_interval_ps=0.1, equilibration_ps=10.0, generator=torch.Generator().manual_seed(seed),
+           path=path, progress=progress, threads=1)
     return str(path)
 
 

@@ -51,6 +51,8 @@ DEFAULT_OUT = Path("outputs") / "peptides"
 
 def _run_one(solvent: str, args: dict) -> dict:
     """One solvent: MD, then the summary and the Ramachandran plot. Runs in a worker process."""
+    import torch
+
     from mcsample.systems import analysis as A
     from mcsample.systems.md import run_md, run_parallel_tempering
     from mcsample.systems.peptides import alanine_dipeptide
@@ -67,7 +69,8 @@ def _run_one(solvent: str, args: dict) -> dict:
         res = run_parallel_tempering(
             pep, temps, args["equilibration_ps"] + args["time_ps"], exchange_interval_ps=args["report_ps"],
             timestep_fs=args["timestep_fs"], friction_per_ps=args["friction"],
-            report_interval_ps=args["report_ps"], seed=args["seed"], platform=args["platform"],
+            report_interval_ps=args["report_ps"], generator=torch.Generator().manual_seed(args["seed"]),
+            platform=args["platform"],
             path=path, progress=not args["no_progress"], threads=args["threads"],
         )
         # drop the equilibration frames (the run starts at the minimized structure)
@@ -77,7 +80,8 @@ def _run_one(solvent: str, args: dict) -> dict:
         res = run_md(
             pep, args["time_ps"], timestep_fs=args["timestep_fs"], friction_per_ps=args["friction"],
             report_interval_ps=args["report_ps"], equilibration_ps=args["equilibration_ps"],
-            seed=args["seed"], platform=args["platform"], path=path, progress=not args["no_progress"],
+            generator=torch.Generator().manual_seed(args["seed"]), platform=args["platform"], path=path,
+            progress=not args["no_progress"],
             threads=args["threads"],
         )
     wall = time.perf_counter() - t0

@@ -23,7 +23,8 @@ uniformly in :math:`\lambda` (Lu et al. 2022, DPM-Solver).
   :math:`g^2 = 2\sigma_t^2\log(\sigma_{\max}/\sigma_{\min})`.
 
 All methods take tensors (python floats are promoted) and keep their dtype and device.
-:func:`time_grid` builds the decreasing grid of times a sampler walks.
+:func:`time_grid` (from :mod:`mcsample.diffusion`) builds the decreasing grid of times a
+sampler walks.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ import math
 
 import torch
 from torch import Tensor
+
+from mcsample.diffusion import time_grid
 
 __all__ = ["VPSchedule", "VESchedule", "time_grid", "schedule_from_config"]
 
@@ -77,20 +80,36 @@ class _Schedule:
 class VPSchedule(_Schedule):
     r"""Variance-preserving schedule, :math:`\alpha_t^2 + \sigma_t^2 = 1`.
 
-    ``kind="linear"`` (Song et al. 2021; DDPM's β range): :math:`\beta(t) = \beta_{\min} +
+    ``kind="linear"`` (Song et al. 2021): :math:`\beta(t) = \beta_{\min} +
     t(\beta_{\max}-\beta_{\min})`, :math:`\log\alpha_t = -\tfrac12(\beta_{\min}t +
     \tfrac12(\beta_{\max}-\beta_{\min})t^2)`, :math:`f=-\beta/2`, :math:`g^2=\beta`.
     ``kind="cosine"`` (Nichol & Dhariwal 2021): :math:`\alpha_t=\cos\phi_t/\cos\phi_0`,
     :math:`\phi_t = \frac{\pi}{2}\frac{T t + s}{1+s}`, with offset ``cosine_s`` and end
     ``cosine_t_end`` :math:`=T` (DPM-Solver's truncation, :math:`\lambda_1\approx-4.8`);
     ``beta_min``/``beta_max`` are unused for it.
+
+    **Default β range.** The samplers start from :math:`\mathcal N(0, I)` in place of
+    :math:`q_1`; by convexity of the KL divergence,
+    :math:`\mathrm{KL}(q_1\,\|\,\mathcal N(0,I))\le\tfrac12\alpha_1^2E\|x_0\|^2 +
+    \tfrac14 d\,\alpha_1^4`, with :math:`\alpha_1 = e^{-(\beta_{\min}+\beta_{\max})/4}`.
+    The default ``beta_max = 40`` gives :math:`\alpha_1 = 4.4\times10^{-5}`: the start is exact
+    to within :math:`4\times10^{-7}` nats per coordinate for data of RMS scale up to 20
+    (:math:`E[x_{0,i}^2]\le400`, e.g. the 25-mode Gaussian-mixture benchmark with means at
+    :math:`\pm16`, :math:`E[x_{0,i}^2]\approx129`). DDPM's ``beta_max = 20``
+    (:math:`\alpha_1 = 6.6\times10^{-3}`) is enough for data scaled to :math:`[-1, 1]` but
+    leaves :math:`2.8\times10^{-3}` nats per coordinate on that benchmark (0.2 nats in 80
+    dimensions). The price of the wider range: a grid of fixed length spends more steps in
+    near-pure noise (DPM-Solver++(2M), 20 uniform steps, unit-scale Gaussian data: endpoint
+    error 0.072 instead of 0.046), so models trained on standardized data may pass
+    ``beta_max=20``. Configs (and checkpoints) store ``beta_max`` explicitly and rebuild
+    identically whatever the default.
     """
 
     def __init__(
         self,
         kind: str = "linear",
         beta_min: float = 0.1,
-        beta_max: float = 20.0,
+        beta_max: float = 40.0,
         *,
         cosine_s: float = 0.008,
         cosine_t_end: float = 0.9946,
@@ -204,37 +223,3 @@ def schedule_from_config(config: dict):
     except KeyError as err:
         raise ValueError(f"unknown schedule config {config!r}; known: {sorted(_SCHEDULES)}") from err
     return cls(**config.get("kwargs", {}))
-
-
-def time_grid(
-    schedule,
-    num_steps: int,
-    kind: str = "uniform",
-    t_max: float = 1.0,
-    t_min: float = 1e-3,
-    *,
-    dtype: torch.dtype = torch.float64,
-    device: torch.device | str | None = None,
-) -> Tensor:
-    r"""Decreasing times :math:`t_0 = t_{\max} > \dots > t_N = t_{\min}` for a sampler.
-
-    ``kind="uniform"`` spaces them uniformly in :math:`t`; ``kind="log_snr"`` uniformly in
-    :math:`\lambda_t` (DPM-Solver's recommended grid, Lu et al. 2022), mapped back through
-    ``schedule.t_of_log_snr``. Returns ``num_steps + 1`` values.
-    """
-    if num_steps < 1:
-        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-    if not (0.0 <= t_min < t_max <= 1.0):
-        raise ValueError(f"need 0 <= t_min < t_max <= 1, got t_min={t_min}, t_max={t_max}")
-    if kind == "uniform":
-        return torch.linspace(t_max, t_min, num_steps + 1, dtype=dtype, device=device)
-    if kind == "log_snr":
-        ends = torch.tensor([t_max, t_min], dtype=torch.float64)
-        lam = schedule.log_snr(ends)
-        if not bool(torch.isfinite(lam).all()):
-            raise ValueError(f"log-SNR is not finite at t_max={t_max} or t_min={t_min}: {lam.tolist()}")
-        grid = schedule.t_of_log_snr(torch.linspace(float(lam[0]), float(lam[1]), num_steps + 1,
-                                                    dtype=torch.float64))
-        grid[0], grid[-1] = t_max, t_min  # remove round-off at the ends
-        return grid.to(dtype=dtype, device=device)
-    raise ValueError(f"time_grid kind must be 'uniform' or 'log_snr', got {kind!r}")
