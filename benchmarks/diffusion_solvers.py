@@ -37,7 +37,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     f64 = torch.float64
-    sch = {"vp": VPSchedule(beta_max=20.0), "cosine": VPSchedule("cosine"), "ve": VESchedule(sigma_max=20.0)}[args.schedule]
+    sch = {"vp": VPSchedule(beta_max=20.0), "cosine": VPSchedule("cosine"),
+           "ve": VESchedule(sigma_max=20.0)}[args.schedule]
     g = GaussianMixtureDiffusion([0.3, 0.5, 0.2], torch.tensor([[-2.0, 0.0], [2.0, 1.0], [0.0, 3.0]], dtype=f64),
                                  torch.tensor([0.3, 0.5, 0.2], dtype=f64), sch)
     gen = torch.Generator().manual_seed(0)

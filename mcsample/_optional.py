@@ -22,9 +22,17 @@ __all__ = ["DISTRIBUTION", "missing", "require"]
 #: the name on PyPI (the import name is ``mcsample``)
 DISTRIBUTION = "mcsample-torch"
 
-_PRETTY = {"openmm": "OpenMM", "openmmtools": "openmmtools", "mdtraj": "MDTraj", "rdkit": "RDKit",
-           "zuko": "zuko", "numba": "numba", "ot": "POT", "matplotlib": "matplotlib",
-           "pyro": "Pyro"}
+_PRETTY = {
+    "openmm": "OpenMM",
+    "openmmtools": "openmmtools",
+    "mdtraj": "MDTraj",
+    "rdkit": "RDKit",
+    "zuko": "zuko",
+    "numba": "numba",
+    "ot": "POT",
+    "matplotlib": "matplotlib",
+    "pyro": "Pyro",
+}
 
 
 def missing(*modules: str) -> list[str]:

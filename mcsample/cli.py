@@ -65,8 +65,9 @@ def seed(text: str) -> int:
 
 def add_debug(parser: argparse.ArgumentParser) -> None:
     """The ``--debug`` flag every subcommand accepts (as does ``mcsample --debug``)."""
-    parser.add_argument("--debug", action="store_true",
-                        help="on an error, show the traceback instead of one line (default: off)")
+    parser.add_argument(
+        "--debug", action="store_true", help="on an error, show the traceback instead of one line (default: off)"
+    )
 
 
 def check_output(path: str, overwrite: bool) -> None:
@@ -95,8 +96,12 @@ def _demo(args: argparse.Namespace) -> int:
     from mcsample.demo import run
 
     print(f"mcsample demo: writing to {os.path.abspath(args.out)}")
-    run(out_dir=args.out, num_particles=args.particles, generator=torch.Generator().manual_seed(args.seed),
-        progress=not args.quiet)
+    run(
+        out_dir=args.out,
+        num_particles=args.particles,
+        generator=torch.Generator().manual_seed(args.seed),
+        progress=not args.quiet,
+    )
     if not args.no_peptide:
         from mcsample.demo import run_peptide
 
@@ -115,31 +120,42 @@ def build_parser() -> argparse.ArgumentParser:
         "Feynman-Kac correctors on PyTorch. `mcsample COMMAND --help` lists a command's options.",
     )
     parser.add_argument("--version", action="version", version=f"mcsample {__version__}")
-    parser.add_argument("--debug", action="store_true",
-                        help="on an error, show the traceback instead of one line (default: off)")
+    parser.add_argument(
+        "--debug", action="store_true", help="on an error, show the traceback instead of one line (default: off)"
+    )
     sub = parser.add_subparsers(dest="command", metavar="command")
 
-    demo = sub.add_parser("demo", help="adaptive SMC on a 10-d Gaussian mixture checked against exact answers, then "
-                          "alanine dipeptide from the shipped Boltzmann generator")
-    demo.add_argument("--out", default="outputs/demo",
-                      help="output folder, created if missing; its summary.json, marginals.png and "
-                      "peptide_summary.json are replaced (default: %(default)s)")
-    demo.add_argument("--particles", type=positive_int, default=4096,
-                      help="number of SMC particles (default: %(default)s)")
+    demo = sub.add_parser(
+        "demo",
+        help="adaptive SMC on a 10-d Gaussian mixture checked against exact answers, then "
+        "alanine dipeptide from the shipped Boltzmann generator",
+    )
+    demo.add_argument(
+        "--out",
+        default="outputs/demo",
+        help="output folder, created if missing; its summary.json, marginals.png and "
+        "peptide_summary.json are replaced (default: %(default)s)",
+    )
+    demo.add_argument(
+        "--particles", type=positive_int, default=4096, help="number of SMC particles (default: %(default)s)"
+    )
     demo.add_argument("--seed", type=seed, default=0, help="random seed (default: %(default)s)")
     demo.add_argument("--quiet", action="store_true", help="no progress bars (default: off)")
-    demo.add_argument("--no-peptide", action="store_true",
-                      help="skip the alanine-dipeptide Boltzmann-generator part (default: off)")
+    demo.add_argument(
+        "--no-peptide", action="store_true", help="skip the alanine-dipeptide Boltzmann-generator part (default: off)"
+    )
     add_debug(demo)
     demo.set_defaults(func=_demo)
 
     sub.add_parser(
-        "conformers", add_help=False,
+        "conformers",
+        add_help=False,
         help="Boltzmann-weighted conformers of a molecule (SMILES, or an .sdf/.mol/.mol2/.pdb file) "
         "-> SDF; `mcsample conformers --help` for options",
     )
     sub.add_parser(
-        "peptide", add_help=False,
+        "peptide",
+        add_help=False,
         help="Boltzmann-weighted peptide configurations from the shipped normalizing flow "
         "(IS or SMC) -> PDB/DCD/XTC/SDF + JSON; `mcsample peptide --help` for options",
     )

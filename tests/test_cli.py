@@ -18,9 +18,11 @@ def test_help_lists_demo(capsys):
 def test_help_and_version_import_no_torch():
     """``mcsample --help`` and ``--version`` load neither torch nor the chemistry packages (what
     makes them answer at once; the time itself is measured, not asserted)."""
-    code = ("import sys\nfrom mcsample.cli import main\n"
-            "assert main(['--help']) == 0 and main(['--version']) == 0\n"
-            "print(sorted(m for m in ('torch', 'rdkit', 'openmm', 'numba') if m in sys.modules))")
+    code = (
+        "import sys\nfrom mcsample.cli import main\n"
+        "assert main(['--help']) == 0 and main(['--version']) == 0\n"
+        "print(sorted(m for m in ('torch', 'rdkit', 'openmm', 'numba') if m in sys.modules))"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines()[-1] == "[]"
@@ -111,20 +113,23 @@ def _one_line_error(capfd, command: str, *needles: str) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("argv, needles", [
-    (["missing.sdf"], ["no such file: missing.sdf"]),  # a path, not a SMILES
-    (["missing.MOL2"], ["no such file: missing.MOL2"]),
-    (["C1CC("], ["could not parse SMILES 'C1CC('"]),
-    (["[Se]CC[Se]"], ["no atom type", "Se"]),
-    (["CCO", "-n", "0"], ["-n/--num-conformers", "positive", "0"]),
-    (["CCO", "-n", "many"], ["-n/--num-conformers", "'many'"]),
-    (["CCO", "-T", "-3"], ["-T/--temperature", "positive"]),
-    (["CCO", "-o", "out.pdb"], ["--out must end in .sdf"]),
-    (["notes.txt"], ["notes.txt", "unsupported molecule file type"]),
-    (["folder.sdf"], ["folder.sdf is not a file"]),
-    (["empty.sdf"], ["could not read a molecule from empty.sdf"]),
-    (["CCO", "-o", "taken.sdf"], ["taken.sdf exists; pass --overwrite"]),
-])
+@pytest.mark.parametrize(
+    "argv, needles",
+    [
+        (["missing.sdf"], ["no such file: missing.sdf"]),  # a path, not a SMILES
+        (["missing.MOL2"], ["no such file: missing.MOL2"]),
+        (["C1CC("], ["could not parse SMILES 'C1CC('"]),
+        (["[Se]CC[Se]"], ["no atom type", "Se"]),
+        (["CCO", "-n", "0"], ["-n/--num-conformers", "positive", "0"]),
+        (["CCO", "-n", "many"], ["-n/--num-conformers", "'many'"]),
+        (["CCO", "-T", "-3"], ["-T/--temperature", "positive"]),
+        (["CCO", "-o", "out.pdb"], ["--out must end in .sdf"]),
+        (["notes.txt"], ["notes.txt", "unsupported molecule file type"]),
+        (["folder.sdf"], ["folder.sdf is not a file"]),
+        (["empty.sdf"], ["could not read a molecule from empty.sdf"]),
+        (["CCO", "-o", "taken.sdf"], ["taken.sdf exists; pass --overwrite"]),
+    ],
+)
 def test_conformers_bad_input(argv, needles, tmp_path, monkeypatch, capfd):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "notes.txt").write_text("CCO\n")
@@ -136,17 +141,20 @@ def test_conformers_bad_input(argv, needles, tmp_path, monkeypatch, capfd):
     assert (tmp_path / "taken.sdf").read_text() == "keep me"
 
 
-@pytest.mark.parametrize("argv, needles", [
-    (["missing.pdb"], ["no such file: missing.pdb"]),
-    (["XZ1"], ["no shipped flow for 'XZ1'", "not a peptide name or a sequence", "one-letter codes"]),
-    (["AAA"], ["no shipped flow for 'AAA'"]),
-    (["alanine_dipeptide", "-n", "0"], ["-n/--num-samples", "at least 2, got 0"]),
-    (["alanine_dipeptide", "-n", "1"], ["at least 2"]),
-    (["alanine_dipeptide", "--solvent", "water"], ["--solvent", "invalid choice"]),
-    (["alanine_dipeptide", "-o", "x.gro"], ["--out must end in"]),
-    (["alanine_dipeptide", "-o", "taken.pdb"], ["taken.pdb exists; pass --overwrite"]),
-    (["alanine_dipeptide", "-o", "run.dcd"], ["run.weights.json exists; pass --overwrite"]),
-])
+@pytest.mark.parametrize(
+    "argv, needles",
+    [
+        (["missing.pdb"], ["no such file: missing.pdb"]),
+        (["XZ1"], ["no shipped flow for 'XZ1'", "not a peptide name or a sequence", "one-letter codes"]),
+        (["AAA"], ["no shipped flow for 'AAA'"]),
+        (["alanine_dipeptide", "-n", "0"], ["-n/--num-samples", "at least 2, got 0"]),
+        (["alanine_dipeptide", "-n", "1"], ["at least 2"]),
+        (["alanine_dipeptide", "--solvent", "water"], ["--solvent", "invalid choice"]),
+        (["alanine_dipeptide", "-o", "x.gro"], ["--out must end in"]),
+        (["alanine_dipeptide", "-o", "taken.pdb"], ["taken.pdb exists; pass --overwrite"]),
+        (["alanine_dipeptide", "-o", "run.dcd"], ["run.weights.json exists; pass --overwrite"]),
+    ],
+)
 def test_peptide_bad_input(argv, needles, tmp_path, monkeypatch, capfd):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "taken.pdb").write_text("keep me")
@@ -155,10 +163,13 @@ def test_peptide_bad_input(argv, needles, tmp_path, monkeypatch, capfd):
     _one_line_error(capfd, "peptide", *needles)
 
 
-@pytest.mark.parametrize("argv, command, needles", [
-    (["demo", "--particles", "0"], "demo", ["--particles", "positive"]),
-    (["demo", "--seed", "-1"], "demo", ["--seed"]),
-])
+@pytest.mark.parametrize(
+    "argv, command, needles",
+    [
+        (["demo", "--particles", "0"], "demo", ["--particles", "positive"]),
+        (["demo", "--seed", "-1"], "demo", ["--seed"]),
+    ],
+)
 def test_demo_bad_input(argv, command, needles, capfd):
     assert main(argv) == 2
     _one_line_error(capfd, command, *needles)
@@ -181,8 +192,12 @@ def test_debug_shows_the_traceback(tmp_path, monkeypatch):
 
 def test_error_exit_status_and_stderr_of_the_program(tmp_path):
     """Run as a program: exit status 2 and exactly one line on stderr, no traceback."""
-    r = subprocess.run([sys.executable, "-m", "mcsample.cli", "conformers", "missing.sdf"], cwd=tmp_path,
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "mcsample.cli", "conformers", "missing.sdf"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2
     assert r.stderr.splitlines() == ["mcsample conformers: error: no such file: missing.sdf"]
     assert r.stdout == ""

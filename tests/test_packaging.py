@@ -20,18 +20,43 @@ DISTRIBUTION = "mcsample-torch"
 
 #: distribution name (lower case) -> import name, where they differ or to be explicit
 IMPORT_NAME = {
-    "torch": "torch", "numpy": "numpy", "scipy": "scipy", "tqdm": "tqdm", "openmm": "openmm",
-    "openmmtools": "openmmtools", "mdtraj": "mdtraj", "rdkit": "rdkit", "zuko": "zuko",
-    "numba": "numba", "pot": "ot", "pyro-ppl": "pyro", "matplotlib": "matplotlib",
-    "scikit-learn": "sklearn", "scikit-image": "skimage", "pytest": "pytest",
-    "hypothesis": "hypothesis", "pytest-xdist": "xdist", "ruff": "ruff",
+    "torch": "torch",
+    "numpy": "numpy",
+    "scipy": "scipy",
+    "tqdm": "tqdm",
+    "openmm": "openmm",
+    "openmmtools": "openmmtools",
+    "mdtraj": "mdtraj",
+    "rdkit": "rdkit",
+    "zuko": "zuko",
+    "numba": "numba",
+    "pot": "ot",
+    "pyro-ppl": "pyro",
+    "matplotlib": "matplotlib",
+    "scikit-learn": "sklearn",
+    "scikit-image": "skimage",
+    "pytest": "pytest",
+    "hypothesis": "hypothesis",
+    "pytest-xdist": "xdist",
+    "ruff": "ruff",
 }
 #: extras that are tools or folders outside the package, not imported by it
 NOT_RUNTIME = {"test", "examples", "docs", "all"}
 
 #: every optional import: blocked in the subprocesses below
-BLOCKED = ["rdkit", "openmm", "openmmtools", "mdtraj", "pyro", "zuko", "ot", "matplotlib", "numba",
-           "sklearn", "skimage"]
+BLOCKED = [
+    "rdkit",
+    "openmm",
+    "openmmtools",
+    "mdtraj",
+    "pyro",
+    "zuko",
+    "ot",
+    "matplotlib",
+    "numba",
+    "sklearn",
+    "skimage",
+]
 
 BLOCKER = textwrap.dedent(f"""
     import sys
@@ -48,8 +73,14 @@ BLOCKER = textwrap.dedent(f"""
 
 def _run_blocked(code: str, tmp_path: Path) -> subprocess.CompletedProcess:
     env_code = BLOCKER + textwrap.dedent(code)
-    return subprocess.run([sys.executable, "-c", env_code], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return subprocess.run(
+        [sys.executable, "-c", env_code],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
 
 
 def _readme_first_example() -> str:
@@ -124,7 +155,9 @@ def test_modules_that_need_an_extra_name_it(tmp_path):
         from mcsample.cli import main
         out["cli status"] = main(["conformers", "CCO"])
         print(json.dumps(out))
-        """, tmp_path)
+        """,
+        tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     for module, (package, extra) in cases.items():
@@ -137,8 +170,9 @@ def test_modules_that_need_an_extra_name_it(tmp_path):
     assert out["circular_wasserstein"].endswith(f"needs POT: pip install '{DISTRIBUTION}[peptides]'")
     assert out["cli status"] == 1
     err_lines = proc.stderr.strip().splitlines()
-    assert err_lines == ["mcsample conformers: error: mcsample.systems.conformers needs RDKit: "
-                         f"pip install '{DISTRIBUTION}[molecules]'"], proc.stderr
+    assert err_lines == [
+        f"mcsample conformers: error: mcsample.systems.conformers needs RDKit: pip install '{DISTRIBUTION}[molecules]'"
+    ], proc.stderr
 
 
 # -- declared dependencies == imported dependencies ------------------------------------------
@@ -196,8 +230,10 @@ def test_declared_dependencies_are_the_imported_ones():
     runtime = {name: _declared(extras[name], extras) for name in extras if name not in NOT_RUNTIME}
     declared = core.union(*runtime.values())
     imported = _imports(PACKAGES)
-    assert imported == declared, {"imported, undeclared": imported - declared,
-                                  "declared, never imported": declared - imported}
+    assert imported == declared, {
+        "imported, undeclared": imported - declared,
+        "declared, never imported": declared - imported,
+    }
     assert core == {"torch", "numpy", "scipy", "tqdm"}
     assert _declared(extras["all"], extras) == declared - core
     assert _imports(["tests"]) <= declared | _declared(extras["test"], extras)
@@ -224,8 +260,10 @@ def test_each_require_names_an_extra_that_provides_the_package():
 def test_engine_import_does_not_import_torch_or_extras():
     """``import mcsample`` is lazy: torch and the chemistry packages load on first use, so the
     command line's ``--help`` and ``--version`` answer at once."""
-    code = ("import sys, mcsample; print(sorted(m for m in ('torch', 'rdkit', 'openmm', 'numba') "
-            "if m in sys.modules)); print(mcsample.__version__)")
+    code = (
+        "import sys, mcsample; print(sorted(m for m in ('torch', 'rdkit', 'openmm', 'numba') "
+        "if m in sys.modules)); print(mcsample.__version__)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.splitlines()[0] == "[]"
     version = _pyproject()["tool"]["setuptools"]["dynamic"]["version"]["attr"]
@@ -236,7 +274,9 @@ def test_engine_import_does_not_import_torch_or_extras():
 def test_smc_stays_the_function_after_the_submodule_is_imported():
     """``mcsample.smc`` names the function whether or not ``mcsample.smc`` (the module) was
     imported first."""
-    code = ("import mcsample as mc\nfrom mcsample.smc import SMCState\nimport mcsample.smc\n"
-            "print(callable(mc.smc), mc.smc.__module__, mc.smc is mc.smc.__globals__['smc'])")
+    code = (
+        "import mcsample as mc\nfrom mcsample.smc import SMCState\nimport mcsample.smc\n"
+        "print(callable(mc.smc), mc.smc.__module__, mc.smc is mc.smc.__globals__['smc'])"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["True", "mcsample.smc", "True"]

@@ -121,7 +121,7 @@ class GaussianMixtureDiffusion:
         )
         return second - torch.outer(mu, mu)
 
-    def to(self, device=None, dtype=None) -> "GaussianMixtureDiffusion":
+    def to(self, device=None, dtype=None) -> GaussianMixtureDiffusion:
         """Copy with parameters on ``device`` / in ``dtype``."""
         new = object.__new__(GaussianMixtureDiffusion)
         new.__dict__.update(self.__dict__)
@@ -262,7 +262,7 @@ class GaussianMixtureDiffusion:
         eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
         return a * x0 + s * eps
 
-    def at_time(self, t: float) -> "GaussianMixtureDiffusion":
+    def at_time(self, t: float) -> GaussianMixtureDiffusion:
         r"""The mixture :math:`q_t` itself as a data distribution (means :math:`\alpha_t m_k`,
         covariances :math:`\alpha_t^2 C_k + \sigma_t^2 I`), with the same schedule."""
         tt = torch.as_tensor(float(t), dtype=torch.float64)

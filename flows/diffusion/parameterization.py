@@ -201,7 +201,7 @@ class Denoiser:
         """Map data to the model's normalized units."""
         return (x - self.data_shift) / self.data_scale
 
-    def eval(self) -> "Denoiser":
+    def eval(self) -> Denoiser:
         """Put a ``torch.nn.Module`` net in eval mode; returns self."""
         if isinstance(self.net, torch.nn.Module):
             self.net.eval()
