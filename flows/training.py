@@ -508,6 +508,10 @@ def load_flow(path, system=None, map_location="cpu"):
         from mcsample.flows.boltzmann_generator import BoltzmannGenerator
 
         model = BoltzmannGenerator.from_config(config)
+    elif kind == "TransferableFlow":
+        from mcsample.flows.transferable import TransferableFlow
+
+        model = TransferableFlow.from_config(config)
     else:
         raise ValueError(f"{path}: unknown flow kind {kind!r}")
     model.load_state_dict(blob["state_dict"])

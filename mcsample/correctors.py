@@ -83,6 +83,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
+from . import distributed
 from . import feynman_kac as fk
 from .checkpoint import fingerprint
 from .diffusion import grid_coefficients
@@ -400,6 +401,7 @@ class FKCorrector:
         return f"step {int(saved['index'])} of {self.num_steps}"
 
 
+@distributed.shardable
 def fk_corrector(
     target: ScoreProduct,
     num_particles: int,
@@ -420,6 +422,7 @@ def fk_corrector(
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: int = 10,
     resume: bool = True,
+    group=None,
 ) -> WeightedSamples:
     r"""Sample :math:`\pi\propto\prod_i (q^i_{t_{\min}})^{\beta_i}` (optionally tilted by
     ``steering``) with the Feynman-Kac corrector of Skreta et al. (2025).
@@ -440,6 +443,9 @@ def fk_corrector(
             continued, giving the same result as an uninterrupted run with the same generator.
         exact_start: weight the Gaussian start to the exact :math:`\prod(q^i_{t_{\max}})^{\beta_i}`;
             default when every model has ``log_prob(x, t)``.
+        group: shard the particles over a ``torch.distributed`` process group
+            (:mod:`mcsample.distributed`; ``None``: the default group when it is initialized with
+            more than one process, ``False``: this process alone).
 
     Returns:
         :class:`~mcsample.WeightedSamples` at :math:`t_{\min}` with ``ess_history`` (before each
@@ -468,7 +474,8 @@ def fk_corrector(
                           resample_every=resample_every, scheme=scheme, steering=steering,
                           exact_start=exact_start, dtype=dtype,
                           device=None if device is None else torch.device(device).type)
-    model = FKCorrector(target, num_particles, event_shape, co, noise_scale=c, correct=correct,
+    generator = distributed.split_generator(generator, device)  # this rank's stream when sharded
+    model = FKCorrector(target, distributed.local_size(num_particles), event_shape, co, noise_scale=c, correct=correct,
                         resample_threshold=resample_threshold, resample_every=resample_every, scheme=scheme,
                         steering=steering, exact_start=exact_start, dtype=dtype, device=device)
     with torch.no_grad():

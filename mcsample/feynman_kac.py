@@ -47,6 +47,7 @@ from typing import Any, Callable, Protocol
 import torch
 from torch import Tensor
 
+from mcsample import distributed
 from mcsample.checkpoint import default_generator, load_state, save_state
 from mcsample.diagnostics import ess as _ess
 from mcsample.resampling import SCHEMES, resample
@@ -152,12 +153,15 @@ def start(x: Tensor, log_w: Tensor | None = None, log_scale: float | Tensor = 0.
     if log_w.shape != (n,):
         raise ValueError(f"log-weights of shape {tuple(log_w.shape)} for {n} particles")
     log_scale = torch.as_tensor(log_scale, dtype=torch.float64, device=x.device).clone()
-    return state_class(x=x, log_w=log_w, log_scale=log_scale,
-                       genealogy=Genealogy.start(n, device=x.device), **fields)
+    genealogy = distributed.start_genealogy(n, x.device) or Genealogy.start(n, device=x.device)
+    return state_class(x=x, log_w=log_w, log_scale=log_scale, genealogy=genealogy, **fields)
 
 
 def check_log_weights(log_w: Tensor, where: str) -> None:
-    """Raise a ``ValueError`` naming ``where`` when a log-weight is NaN or every one is -inf."""
+    """Raise a ``ValueError`` naming ``where`` when a log-weight is NaN or every one is -inf
+    (over the whole population, on every rank, when it is sharded)."""
+    if distributed.sharded() is not None:
+        return distributed.check_log_weights(log_w, where)
     nan = torch.isnan(log_w)
     if bool(nan.any()):
         raise ValueError(f"{where}: the log-weight is NaN for {int(nan.sum())} of {log_w.numel()} particles "
@@ -177,7 +181,7 @@ def reweight(state: FKState, log_incr: Tensor, where: str = "reweight") -> FKSta
 
 def record_ess(state: FKState) -> FKState:
     """Append the current ESS to ``ess_history`` (a step that does not resample)."""
-    return state.replace(ess_history=state.ess_history + (float(_ess(state.log_w)),))
+    return state.replace(ess_history=state.ess_history + (float(distributed.ess(state.log_w)),))
 
 
 def take(state: FKState, idx: Tensor) -> FKState:
@@ -206,12 +210,25 @@ def _take(v, idx: Tensor, n: int):
 
 def resample_if_needed(state: FKState, threshold: float, scheme: str = "systematic",
                        generator: torch.Generator | None = None, *, force: bool = False,
-                       record: bool = True) -> FKState:
+                       record: bool = True, group=None) -> FKState:
     r"""Resample when ESS < ``threshold``·N (or ``force``), recording the ESS in
     ``ess_history`` (unless ``record=False``): the one reweight-resample-fold-reset sequence of
     every particle algorithm.
 
-    ``threshold`` 1 resamples at every step, 0 never (unless ``force``)."""
+    ``threshold`` 1 resamples at every step, 0 never (unless ``force``). In a sharded run
+    (``group``, or the run in progress; :mod:`mcsample.distributed`) the ESS is the whole
+    population's and the resampling is the exact global one, followed by the balanced exchange
+    of the particles."""
+    with distributed.use(group) as shard:
+        if shard is not None and not shard.islands:
+            stats = distributed._weight_stats(shard, state.log_w, f"step {state.index}")
+            e = distributed._ess_of(stats)
+            if record:
+                state = state.replace(ess_history=state.ess_history + (e,))
+            if force or e < threshold * stats.num:
+                state = distributed.resample_state(state, scheme, generator, stats).replace(
+                    resampled_at=state.resampled_at + (state.index,))
+            return state
     check_log_weights(state.log_w, f"step {state.index}")
     n = state.log_w.numel()
     e = float(_ess(state.log_w))
@@ -229,6 +246,7 @@ def check_resampling(threshold: float, scheme: str) -> None:
         raise ValueError(f"resample_threshold must be in [0, 1], got {threshold}")
     if scheme not in SCHEMES:
         raise ValueError(f"unknown resampling scheme {scheme!r}; choose one of {sorted(SCHEMES)}")
+    distributed.check_scheme(scheme)
 
 
 def check_num_particles(num_particles) -> int:
@@ -240,22 +258,23 @@ def check_num_particles(num_particles) -> int:
 def to_weighted_samples(state: FKState, x: Tensor | None = None, log_w: Tensor | None = None,
                         **info) -> WeightedSamples:
     """The final :class:`~mcsample.WeightedSamples` of a run (``x``/``log_w`` override the
-    state's, e.g. after a final potential), with ``info`` (counters, resampling steps, ...)."""
-    return WeightedSamples(
+    state's, e.g. after a final potential), with ``info`` (counters, resampling steps, ...); in a
+    sharded run a :class:`~mcsample.distributed.ShardedSamples` (collective)."""
+    return distributed.finish(WeightedSamples(
         (state.x if x is None else x).detach(),
         state.log_w if log_w is None else log_w,
         log_scale=state.log_scale,
         genealogy=state.genealogy,
         ess_history=torch.tensor(state.ess_history, dtype=torch.float64),
         info={**state.counters, "resampled_at": list(state.resampled_at), **info},
-    )
+    ))
 
 
 def run(model, num_particles: int, *, generator: torch.Generator | None = None,
         progress: bool = False, checkpoint: str | os.PathLike | None = None,
         checkpoint_every: int = 10, resume: bool = True, fingerprint: dict | None = None,
         device=None, state_class: type = FKState, callback: Callable[[Any], None] | None = None,
-        max_steps: int | None = None) -> FKState:
+        max_steps: int | None = None, group=None) -> FKState:
     """Initialize ``model`` and step it until ``model.done(state)``: the one driver.
 
     With ``checkpoint`` the state is written atomically every ``checkpoint_every`` steps and at
@@ -264,14 +283,32 @@ def run(model, num_particles: int, *, generator: torch.Generator | None = None,
     same run is continued (a checkpoint of another run raises, naming the difference) and the
     result equals an uninterrupted run's. ``callback(state)`` is called after every step;
     ``max_steps`` bounds runs of unknown length (adaptive schedules).
+
+    ``group``: run sharded over a process group (:mod:`mcsample.distributed`); ``None`` joins
+    the sharded run in progress, or shards over the default group when
+    ``torch.distributed`` is initialized with more than one process; ``False`` runs on this
+    process alone. ``num_particles`` is then the whole population, each rank draws its share
+    from its own stream (:func:`~mcsample.distributed.split_generator`), and checkpoints are
+    written per rank with a manifest.
     """
+    fresh = group is not None or distributed.active() is None
+    with distributed.use(group) as shard:
+        if fresh and shard is not None:
+            generator = distributed.split_generator(generator, device)
+        return _drive(model, num_particles, generator, progress, checkpoint, checkpoint_every, resume,
+                      fingerprint, device, state_class, callback, max_steps, shard)
+
+
+def _drive(model, num_particles, generator, progress, checkpoint, checkpoint_every, resume, fingerprint,
+           device, state_class, callback, max_steps, shard) -> FKState:
     kind = getattr(model, "kind", model.name)
-    saved, generator = load_state(
+    load, save = (load_state, save_state) if shard is None else (distributed.load_state, distributed.save_state)
+    saved, generator = load(
         checkpoint if resume else None, kind, generator, device, run=fingerprint,
         progress_of=lambda st: _where(model, st))
     if saved is not None:
         state = state_class.from_dict(saved)
-        if state.num_particles != num_particles:
+        if state.num_particles != distributed.local_size(num_particles):
             raise ValueError(f"checkpoint {os.fspath(checkpoint)} holds {state.num_particles} particles, "
                              f"not num_particles={num_particles}")
         if hasattr(model, "check"):
@@ -284,7 +321,7 @@ def run(model, num_particles: int, *, generator: torch.Generator | None = None,
         state = model.init(generator)
     position, total, _ = model.progress(state)
     bar = None
-    if progress:
+    if progress and (shard is None or shard.rank == 0):
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total, initial=position, desc=getattr(model, "description", kind))
@@ -301,7 +338,7 @@ def run(model, num_particles: int, *, generator: torch.Generator | None = None,
             if postfix:
                 bar.set_postfix(postfix)
         if checkpoint is not None and (state.index % checkpoint_every == 0 or model.done(state)):
-            save_state(checkpoint, state.to_dict(), generator, kind, fingerprint)
+            save(checkpoint, state.to_dict(), generator, kind, fingerprint)
     if bar is not None:
         bar.close()
     return state

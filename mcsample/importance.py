@@ -17,12 +17,15 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from mcsample import distributed
+from mcsample.checkpoint import default_generator
 from mcsample.protocols import check_event_shape, check_generator, check_log_prob, draw
 from mcsample.weighted import RunningMoments, WeightedSamples
 
 __all__ = ["importance_sample"]
 
 
+@distributed.shardable
 def importance_sample(
     target,
     proposal,
@@ -34,6 +37,7 @@ def importance_sample(
     statistics: dict[str, Callable[[torch.Tensor], torch.Tensor]] | None = None,
     progress: bool = False,
     num_samples: int | None = None,
+    group=None,
 ) -> WeightedSamples:
     r"""Self-normalized importance sampling of ``target`` with ``proposal``.
 
@@ -48,6 +52,11 @@ def importance_sample(
             through ``result.expectation(name)``.
         progress: show a tqdm bar.
         num_samples: deprecated name of ``num_particles``.
+        group: draw the ``num_particles`` over the ranks of a ``torch.distributed`` process
+            group, each rank its share from its own stream (:mod:`mcsample.distributed`;
+            ``None``: the default group when it is initialized with more than one process,
+            ``False``: this process alone); the result is a
+            :class:`~mcsample.distributed.ShardedSamples`.
 
     Returns:
         :class:`~mcsample.weighted.WeightedSamples` with :math:`\log w = \log\tilde\pi - \log q`.
@@ -67,6 +76,10 @@ def importance_sample(
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     check_generator(generator)
+    num_samples = distributed.local_size(num_samples)  # this rank's share when sharded
+    if generator is None and distributed.active() is not None:
+        generator = default_generator(draw(proposal, 1, None)[0].device)
+    generator = distributed.split_generator(generator)
     statistics = dict(statistics or {})
     moments = {name: RunningMoments() for name in statistics}
     shapes: dict[str, torch.Size] = {}
@@ -96,8 +109,8 @@ def importance_sample(
             done += b
             bar.update(b)
     bar.close()
-    return WeightedSamples(
+    return distributed.finish(WeightedSamples(
         samples,
         log_ws,
         statistics={name: (moments[name], shapes[name]) for name in statistics},
-    )
+    ))

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from mcsample import distributed
 from mcsample import feynman_kac as fk
 from mcsample.checkpoint import default_generator, fingerprint, probe_identity
 from mcsample.kernels import MALA, Kernel, Point, evaluator
@@ -124,10 +125,9 @@ class SMCResult:
 
 
 def _weighted_scale(x: Tensor, log_w: Tensor) -> Tensor:
-    """Per-coordinate weighted standard deviation of the particles (kernel preconditioner)."""
-    W = torch.softmax(log_w, 0).to(x.dtype).reshape((-1,) + (1,) * (x.dim() - 1))
-    mean = (W * x).sum(0)
-    var = (W * (x - mean) ** 2).sum(0)
+    """Per-coordinate weighted standard deviation of the particles (kernel preconditioner), over
+    the whole population when it is sharded."""
+    _, var = distributed.weighted_moments(x, log_w)
     floor = 1e-6 * var.mean().clamp(min=1e-30)
     return torch.sqrt(torch.clamp(var, min=float(floor)))
 
@@ -149,7 +149,7 @@ def _move(state: SMCState, evaluate, kernel: Kernel, beta: float, num_moves: int
     point, h, rates = state.point, state.step_size, []
     for _ in range(num_moves):
         point, prob = kernel.step(point, evaluate, beta, h, scale, generator)
-        rates.append(prob.mean())
+        rates.append(distributed.mean(prob))  # the whole population's acceptance rate
         h = kernel.adapt(h, rates[-1])
     acc = float(torch.stack(rates).mean()) if rates else float("nan")
     return point, h, acc
@@ -220,6 +220,7 @@ class AnnealedSMC:
         return f"step {int(saved['index'])} (beta = {float(saved['beta']):.4g} of 1)"
 
 
+@distributed.shardable
 def smc(
     target,
     initial,
@@ -237,6 +238,7 @@ def smc(
     resume: bool = True,
     callback=None,
     final_moves: int = 0,
+    group=None,
 ) -> SMCResult:
     r"""Annealed SMC from ``initial`` (any proposal) to ``target`` (unnormalized).
 
@@ -261,6 +263,12 @@ def smc(
             (rejuvenation; the weights are unchanged).
         callback: called as ``callback(state)`` after every step, e.g. to record the
             per-particle log-weights ``state.log_w`` and positions ``state.x`` at each step.
+        group: shard the population over a ``torch.distributed`` process group
+            (:mod:`mcsample.distributed`): ``None`` (default) shards over the default group when
+            it is initialized with more than one process, ``False`` runs on this process alone,
+            :func:`mcsample.distributed.islands` runs independent islands. ``num_particles`` is
+            the whole population; ``particles`` holds this rank's share, with the whole
+            population's evidence and ESS.
 
     Returns:
         :class:`SMCResult`: ``particles`` (:class:`~mcsample.weighted.WeightedSamples` with
@@ -279,7 +287,9 @@ def smc(
                           final_moves=final_moves, identity=probe_identity(target, initial))
     if generator is None:
         generator = default_generator(torch.as_tensor(draw(initial, 1, None)[0]).device)
-    model = AnnealedSMC(target, initial, num_particles, kernel, schedule, resample_threshold, scheme)
+    generator = distributed.split_generator(generator)  # this rank's stream when sharded
+    model = AnnealedSMC(target, initial, distributed.local_size(num_particles), kernel, schedule,
+                        resample_threshold, scheme)
     state = fk.run(model, num_particles, generator=generator, progress=progress, checkpoint=checkpoint,
                    checkpoint_every=checkpoint_every, resume=resume, fingerprint=run,
                    state_class=SMCState, callback=callback, max_steps=max_steps)

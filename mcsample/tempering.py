@@ -12,7 +12,9 @@ Along the geometric path :math:`\pi_\beta \propto q_0^{1-\beta}\tilde\pi^{\beta}
   :math:`\beta=1` when the full step already keeps enough particles. The same :math:`+\delta\ell`
   enters the solver and the reweighting (BlackJAX once solved with :math:`-\delta\ell` and
   stalled on asymmetric targets), and the CESS uses the current weights :math:`W`, not only
-  the increments (the ESS that matters is that of :math:`W\cdot u`).
+  the increments (the ESS that matters is that of :math:`W\cdot u`). In a sharded run the
+  CESS is the whole population's (:func:`mcsample.distributed.conditional_ess`), so every rank
+  picks the same :math:`\beta`.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from mcsample.diagnostics import conditional_ess
+from mcsample import distributed
 
 __all__ = ["FixedSchedule", "AdaptiveSchedule", "as_schedule", "log_increment"]
 
@@ -76,11 +78,11 @@ class AdaptiveSchedule:
             raise ValueError(f"cess must be a fraction in (0, 1), got {self.cess}")
 
     def next_beta(self, beta: float, log_w: Tensor, ell: Tensor) -> float:
-        n = log_w.numel()
+        n = distributed.count(log_w.numel())
         goal = self.cess * n
 
         def f(delta: float) -> float:
-            return float(conditional_ess(log_w, log_increment(delta, ell))) - goal
+            return float(distributed.conditional_ess(log_w, log_increment(delta, ell))) - goal
 
         hi = 1.0 - beta
         if f(hi) >= 0.0:

@@ -36,7 +36,7 @@ spec.loader.exec_module(example)
 
 out = Path(tempfile.mkdtemp(prefix="alanine_dipeptide_"))
 example.main(["--pretrained", "--num-samples", "2000", "--smc-particles", "200", "--out", str(out),
-              "--no-progress"])
+              "--no-progress", "--threads", "1"])
 
 # %%
 # The Ramachandran free energies F(φ, ψ) in kT: the flow's own draws, the same draws

@@ -17,6 +17,7 @@ import time
 import torch
 from torch import Tensor
 
+from mcsample import distributed
 from mcsample import feynman_kac as fk
 from mcsample.checkpoint import fingerprint
 from mcsample.diffusion import ddim_kernel, grid_coefficients, time_grid, tweedie_x0
@@ -185,24 +186,28 @@ class PosteriorSampler:
     def result(self, state: PosteriorState, seconds: float, **info) -> WeightedSamples:
         return fk.to_weighted_samples(state, method=self.name, seconds=seconds, grid=self.times, **info)
 
+    @distributed.shardable
     def run(self, num_particles: int, *, generator=None, dtype=torch.float32, device=None,
             event_shape=None, progress: bool = False, checkpoint=None, checkpoint_every: int = 10,
-            resume: bool = True) -> WeightedSamples:
+            resume: bool = True, group=None) -> WeightedSamples:
         """Initialize ``num_particles`` particles and step to the end with the Feynman-Kac driver.
         With ``checkpoint`` the state is saved atomically every ``checkpoint_every`` steps and an
         existing checkpoint of the same run is resumed (:mod:`mcsample.checkpoint`): same result
-        as one uninterrupted run; a checkpoint of another run is refused."""
+        as one uninterrupted run; a checkpoint of another run is refused. ``group`` shards the
+        particles over a ``torch.distributed`` process group (:mod:`mcsample.distributed`;
+        ``None``: the default group when it is initialized with more than one process)."""
         num_particles = fk.check_num_particles(num_particles)
         check_generator(generator)
         start = time.perf_counter()
         self.event_shape = self._event_shape(event_shape)
-        self.dtype, self.device, self.num_particles = dtype, device, num_particles
+        self.dtype, self.device, self.num_particles = dtype, device, distributed.local_size(num_particles)
         run = None
         if checkpoint is not None:
             run = fingerprint(self.kind, generator, num_particles=num_particles, dtype=dtype,
                               device=None if device is None else torch.device(device).type,
                               event_shape=list(self.event_shape), sampler=self, model=self.model,
                               measurement=self.measurement)
+        generator = distributed.split_generator(generator, device)  # this rank's stream when sharded
         state = fk.run(self, num_particles, generator=generator, progress=progress, checkpoint=checkpoint,
                        checkpoint_every=checkpoint_every, resume=resume, fingerprint=run, device=device)
         return self.result(state, time.perf_counter() - start)

@@ -1,0 +1,477 @@
+r"""A normalizing flow that transfers across peptide sequences: transformer-conditioned coupling
+splines over each peptide's internal coordinates.
+
+One set of weights proposes configurations of any short peptide with an exact density, so that
+importance sampling and SMC correct it to that peptide's Boltzmann distribution without new
+MD (the aim of Transferable Boltzmann Generators, Klein & Noé 2024, and of Prose, "Amortized
+sampling with transferable normalizing flows", Tan et al. 2025). The design here keeps the
+single-molecule Boltzmann generator (:mod:`mcsample.flows.boltzmann_generator`) and makes its
+conditioner sequence-aware:
+
+* **Coordinates.** Each peptide's :math:`3n-6` internal coordinates from its own Z-matrix
+  (:func:`~mcsample.systems.coordinates.zmatrix_from_topology`): bond lengths and angles on the
+  line, torsions on the circle; the rigid body is drawn exactly, so chirality, the
+  centre of mass and the orientation are exact in the density (see the Boltzmann generator's
+  docstring: :math:`\log q(x) = \log q_{\rm int}(z) - \log J_{\rm int}(z) - \log 8\pi^2`).
+* **Tokens.** Every internal coordinate is a token carrying chemistry: its kind (bond, angle,
+  torsion), the element, PDB atom name, residue type and residue index of the atom it places
+  and of its three reference atoms, and the chain length. Names enter through hashed
+  embeddings, so any residue OpenMM can parametrize has a token.
+* **Physical standardization.** Bonds and angles are standardized by the force field's own
+  harmonic terms, :math:`u = (r - r_0)/\sqrt{kT/k_r}` (HarmonicBondForce,
+  HarmonicAngleForce of the peptide's OpenMM System), so the same spline range fits every
+  peptide without data statistics. Torsions are angles on :math:`[-\pi, \pi)`.
+* **Coupling layers.** Layer :math:`\ell` transforms the tokens of one class of a fixed
+  partition (torsions / the rest; even / odd placement positions; alternating) with rational
+  quadratic splines (zuko; circular splines for torsions, Rezende et al. 2020) whose
+  parameters come from a transformer encoder (Vaswani et al. 2017) over all tokens: the
+  conditioning tokens carry their values (angles as cos, sin), the transformed ones only
+  their chemistry. Attention masks the padding, so a peptide's density does not depend on
+  the other peptides in its batch.
+
+:class:`TransferableFlow` holds the weights; :meth:`TransferableFlow.proposal` returns a
+:class:`~mcsample.flows.boltzmann_generator.BoltzmannGenerator` (a ``Proposal`` over the
+peptide's ``(B, n, 3)`` Cartesian coordinates in nm, its own atom order) for any peptide.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from mcsample._optional import require
+
+require("zuko", extra="flows")
+
+from zuko.transforms import CircularShiftTransform, MonotonicRQSTransform  # noqa: E402
+
+from mcsample.flows.coupling import _num, wrap_angle  # noqa: E402
+
+__all__ = ["TransferableConfig", "TransferableFlow", "PackedFlow", "PeptideTokens", "tokenize", "pack"]
+
+_LOG_2PI = math.log(2 * math.pi)
+_SHIFT = CircularShiftTransform(bound=math.pi)
+#: hashed vocabulary sizes
+_NAME_BUCKETS, _RESIDUE_BUCKETS, _ELEMENT_BUCKETS = 256, 64, 16
+#: token kinds
+BOND, ANGLE, TORSION = 0, 1, 2
+#: the four atom roles of a token: the placed atom and its references a, b, c
+_ROLES = 4
+
+
+def _bucket(text: str, buckets: int) -> int:
+    """A stable hash of ``text`` into ``1..buckets-1`` (0 is padding)."""
+    return 1 + zlib.crc32(text.encode()) % (buckets - 1)
+
+
+@dataclass
+class PeptideTokens:
+    """The tokens of one peptide: integer features ``(D, F)``, kinds ``(D,)``, standardization
+    ``loc``/``scale`` ``(D,)`` (0/1 for torsions) and the circular mask ``(D,)``; ``D = 3n - 6``."""
+
+    features: Tensor
+    kind: Tensor
+    loc: Tensor
+    scale: Tensor
+    position: Tensor
+
+    @property
+    def circular(self) -> Tensor:
+        return self.kind == TORSION
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.kind.numel())
+
+
+def _harmonic_terms(system) -> tuple[dict, dict]:
+    """``{(i, j): (r0 nm, k kJ/mol/nm²)}`` and ``{(i, j, k) sorted ends: (θ0, k kJ/mol/rad²)}``."""
+    import openmm
+
+    bonds, angles = {}, {}
+    for force in system.getForces():
+        if isinstance(force, openmm.HarmonicBondForce):
+            for b in range(force.getNumBonds()):
+                i, j, r0, k = force.getBondParameters(b)
+                bonds[(min(i, j), max(i, j))] = (r0.value_in_unit(openmm.unit.nanometer),
+                                                 k.value_in_unit(openmm.unit.kilojoule_per_mole / openmm.unit.nanometer**2))
+        elif isinstance(force, openmm.HarmonicAngleForce):
+            for a in range(force.getNumAngles()):
+                i, j, k, t0, kt = force.getAngleParameters(a)
+                angles[(min(i, k), j, max(i, k))] = (t0.value_in_unit(openmm.unit.radian),
+                                                     kt.value_in_unit(openmm.unit.kilojoule_per_mole / openmm.unit.radian**2))
+    return bonds, angles
+
+
+def tokenize(peptide, zmatrix=None) -> PeptideTokens:
+    r"""The tokens of ``peptide`` (a :class:`~mcsample.systems.peptides.Peptide`) in the order of
+    its internal coordinates ``[bonds (n-1), angles (n-2), torsions (n-3)]``.
+
+    Features per token (integers; 0 is padding): kind; for each of the placed atom and its
+    reference atoms a, b, c: hashed element, hashed PDB atom name, hashed residue name, residue
+    index + 1; the chain length; the placement position. Standardization: a bond :math:`(i,a)`
+    has :math:`r_0` and :math:`\sqrt{kT/k_r}` from the force field, an angle :math:`(i,a,b)`
+    :math:`\theta_0` and :math:`\sqrt{kT/k_\theta}`; a term the force field lacks falls back to
+    (0.12 nm, 0.01 nm) or (1.91 rad, 0.1 rad) and is reported by a ``ValueError`` only if the
+    topology has no such bond at all.
+    """
+    from mcsample.systems.coordinates import zmatrix_from_topology
+
+    top = peptide.topology
+    z = np.asarray(zmatrix_from_topology(top) if zmatrix is None else zmatrix)
+    n = z.shape[0]
+    atoms = list(top.atoms)
+    n_res = top.n_residues
+    kT = 0.0083144626181532 * float(peptide.temperature)
+    bonds, angles = _harmonic_terms(peptide.system)
+
+    def atom_features(index: int) -> list[int]:
+        if index < 0:
+            return [0, 0, 0, 0]
+        atom = atoms[index]
+        element = atom.element.symbol if atom.element is not None else "?"
+        return [_bucket(element, _ELEMENT_BUCKETS), _bucket(atom.name, _NAME_BUCKETS),
+                _bucket(atom.residue.name, _RESIDUE_BUCKETS), atom.residue.index + 1]
+
+    feats, kinds, locs, scales, positions = [], [], [], [], []
+    for kind, first in ((BOND, 1), (ANGLE, 2), (TORSION, 3)):
+        for p in range(first, n):
+            row = z[p]
+            refs = [int(row[0])] + [int(r) for r in row[1:1 + kind + 1]]
+            refs = refs + [-1] * (_ROLES - len(refs))
+            f = [kind + 1, min(n_res, 15), min(p, 255)]
+            for r in refs:
+                f += atom_features(r)
+            feats.append(f)
+            kinds.append(kind)
+            positions.append(p)
+            if kind == BOND:
+                r0, k = bonds.get((min(refs[0], refs[1]), max(refs[0], refs[1])), (0.12, kT / 0.01**2))
+                locs.append(r0)
+                scales.append(math.sqrt(kT / k))
+            elif kind == ANGLE:
+                t0, k = angles.get((min(refs[0], refs[2]), refs[1], max(refs[0], refs[2])), (1.91, kT / 0.1**2))
+                locs.append(t0)
+                scales.append(math.sqrt(kT / k))
+            else:
+                locs.append(0.0)
+                scales.append(1.0)
+    return PeptideTokens(torch.tensor(feats, dtype=torch.long), torch.tensor(kinds, dtype=torch.long),
+                         torch.tensor(locs, dtype=torch.float32), torch.tensor(scales, dtype=torch.float32),
+                         torch.tensor(positions, dtype=torch.long))
+
+
+@dataclass
+class TransferableConfig:
+    """Architecture of a :class:`TransferableFlow` (stored in checkpoints)."""
+
+    layers: int = 8
+    width: int = 64
+    heads: int = 4
+    depth: int = 2
+    bins: int = 8
+    bound: float = 5.0
+    slope: float = 1e-3
+
+
+class _Embedding(nn.Module):
+    """Token chemistry to a vector: sum of embeddings of every integer feature."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.kind = nn.Embedding(4, width)
+        self.length = nn.Embedding(16, width)
+        self.position = nn.Embedding(256, width)
+        self.element = nn.ModuleList(nn.Embedding(_ELEMENT_BUCKETS, width) for _ in range(_ROLES))
+        self.name = nn.ModuleList(nn.Embedding(_NAME_BUCKETS, width) for _ in range(_ROLES))
+        self.residue = nn.ModuleList(nn.Embedding(_RESIDUE_BUCKETS, width) for _ in range(_ROLES))
+        self.index = nn.ModuleList(nn.Embedding(16, width) for _ in range(_ROLES))
+
+    def forward(self, f: Tensor) -> Tensor:
+        h = self.kind(f[..., 0]) + self.length(f[..., 1]) + self.position(f[..., 2])
+        for r in range(_ROLES):
+            base = 3 + 4 * r
+            h = h + self.element[r](f[..., base]) + self.name[r](f[..., base + 1]) \
+                + self.residue[r](f[..., base + 2]) + self.index[r](f[..., base + 3].clamp(max=15))
+        return h
+
+
+class _Conditioner(nn.Module):
+    """Transformer encoder from (chemistry, visible values) to spline parameters per token."""
+
+    def __init__(self, cfg: TransferableConfig):
+        super().__init__()
+        w = cfg.width
+        self.values = nn.Linear(4, w)  # [real value, cos, sin, transformed flag]
+        layer = nn.TransformerEncoderLayer(w, cfg.heads, 2 * w, dropout=0.0, batch_first=True,
+                                           norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, cfg.depth, enable_nested_tensor=False)
+        self.out = nn.Linear(w, 3 * cfg.bins - 1)
+        nn.init.zeros_(self.out.weight)  # identity at initialization
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, chem: Tensor, u: Tensor, circular: Tensor, transformed: Tensor, pad: Tensor) -> Tensor:
+        visible = (~transformed) & (~pad)
+        vis = visible.to(u.dtype)
+        real = torch.where(circular, torch.zeros_like(u), u) * vis
+        cos = torch.where(circular, torch.cos(u), torch.zeros_like(u)) * vis
+        sin = torch.where(circular, torch.sin(u), torch.zeros_like(u)) * vis
+        v = torch.stack([real, cos, sin, transformed.to(u.dtype)], dim=-1)
+        h = self.encoder(chem + self.values(v), src_key_padding_mask=pad)
+        return self.out(h)
+
+
+def _partition(kind: Tensor, position: Tensor, layer: int) -> Tensor:
+    """Which tokens layer ``layer`` transforms: torsions / the rest, then even / odd placement
+    positions, cycling with period 4 (every token is transformed in every 4 layers)."""
+    k = layer % 4
+    if k == 0:
+        return kind == TORSION
+    if k == 1:
+        return kind != TORSION
+    if k == 2:
+        return position % 2 == 0
+    return position % 2 == 1
+
+
+class TransferableFlow(nn.Module):
+    r"""One flow for many peptides (module docstring): exact :math:`\log q` of padded batches of
+    internal coordinates, and :meth:`proposal` for a peptide's Cartesian coordinates.
+
+    Batched calls take ``u`` ``(B, D)`` standardized coordinates with the padded token batch of
+    :meth:`batch`; a single peptide is served by :meth:`bind` (its own ``(B, 3n - 6)``
+    internal coordinates in physical units) and :meth:`proposal`.
+    """
+
+    def __init__(self, config: TransferableConfig | None = None):
+        super().__init__()
+        self.architecture = config or TransferableConfig()
+        self.embed = _Embedding(self.architecture.width)
+        #: sequences (or names) of the peptides the weights were trained on
+        self.training_set: list = []
+        self.conditioners = nn.ModuleList(_Conditioner(self.architecture) for _ in range(self.architecture.layers))
+
+    # -- token batches ----------------------------------------------------------------------
+    @staticmethod
+    def batch(tokens: list[PeptideTokens]) -> dict:
+        """Pad the tokens of several peptides to one batch (``pad`` True on padding)."""
+        D = max(t.num_tokens for t in tokens)
+
+        def pad(t: Tensor, value) -> Tensor:
+            out = torch.full((D,) + tuple(t.shape[1:]), value, dtype=t.dtype)
+            out[: t.shape[0]] = t
+            return out
+
+        return {
+            "features": torch.stack([pad(t.features, 0) for t in tokens]),
+            "kind": torch.stack([pad(t.kind, -1) for t in tokens]),
+            "loc": torch.stack([pad(t.loc, 0.0) for t in tokens]),
+            "scale": torch.stack([pad(t.scale, 1.0) for t in tokens]),
+            "position": torch.stack([pad(t.position, 0) for t in tokens]),
+            "pad": torch.stack([pad(torch.zeros(t.num_tokens, dtype=torch.bool), True) for t in tokens]),
+        }
+
+    def _to(self, b: dict) -> dict:
+        w = self.embed.kind.weight
+        return {k: v.to(device=w.device, dtype=w.dtype if v.is_floating_point() else v.dtype) for k, v in b.items()}
+
+    def _splines(self, p: Tensor):
+        K = self.architecture.bins
+        return p[..., :K], p[..., K:2 * K], p[..., 2 * K:]
+
+    def _layer(self, u: Tensor, b: dict, chem: Tensor, layer: int, inverse: bool) -> tuple[Tensor, Tensor]:
+        pad, kind = b["pad"], b["kind"]
+        circular = kind == TORSION
+        t = _partition(kind, b["position"], layer) & ~pad
+        p = self.conditioners[layer](chem, u, circular, t, pad)
+        w, h, d = self._splines(p)
+        cfg = self.architecture
+        real = MonotonicRQSTransform(w, h, d, bound=cfg.bound, slope=cfg.slope)
+        circ = MonotonicRQSTransform(w, h, d, bound=math.pi, slope=cfg.slope)
+        if not inverse:
+            yr, lr = real.call_and_ladj(u)
+            yc, lc = circ.call_and_ladj(_SHIFT(u))
+            y = torch.where(circular, yc, yr)
+            ladj = torch.where(circular, lc, lr)
+        else:
+            xr = real.inv(u)
+            sc = circ.inv(u)
+            _, lr = real.call_and_ladj(xr)
+            _, lc = circ.call_and_ladj(sc)
+            y = torch.where(circular, _SHIFT.inv(sc), xr)
+            ladj = torch.where(circular, lc, lr)
+        y = torch.where(t, y, u)
+        ladj = torch.where(t, ladj, torch.zeros_like(ladj)).sum(-1)
+        return y, ladj
+
+    def standardize(self, z: Tensor, b: dict) -> tuple[Tensor, Tensor]:
+        """Physical internal coordinates ``z`` ``(B, D)`` to standardized ``u`` and
+        :math:`\\log|\\det\\partial u/\\partial z|` (padding is 0)."""
+        circular = b["kind"] == TORSION
+        u = torch.where(circular, wrap_angle(z), (z - b["loc"]) / b["scale"])
+        u = torch.where(b["pad"], torch.zeros_like(u), u)
+        real = (~circular) & (~b["pad"])
+        return u, -(torch.log(b["scale"]) * real).sum(-1)
+
+    def transform(self, z: Tensor, b: dict) -> tuple[Tensor, Tensor]:
+        """Data ``z`` ``(B, D)`` (physical units, padded) to latent ``u`` and the log-determinant."""
+        b = self._to(b)
+        u, ladj = self.standardize(z.to(b["loc"].dtype), b)
+        chem = self.embed(b["features"])
+        for layer in range(self.architecture.layers):
+            u, l = self._layer(u, b, chem, layer, inverse=False)
+            ladj = ladj + l
+        return u, ladj
+
+    def base_log_prob(self, u: Tensor, b: dict) -> Tensor:
+        """Standard normal on the real tokens, uniform on the circles, nothing on padding."""
+        circular = b["kind"] == TORSION
+        real = (~circular) & (~b["pad"])
+        circ = circular & (~b["pad"])
+        return (-0.5 * u**2 * real).sum(-1) - 0.5 * _LOG_2PI * real.sum(-1) - _LOG_2PI * circ.sum(-1)
+
+    def log_prob(self, z: Tensor, b: dict) -> Tensor:
+        """Exact :math:`\\log q(z)` of padded internal coordinates ``(B, D)``, shape ``(B,)``."""
+        b = self._to(b)
+        u, ladj = self.transform(z, b)
+        return self.base_log_prob(u, b) + ladj
+
+    def invert(self, u: Tensor, b: dict) -> tuple[Tensor, Tensor]:
+        """Latent ``u`` to physical ``z`` and the forward log-determinant at ``z``."""
+        b = self._to(b)
+        chem = self.embed(b["features"])
+        ladj = torch.zeros(u.shape[0], dtype=u.dtype, device=u.device)
+        for layer in reversed(range(self.architecture.layers)):
+            u, l = self._layer(u, b, chem, layer, inverse=True)
+            ladj = ladj + l
+        circular = b["kind"] == TORSION
+        real = (~circular) & (~b["pad"])
+        ladj = ladj - (torch.log(b["scale"]) * real).sum(-1)
+        z = torch.where(circular, wrap_angle(u), u * b["scale"] + b["loc"])
+        return torch.where(b["pad"], torch.zeros_like(z), z), ladj
+
+    def sample_base(self, b: dict, generator: torch.Generator | None = None) -> Tensor:
+        b = self._to(b)
+        shape = b["loc"].shape
+        normal = torch.randn(shape, generator=generator, device=b["loc"].device, dtype=b["loc"].dtype)
+        unif = (torch.rand(shape, generator=generator, device=b["loc"].device, dtype=b["loc"].dtype) * 2 - 1) * math.pi
+        u = torch.where(b["kind"] == TORSION, unif, normal)
+        return torch.where(b["pad"], torch.zeros_like(u), u)
+
+    # -- one peptide ------------------------------------------------------------------------
+    def bind(self, peptide) -> "BoundFlow":
+        """This flow restricted to ``peptide``'s internal coordinates (the interface of
+        :class:`~mcsample.flows.coupling.CouplingSplineFlow`)."""
+        return BoundFlow(self, tokenize(peptide))
+
+    def proposal(self, peptide):
+        """A :class:`~mcsample.flows.boltzmann_generator.BoltzmannGenerator` for ``peptide``: a
+        Proposal over its ``(B, n, 3)`` Cartesian coordinates (nm, its own atom order) with an
+        exact ``log_prob``, so ``mc.importance_sample(peptide, proposal, n)`` and ``mc.smc``
+        apply unchanged."""
+        from mcsample.flows.boltzmann_generator import BoltzmannGenerator
+        from mcsample.systems.coordinates import zmatrix_from_topology
+
+        return BoltzmannGenerator(zmatrix_from_topology(peptide.topology), self.bind(peptide), peptide.identity())
+
+    def config(self) -> dict:
+        """Everything needed to rebuild the module (stored in checkpoints by
+        :func:`mcsample.flows.training.save_flow`), with the training set's identity."""
+        return {"kind": "TransferableFlow", "architecture": asdict(self.architecture),
+                "training_set": list(self.training_set)}
+
+    @classmethod
+    def from_config(cls, config: dict) -> "TransferableFlow":
+        flow = cls(TransferableConfig(**config["architecture"]))
+        flow.training_set = list(config.get("training_set", []))
+        return flow
+
+    def check_identity(self, peptide) -> None:
+        """A transferable flow serves any peptide: nothing to refuse."""
+
+
+class PackedFlow(nn.Module):
+    """The flow over rows ``[peptide id, z_1 .. z_D]`` of a packed multi-peptide data set (see
+    :func:`pack`), so that the generic trainers of :mod:`mcsample.flows.training` (which call
+    ``model.log_prob(batch)``) train it over many peptides at once."""
+
+    def __init__(self, flow: TransferableFlow, tokens: list[PeptideTokens]):
+        super().__init__()
+        self.flow = flow
+        self.tokens = tokens
+        self._table = TransferableFlow.batch(tokens)
+
+    def log_prob(self, rows: Tensor) -> Tensor:
+        ids = rows[:, 0].round().long().cpu()
+        b = {k: v[ids] for k, v in self._table.items()}
+        return self.flow.log_prob(rows[:, 1:], b)
+
+
+def pack(internal: list[Tensor], width: int | None = None) -> Tensor:
+    """Rows ``[peptide id, z (padded with 0)]`` from per-peptide internal coordinates
+    ``internal[i]`` ``(F_i, D_i)`` (in their common dtype); ids are positions in the list."""
+    D = width or max(int(z.shape[1]) for z in internal)
+    rows = []
+    for i, z in enumerate(internal):
+        r = torch.zeros(z.shape[0], D + 1, dtype=internal[0].dtype)
+        r[:, 0] = i
+        r[:, 1:1 + z.shape[1]] = z
+        rows.append(r)
+    return torch.cat(rows)
+
+
+@dataclass
+class _BoundConfig:
+    features: int
+
+
+class BoundFlow(nn.Module):
+    """A :class:`TransferableFlow` on one peptide's tokens, with the single-molecule flow's
+    interface (``transform``, ``log_prob``, ``invert``, ``rsample_and_log_prob``, ...)."""
+
+    def __init__(self, flow: TransferableFlow, tokens: PeptideTokens):
+        super().__init__()
+        self.flow = flow
+        self.tokens = tokens
+        self.config = _BoundConfig(tokens.num_tokens)
+        self._b = TransferableFlow.batch([tokens])
+
+    @property
+    def event_shape(self) -> torch.Size:
+        return torch.Size([self.tokens.num_tokens])
+
+    def _batch(self, n: int) -> dict:
+        return {k: v.expand((n,) + tuple(v.shape[1:])) for k, v in self.flow._to(self._b).items()}
+
+    def transform(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        return self.flow.transform(z, self._batch(z.shape[0]))
+
+    def log_prob(self, z: Tensor) -> Tensor:
+        if z.dim() != 2 or z.shape[1] != self.tokens.num_tokens:
+            raise ValueError(f"expected internal coordinates of shape (B, {self.tokens.num_tokens}); got {tuple(z.shape)}")
+        return self.flow.log_prob(z, self._batch(z.shape[0]))
+
+    def invert(self, u: Tensor) -> tuple[Tensor, Tensor]:
+        return self.flow.invert(u, self._batch(u.shape[0]))
+
+    def sample_base(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        return self.flow.sample_base(self._batch(n), generator)
+
+    def rsample_and_log_prob(self, shape=(1,), generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        n = _num(shape)
+        b = self._batch(n)
+        u = self.flow.sample_base(b, generator)
+        z, ladj = self.flow.invert(u, b)
+        return z, self.flow.base_log_prob(u, b) + ladj
+
+    def sample_and_log_prob(self, shape=(1,), generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        with torch.no_grad():
+            return self.rsample_and_log_prob(shape, generator)
+
+    def sample(self, shape=(1,), generator: torch.Generator | None = None) -> Tensor:
+        return self.sample_and_log_prob(shape, generator)[0]
