@@ -13,20 +13,21 @@ conditioner sequence-aware:
   line, torsions on the circle; the rigid body is drawn exactly, so chirality, the
   centre of mass and the orientation are exact in the density (see the Boltzmann generator's
   docstring: :math:`\log q(x) = \log q_{\rm int}(z) - \log J_{\rm int}(z) - \log 8\pi^2`).
-* **Tokens.** Every internal coordinate is a token carrying chemistry: its kind (bond, angle,
-  torsion), the element, PDB atom name, residue type and residue index of the atom it places
-  and of its three reference atoms, and the chain length. Names enter through hashed
-  embeddings, so any residue OpenMM can parametrize has a token.
+* **Tokens.** Every atom placed from earlier ones is a token carrying its bond, angle and
+  torsion (three *cells*) and its chemistry: the element, PDB atom name, residue type and
+  residue index of the atom and of its three reference atoms, its placement position and the
+  chain length. Names enter through hashed embeddings, so any residue OpenMM can parametrize
+  has a token. (Atoms rather than coordinates as tokens make attention 9 times cheaper.)
 * **Physical standardization.** Bonds and angles are standardized by the force field's own
   harmonic terms, :math:`u = (r - r_0)/\sqrt{kT/k_r}` (HarmonicBondForce,
   HarmonicAngleForce of the peptide's OpenMM System), so the same spline range fits every
   peptide without data statistics. Torsions are angles on :math:`[-\pi, \pi)`.
-* **Coupling layers.** Layer :math:`\ell` transforms the tokens of one class of a fixed
-  partition (torsions / the rest; even / odd placement positions; alternating) with rational
+* **Coupling layers.** Layer :math:`\ell` transforms the cells of one class of a fixed
+  partition (torsions / bonds and angles; even / odd placement positions) with rational
   quadratic splines (zuko; circular splines for torsions, Rezende et al. 2020) whose
   parameters come from a transformer encoder (Vaswani et al. 2017) over all tokens: the
-  conditioning tokens carry their values (angles as cos, sin), the transformed ones only
-  their chemistry. Attention masks the padding, so a peptide's density does not depend on
+  conditioning cells carry their values (torsions as cos, sin), the transformed ones only a
+  flag. Attention masks the padding, so a peptide's density does not depend on
   the other peptides in its batch.
 
 :class:`TransferableFlow` holds the weights; :meth:`TransferableFlow.proposal` returns a
@@ -58,8 +59,6 @@ _LOG_2PI = math.log(2 * math.pi)
 _SHIFT = CircularShiftTransform(bound=math.pi)
 #: hashed vocabulary sizes
 _NAME_BUCKETS, _RESIDUE_BUCKETS, _ELEMENT_BUCKETS = 256, 64, 16
-#: token kinds
-BOND, ANGLE, TORSION = 0, 1, 2
 #: the four atom roles of a token: the placed atom and its references a, b, c
 _ROLES = 4
 
@@ -71,22 +70,39 @@ def _bucket(text: str, buckets: int) -> int:
 
 @dataclass
 class PeptideTokens:
-    """The tokens of one peptide: integer features ``(D, F)``, kinds ``(D,)``, standardization
-    ``loc``/``scale`` ``(D,)`` (0/1 for torsions) and the circular mask ``(D,)``; ``D = 3n - 6``."""
+    """The tokens of one peptide, one per placed atom (placement positions ``1 .. n-1``), each
+    with up to three internal coordinates (bond, angle, torsion: the *cells* ``(P, 3)``).
+
+    ``features`` ``(P, F)`` integers; ``loc``/``scale`` ``(P, 3)`` standardization (0/1 for
+    torsions and missing cells); ``valid`` ``(P, 3)`` which cells exist (the atom at position 1
+    has a bond only, at 2 a bond and an angle); ``position`` ``(P,)``; ``flat`` ``(D,)`` the
+    cell (``3p + c``) of each internal coordinate in the order ``[bonds, angles, torsions]``,
+    ``D = 3n - 6``."""
 
     features: Tensor
-    kind: Tensor
     loc: Tensor
     scale: Tensor
+    valid: Tensor
     position: Tensor
-
-    @property
-    def circular(self) -> Tensor:
-        return self.kind == TORSION
+    flat: Tensor
 
     @property
     def num_tokens(self) -> int:
-        return int(self.kind.numel())
+        return int(self.position.numel())
+
+    @property
+    def num_coordinates(self) -> int:
+        return int(self.flat.numel())
+
+    def to_cells(self, z: Tensor) -> Tensor:
+        """Flat internal coordinates ``(B, D)`` to cells ``(B, P, 3)`` (missing cells 0)."""
+        out = torch.zeros(z.shape[0], 3 * self.num_tokens, dtype=z.dtype, device=z.device)
+        out[:, self.flat.to(z.device)] = z
+        return out.reshape(z.shape[0], self.num_tokens, 3)
+
+    def from_cells(self, cells: Tensor) -> Tensor:
+        """Cells ``(B, P', 3)`` (``P' >= P``, padded) back to flat ``(B, D)``."""
+        return cells[:, : self.num_tokens].reshape(cells.shape[0], -1)[:, self.flat.to(cells.device)]
 
 
 def _harmonic_terms(system) -> tuple[dict, dict]:
@@ -109,22 +125,23 @@ def _harmonic_terms(system) -> tuple[dict, dict]:
 
 
 def tokenize(peptide, zmatrix=None) -> PeptideTokens:
-    r"""The tokens of ``peptide`` (a :class:`~mcsample.systems.peptides.Peptide`) in the order of
-    its internal coordinates ``[bonds (n-1), angles (n-2), torsions (n-3)]``.
+    r"""The tokens of ``peptide`` (a :class:`~mcsample.systems.peptides.Peptide`): one per atom
+    placed from earlier ones, carrying its bond, angle and torsion (see :class:`PeptideTokens`).
 
-    Features per token (integers; 0 is padding): kind; for each of the placed atom and its
-    reference atoms a, b, c: hashed element, hashed PDB atom name, hashed residue name, residue
-    index + 1; the chain length; the placement position. Standardization: a bond :math:`(i,a)`
-    has :math:`r_0` and :math:`\sqrt{kT/k_r}` from the force field, an angle :math:`(i,a,b)`
-    :math:`\theta_0` and :math:`\sqrt{kT/k_\theta}`; a term the force field lacks falls back to
-    (0.12 nm, 0.01 nm) or (1.91 rad, 0.1 rad) and is reported by a ``ValueError`` only if the
-    topology has no such bond at all.
+    Features per token (integers; 0 is padding): the chain length and the placement position;
+    for the placed atom and its reference atoms a, b, c: hashed element, hashed PDB atom name,
+    hashed residue name, residue index + 1. Standardization: the bond :math:`(i,a)` by
+    :math:`r_0` and :math:`\sqrt{kT/k_r}` of the force field's HarmonicBondForce, the angle
+    :math:`(i,a,b)` by :math:`	heta_0` and :math:`\sqrt{kT/k_	heta}` of its HarmonicAngleForce
+    (a term the force field lacks falls back to 0.12 ± 0.01 nm or 1.91 ± 0.1 rad).
     """
     from mcsample.systems.coordinates import zmatrix_from_topology
 
     top = peptide.topology
     z = np.asarray(zmatrix_from_topology(top) if zmatrix is None else zmatrix)
     n = z.shape[0]
+    if n < 4:
+        raise ValueError(f"a peptide needs at least 4 atoms, got {n}")
     atoms = list(top.atoms)
     n_res = top.n_residues
     kT = 0.0083144626181532 * float(peptide.temperature)
@@ -138,32 +155,32 @@ def tokenize(peptide, zmatrix=None) -> PeptideTokens:
         return [_bucket(element, _ELEMENT_BUCKETS), _bucket(atom.name, _NAME_BUCKETS),
                 _bucket(atom.residue.name, _RESIDUE_BUCKETS), atom.residue.index + 1]
 
-    feats, kinds, locs, scales, positions = [], [], [], [], []
-    for kind, first in ((BOND, 1), (ANGLE, 2), (TORSION, 3)):
-        for p in range(first, n):
-            row = z[p]
-            refs = [int(row[0])] + [int(r) for r in row[1:1 + kind + 1]]
-            refs = refs + [-1] * (_ROLES - len(refs))
-            f = [kind + 1, min(n_res, 15), min(p, 255)]
-            for r in refs:
-                f += atom_features(r)
-            feats.append(f)
-            kinds.append(kind)
-            positions.append(p)
-            if kind == BOND:
-                r0, k = bonds.get((min(refs[0], refs[1]), max(refs[0], refs[1])), (0.12, kT / 0.01**2))
-                locs.append(r0)
-                scales.append(math.sqrt(kT / k))
-            elif kind == ANGLE:
-                t0, k = angles.get((min(refs[0], refs[2]), refs[1], max(refs[0], refs[2])), (1.91, kT / 0.1**2))
-                locs.append(t0)
-                scales.append(math.sqrt(kT / k))
-            else:
-                locs.append(0.0)
-                scales.append(1.0)
-    return PeptideTokens(torch.tensor(feats, dtype=torch.long), torch.tensor(kinds, dtype=torch.long),
-                         torch.tensor(locs, dtype=torch.float32), torch.tensor(scales, dtype=torch.float32),
-                         torch.tensor(positions, dtype=torch.long))
+    P = n - 1
+    feats, positions = [], []
+    loc = torch.zeros(P, 3)
+    scale = torch.ones(P, 3)
+    valid = torch.zeros(P, 3, dtype=torch.bool)
+    for p in range(1, n):
+        row = [int(v) for v in z[p]]
+        refs = [row[0]] + [row[k] if (k <= min(p, 3) and row[k] >= 0) else -1 for k in (1, 2, 3)]
+        f = [min(n_res, 15), min(p, 255)]
+        for r in refs:
+            f += atom_features(r)
+        feats.append(f)
+        positions.append(p)
+        t = p - 1
+        valid[t, 0] = True
+        r0, k = bonds.get((min(refs[0], refs[1]), max(refs[0], refs[1])), (0.12, kT / 0.01**2))
+        loc[t, 0], scale[t, 0] = r0, math.sqrt(kT / k)
+        if p >= 2:
+            valid[t, 1] = True
+            t0, k = angles.get((min(refs[0], refs[2]), refs[1], max(refs[0], refs[2])), (1.91, kT / 0.1**2))
+            loc[t, 1], scale[t, 1] = t0, math.sqrt(kT / k)
+        if p >= 3:
+            valid[t, 2] = True
+    flat = torch.cat([torch.arange(0, P) * 3, torch.arange(1, P) * 3 + 1, torch.arange(2, P) * 3 + 2])
+    return PeptideTokens(torch.tensor(feats, dtype=torch.long), loc, scale, valid,
+                         torch.tensor(positions, dtype=torch.long), flat)
 
 
 @dataclass
@@ -180,11 +197,10 @@ class TransferableConfig:
 
 
 class _Embedding(nn.Module):
-    """Token chemistry to a vector: sum of embeddings of every integer feature."""
+    """Token chemistry to a vector: the sum of embeddings of every integer feature."""
 
     def __init__(self, width: int):
         super().__init__()
-        self.kind = nn.Embedding(4, width)
         self.length = nn.Embedding(16, width)
         self.position = nn.Embedding(256, width)
         self.element = nn.ModuleList(nn.Embedding(_ELEMENT_BUCKETS, width) for _ in range(_ROLES))
@@ -193,59 +209,65 @@ class _Embedding(nn.Module):
         self.index = nn.ModuleList(nn.Embedding(16, width) for _ in range(_ROLES))
 
     def forward(self, f: Tensor) -> Tensor:
-        h = self.kind(f[..., 0]) + self.length(f[..., 1]) + self.position(f[..., 2])
+        h = self.length(f[..., 0]) + self.position(f[..., 1])
         for r in range(_ROLES):
-            base = 3 + 4 * r
+            base = 2 + 4 * r
             h = h + self.element[r](f[..., base]) + self.name[r](f[..., base + 1]) \
                 + self.residue[r](f[..., base + 2]) + self.index[r](f[..., base + 3].clamp(max=15))
         return h
 
 
 class _Conditioner(nn.Module):
-    """Transformer encoder from (chemistry, visible values) to spline parameters per token."""
+    """Transformer encoder from (chemistry, visible values) to spline parameters of every cell."""
 
     def __init__(self, cfg: TransferableConfig):
         super().__init__()
         w = cfg.width
-        self.values = nn.Linear(4, w)  # [real value, cos, sin, transformed flag]
+        self.values = nn.Linear(7, w)  # bond, angle: (value, transformed); torsion: (cos, sin, transformed)
         layer = nn.TransformerEncoderLayer(w, cfg.heads, 2 * w, dropout=0.0, batch_first=True,
                                            norm_first=True)
         self.encoder = nn.TransformerEncoder(layer, cfg.depth, enable_nested_tensor=False)
-        self.out = nn.Linear(w, 3 * cfg.bins - 1)
+        self.bins = cfg.bins
+        self.out = nn.Linear(w, 3 * (3 * cfg.bins - 1))
         nn.init.zeros_(self.out.weight)  # identity at initialization
         nn.init.zeros_(self.out.bias)
 
-    def forward(self, chem: Tensor, u: Tensor, circular: Tensor, transformed: Tensor, pad: Tensor) -> Tensor:
-        visible = (~transformed) & (~pad)
-        vis = visible.to(u.dtype)
-        real = torch.where(circular, torch.zeros_like(u), u) * vis
-        cos = torch.where(circular, torch.cos(u), torch.zeros_like(u)) * vis
-        sin = torch.where(circular, torch.sin(u), torch.zeros_like(u)) * vis
-        v = torch.stack([real, cos, sin, transformed.to(u.dtype)], dim=-1)
-        h = self.encoder(chem + self.values(v), src_key_padding_mask=pad)
-        return self.out(h)
+    def forward(self, chem: Tensor, u: Tensor, valid: Tensor, transformed: Tensor) -> Tensor:
+        vis = (valid & ~transformed).to(u.dtype)
+        tr = transformed.to(u.dtype)
+        v = torch.stack([u[..., 0] * vis[..., 0], tr[..., 0], u[..., 1] * vis[..., 1], tr[..., 1],
+                         torch.cos(u[..., 2]) * vis[..., 2], torch.sin(u[..., 2]) * vis[..., 2], tr[..., 2]], -1)
+        h = self.encoder(chem + self.values(v), src_key_padding_mask=~valid.any(-1))
+        return self.out(h).unflatten(-1, (3, 3 * self.bins - 1))
 
 
-def _partition(kind: Tensor, position: Tensor, layer: int) -> Tensor:
-    """Which tokens layer ``layer`` transforms: torsions / the rest, then even / odd placement
-    positions, cycling with period 4 (every token is transformed in every 4 layers)."""
+def _partition(valid: Tensor, position: Tensor, layer: int) -> Tensor:
+    """Cells that layer ``layer`` transforms: torsions, then bonds and angles, then the atoms at
+    even placement positions, then odd ones (period 4: every cell is transformed every 4 layers)."""
     k = layer % 4
+    cells = torch.zeros_like(valid)
     if k == 0:
-        return kind == TORSION
-    if k == 1:
-        return kind != TORSION
-    if k == 2:
-        return position % 2 == 0
-    return position % 2 == 1
+        cells[..., 2] = True
+    elif k == 1:
+        cells[..., :2] = True
+    else:
+        cells = (position % 2 == k - 2)[..., None].expand_as(valid)
+    return cells & valid
+
+
+def _torsion_mask(valid: Tensor) -> Tensor:
+    circ = torch.zeros_like(valid)
+    circ[..., 2] = True
+    return circ
 
 
 class TransferableFlow(nn.Module):
     r"""One flow for many peptides (module docstring): exact :math:`\log q` of padded batches of
     internal coordinates, and :meth:`proposal` for a peptide's Cartesian coordinates.
 
-    Batched calls take ``u`` ``(B, D)`` standardized coordinates with the padded token batch of
-    :meth:`batch`; a single peptide is served by :meth:`bind` (its own ``(B, 3n - 6)``
-    internal coordinates in physical units) and :meth:`proposal`.
+    Batched calls take the cells ``(B, P, 3)`` of physical internal coordinates with the token
+    batch of :meth:`batch`; one peptide is served by :meth:`bind` (its own ``(B, 3n - 6)``
+    internal coordinates) and :meth:`proposal`.
     """
 
     def __init__(self, config: TransferableConfig | None = None):
@@ -259,37 +281,33 @@ class TransferableFlow(nn.Module):
     # -- token batches ----------------------------------------------------------------------
     @staticmethod
     def batch(tokens: list[PeptideTokens]) -> dict:
-        """Pad the tokens of several peptides to one batch (``pad`` True on padding)."""
-        D = max(t.num_tokens for t in tokens)
+        """Pad the tokens of several peptides to one batch (``valid`` False on padding)."""
+        P = max(t.num_tokens for t in tokens)
 
         def pad(t: Tensor, value) -> Tensor:
-            out = torch.full((D,) + tuple(t.shape[1:]), value, dtype=t.dtype)
+            out = torch.full((P,) + tuple(t.shape[1:]), value, dtype=t.dtype)
             out[: t.shape[0]] = t
             return out
 
         return {
             "features": torch.stack([pad(t.features, 0) for t in tokens]),
-            "kind": torch.stack([pad(t.kind, -1) for t in tokens]),
             "loc": torch.stack([pad(t.loc, 0.0) for t in tokens]),
             "scale": torch.stack([pad(t.scale, 1.0) for t in tokens]),
+            "valid": torch.stack([pad(t.valid, False) for t in tokens]),
             "position": torch.stack([pad(t.position, 0) for t in tokens]),
-            "pad": torch.stack([pad(torch.zeros(t.num_tokens, dtype=torch.bool), True) for t in tokens]),
         }
 
     def _to(self, b: dict) -> dict:
-        w = self.embed.kind.weight
+        w = self.embed.length.weight
         return {k: v.to(device=w.device, dtype=w.dtype if v.is_floating_point() else v.dtype) for k, v in b.items()}
 
-    def _splines(self, p: Tensor):
-        K = self.architecture.bins
-        return p[..., :K], p[..., K:2 * K], p[..., 2 * K:]
-
     def _layer(self, u: Tensor, b: dict, chem: Tensor, layer: int, inverse: bool) -> tuple[Tensor, Tensor]:
-        pad, kind = b["pad"], b["kind"]
-        circular = kind == TORSION
-        t = _partition(kind, b["position"], layer) & ~pad
-        p = self.conditioners[layer](chem, u, circular, t, pad)
-        w, h, d = self._splines(p)
+        valid = b["valid"]
+        circular = _torsion_mask(valid)
+        t = _partition(valid, b["position"], layer)
+        p = self.conditioners[layer](chem, u, valid, t)
+        K = self.architecture.bins
+        w, h, d = p[..., :K], p[..., K:2 * K], p[..., 2 * K:]
         cfg = self.architecture
         real = MonotonicRQSTransform(w, h, d, bound=cfg.bound, slope=cfg.slope)
         circ = MonotonicRQSTransform(w, h, d, bound=math.pi, slope=cfg.slope)
@@ -297,29 +315,29 @@ class TransferableFlow(nn.Module):
             yr, lr = real.call_and_ladj(u)
             yc, lc = circ.call_and_ladj(_SHIFT(u))
             y = torch.where(circular, yc, yr)
-            ladj = torch.where(circular, lc, lr)
         else:
             xr = real.inv(u)
             sc = circ.inv(u)
             _, lr = real.call_and_ladj(xr)
             _, lc = circ.call_and_ladj(sc)
             y = torch.where(circular, _SHIFT.inv(sc), xr)
-            ladj = torch.where(circular, lc, lr)
+        ladj = torch.where(circular, lc, lr)
         y = torch.where(t, y, u)
-        ladj = torch.where(t, ladj, torch.zeros_like(ladj)).sum(-1)
-        return y, ladj
+        return y, torch.where(t, ladj, torch.zeros_like(ladj)).flatten(1).sum(-1)
 
     def standardize(self, z: Tensor, b: dict) -> tuple[Tensor, Tensor]:
-        """Physical internal coordinates ``z`` ``(B, D)`` to standardized ``u`` and
-        :math:`\\log|\\det\\partial u/\\partial z|` (padding is 0)."""
-        circular = b["kind"] == TORSION
+        """Physical cells ``z`` ``(B, P, 3)`` to standardized ``u`` and
+        :math:`\log|\det\partial u/\partial z|` (missing cells are 0)."""
+        valid = b["valid"]
+        circular = _torsion_mask(valid)
         u = torch.where(circular, wrap_angle(z), (z - b["loc"]) / b["scale"])
-        u = torch.where(b["pad"], torch.zeros_like(u), u)
-        real = (~circular) & (~b["pad"])
-        return u, -(torch.log(b["scale"]) * real).sum(-1)
+        u = torch.where(valid, u, torch.zeros_like(u))
+        real = (~circular) & valid
+        return u, -(torch.log(b["scale"]) * real).flatten(1).sum(-1)
 
     def transform(self, z: Tensor, b: dict) -> tuple[Tensor, Tensor]:
-        """Data ``z`` ``(B, D)`` (physical units, padded) to latent ``u`` and the log-determinant."""
+        """Data cells ``z`` ``(B, P, 3)`` (physical units, padded) to latent ``u`` and the
+        log-determinant."""
         b = self._to(b)
         u, ladj = self.standardize(z.to(b["loc"].dtype), b)
         chem = self.embed(b["features"])
@@ -329,39 +347,41 @@ class TransferableFlow(nn.Module):
         return u, ladj
 
     def base_log_prob(self, u: Tensor, b: dict) -> Tensor:
-        """Standard normal on the real tokens, uniform on the circles, nothing on padding."""
-        circular = b["kind"] == TORSION
-        real = (~circular) & (~b["pad"])
-        circ = circular & (~b["pad"])
-        return (-0.5 * u**2 * real).sum(-1) - 0.5 * _LOG_2PI * real.sum(-1) - _LOG_2PI * circ.sum(-1)
+        """Standard normal on the bonds and angles, uniform on the torsions, nothing on padding."""
+        valid = b["valid"]
+        circular = _torsion_mask(valid)
+        real = ((~circular) & valid).flatten(1)
+        circ = (circular & valid).flatten(1)
+        uf = u.flatten(1)
+        return (-0.5 * uf**2 * real).sum(-1) - 0.5 * _LOG_2PI * real.sum(-1) - _LOG_2PI * circ.sum(-1)
 
     def log_prob(self, z: Tensor, b: dict) -> Tensor:
-        """Exact :math:`\\log q(z)` of padded internal coordinates ``(B, D)``, shape ``(B,)``."""
+        """Exact :math:`\log q(z)` of padded cells ``(B, P, 3)``, shape ``(B,)``."""
         b = self._to(b)
         u, ladj = self.transform(z, b)
         return self.base_log_prob(u, b) + ladj
 
     def invert(self, u: Tensor, b: dict) -> tuple[Tensor, Tensor]:
-        """Latent ``u`` to physical ``z`` and the forward log-determinant at ``z``."""
+        """Latent ``u`` to physical cells ``z`` and the forward log-determinant at ``z``."""
         b = self._to(b)
         chem = self.embed(b["features"])
         ladj = torch.zeros(u.shape[0], dtype=u.dtype, device=u.device)
         for layer in reversed(range(self.architecture.layers)):
             u, l = self._layer(u, b, chem, layer, inverse=True)
             ladj = ladj + l
-        circular = b["kind"] == TORSION
-        real = (~circular) & (~b["pad"])
-        ladj = ladj - (torch.log(b["scale"]) * real).sum(-1)
+        valid = b["valid"]
+        circular = _torsion_mask(valid)
+        ladj = ladj - (torch.log(b["scale"]) * ((~circular) & valid)).flatten(1).sum(-1)
         z = torch.where(circular, wrap_angle(u), u * b["scale"] + b["loc"])
-        return torch.where(b["pad"], torch.zeros_like(z), z), ladj
+        return torch.where(valid, z, torch.zeros_like(z)), ladj
 
     def sample_base(self, b: dict, generator: torch.Generator | None = None) -> Tensor:
         b = self._to(b)
-        shape = b["loc"].shape
-        normal = torch.randn(shape, generator=generator, device=b["loc"].device, dtype=b["loc"].dtype)
-        unif = (torch.rand(shape, generator=generator, device=b["loc"].device, dtype=b["loc"].dtype) * 2 - 1) * math.pi
-        u = torch.where(b["kind"] == TORSION, unif, normal)
-        return torch.where(b["pad"], torch.zeros_like(u), u)
+        loc = b["loc"]
+        normal = torch.randn(loc.shape, generator=generator, device=loc.device, dtype=loc.dtype)
+        unif = (torch.rand(loc.shape, generator=generator, device=loc.device, dtype=loc.dtype) * 2 - 1) * math.pi
+        u = torch.where(_torsion_mask(b["valid"]), unif, normal)
+        return torch.where(b["valid"], u, torch.zeros_like(u))
 
     # -- one peptide ------------------------------------------------------------------------
     def bind(self, peptide) -> "BoundFlow":
@@ -396,7 +416,7 @@ class TransferableFlow(nn.Module):
 
 
 class PackedFlow(nn.Module):
-    """The flow over rows ``[peptide id, z_1 .. z_D]`` of a packed multi-peptide data set (see
+    """The flow over rows ``[peptide id, cells (P·3)]`` of a packed multi-peptide data set (see
     :func:`pack`), so that the generic trainers of :mod:`mcsample.flows.training` (which call
     ``model.log_prob(batch)``) train it over many peptides at once."""
 
@@ -409,18 +429,19 @@ class PackedFlow(nn.Module):
     def log_prob(self, rows: Tensor) -> Tensor:
         ids = rows[:, 0].round().long().cpu()
         b = {k: v[ids] for k, v in self._table.items()}
-        return self.flow.log_prob(rows[:, 1:], b)
+        P = b["valid"].shape[1]
+        return self.flow.log_prob(rows[:, 1:1 + 3 * P].reshape(rows.shape[0], P, 3), b)
 
 
-def pack(internal: list[Tensor], width: int | None = None) -> Tensor:
-    """Rows ``[peptide id, z (padded with 0)]`` from per-peptide internal coordinates
-    ``internal[i]`` ``(F_i, D_i)`` (in their common dtype); ids are positions in the list."""
-    D = width or max(int(z.shape[1]) for z in internal)
+def pack(tokens: list[PeptideTokens], internal: list[Tensor]) -> Tensor:
+    """Rows ``[peptide id, cells (padded with 0)]`` from per-peptide internal coordinates
+    ``internal[i]`` ``(F_i, 3 n_i - 6)`` (in their common dtype); ids are positions in the list."""
+    P = max(t.num_tokens for t in tokens)
     rows = []
-    for i, z in enumerate(internal):
-        r = torch.zeros(z.shape[0], D + 1, dtype=internal[0].dtype)
+    for i, (t, z) in enumerate(zip(tokens, internal)):
+        r = torch.zeros(z.shape[0], 1 + 3 * P, dtype=internal[0].dtype)
         r[:, 0] = i
-        r[:, 1:1 + z.shape[1]] = z
+        r[:, 1:1 + 3 * t.num_tokens] = t.to_cells(z).flatten(1)
         rows.append(r)
     return torch.cat(rows)
 
@@ -432,42 +453,50 @@ class _BoundConfig:
 
 class BoundFlow(nn.Module):
     """A :class:`TransferableFlow` on one peptide's tokens, with the single-molecule flow's
-    interface (``transform``, ``log_prob``, ``invert``, ``rsample_and_log_prob``, ...)."""
+    interface over its flat ``(B, 3n - 6)`` internal coordinates (``transform``, ``log_prob``,
+    ``invert``, ``rsample_and_log_prob``, ...)."""
 
     def __init__(self, flow: TransferableFlow, tokens: PeptideTokens):
         super().__init__()
         self.flow = flow
         self.tokens = tokens
-        self.config = _BoundConfig(tokens.num_tokens)
+        self.config = _BoundConfig(tokens.num_coordinates)
         self._b = TransferableFlow.batch([tokens])
 
     @property
     def event_shape(self) -> torch.Size:
-        return torch.Size([self.tokens.num_tokens])
+        return torch.Size([self.tokens.num_coordinates])
 
     def _batch(self, n: int) -> dict:
         return {k: v.expand((n,) + tuple(v.shape[1:])) for k, v in self.flow._to(self._b).items()}
 
+    def _check(self, z: Tensor) -> None:
+        if z.dim() != 2 or z.shape[1] != self.tokens.num_coordinates:
+            raise ValueError(f"expected internal coordinates of shape (B, {self.tokens.num_coordinates}); "
+                             f"got {tuple(z.shape)}")
+
     def transform(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        return self.flow.transform(z, self._batch(z.shape[0]))
+        self._check(z)
+        u, ladj = self.flow.transform(self.tokens.to_cells(z), self._batch(z.shape[0]))
+        return self.tokens.from_cells(u), ladj
 
     def log_prob(self, z: Tensor) -> Tensor:
-        if z.dim() != 2 or z.shape[1] != self.tokens.num_tokens:
-            raise ValueError(f"expected internal coordinates of shape (B, {self.tokens.num_tokens}); got {tuple(z.shape)}")
-        return self.flow.log_prob(z, self._batch(z.shape[0]))
+        self._check(z)
+        return self.flow.log_prob(self.tokens.to_cells(z), self._batch(z.shape[0]))
 
     def invert(self, u: Tensor) -> tuple[Tensor, Tensor]:
-        return self.flow.invert(u, self._batch(u.shape[0]))
+        z, ladj = self.flow.invert(self.tokens.to_cells(u), self._batch(u.shape[0]))
+        return self.tokens.from_cells(z), ladj
 
     def sample_base(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        return self.flow.sample_base(self._batch(n), generator)
+        return self.tokens.from_cells(self.flow.sample_base(self._batch(n), generator))
 
     def rsample_and_log_prob(self, shape=(1,), generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         n = _num(shape)
         b = self._batch(n)
         u = self.flow.sample_base(b, generator)
         z, ladj = self.flow.invert(u, b)
-        return z, self.flow.base_log_prob(u, b) + ladj
+        return self.tokens.from_cells(z), self.flow.base_log_prob(u, b) + ladj
 
     def sample_and_log_prob(self, shape=(1,), generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         with torch.no_grad():

@@ -84,6 +84,7 @@ import inspect
 import math
 import os
 import sys
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -98,7 +99,7 @@ from mcsample.weighted import Estimate, Genealogy, RunningMoments, WeightedSampl
 __all__ = ["Shard", "Islands", "ShardedSamples", "ShardedRunError", "SCHEMES", "islands", "use",
            "shardable", "sharded", "active", "init", "local_size", "count", "split_generator",
            "ess", "conditional_ess", "mean", "weighted_moments", "check_log_weights", "offspring",
-           "exchange", "resample_state", "gather", "balanced_sizes", "last_exchange"]
+           "exchange", "resample_state", "gather", "balanced_sizes", "last_exchange", "comm"]
 
 #: the schemes that resample a sharded population exactly
 SCHEMES = ("systematic", "stratified", "multinomial")
@@ -108,6 +109,8 @@ EXCHANGE = "auto"
 BLOCK = 1 << 16
 #: what the last exchange moved (rows, offspring, bytes; for benchmarks)
 last_exchange: dict = {}
+#: time spent in collectives (waiting for other ranks included) and their number, this process
+comm: dict = {"seconds": 0.0, "calls": 0}
 
 _ACTIVE: contextvars.ContextVar = contextvars.ContextVar("mcsample_shard", default=None)
 _RUNS = [0]
@@ -186,6 +189,7 @@ class Shard:
             pass
 
     def _call(self, fn):
+        t0 = time.perf_counter()
         try:
             return fn()
         except ShardedRunError:
@@ -195,6 +199,9 @@ class Shard:
             if msg is not None:
                 raise ShardedRunError(f"the sharded run stopped: {msg}") from e
             raise
+        finally:
+            comm["seconds"] += time.perf_counter() - t0
+            comm["calls"] += 1
 
     # -- collectives (on self.device) --------------------------------------------------------
     def all_gather(self, t: Tensor) -> Tensor:
@@ -538,8 +545,7 @@ def conditional_ess(log_w: Tensor, log_incr: Tensor, group=None) -> Tensor:
             raise ValueError(f"log_incr has shape {tuple(inc.shape)}; expected {tuple(lw.shape)} like log_w")
         if bool(torch.isnan(inc).any()):
             raise ValueError(f"log_incr has NaN for {int(torch.isnan(inc).sum())} particles")
-        a_rows = lw + inc
-        st = _stats(s, [lw, torch.where(torch.isinf(lw), lw, a_rows), lw + 2 * inc])
+        st = _stats(s, [lw, lw + inc, lw + 2 * inc])
         c, a, b = st.lse
         if not math.isfinite(a):
             return torch.zeros((), dtype=torch.float64)
@@ -597,7 +603,7 @@ def _grouped_square_sum(shard: Shard, values: Tensor, groups: Tensor, num_ids: i
 # resampling: offspring counts, then the balanced exchange
 
 
-def _keyed_uniforms(key: int, start: int, stop: int, device) -> Tensor:
+def _keyed_uniforms(key: int, start: int, stop: int, device="cpu") -> Tensor:
     """Uniforms ``start..stop-1`` of the stream of ``key``: block ``b`` of :data:`BLOCK` values
     comes from a generator seeded by ``(key, b)``, so any range is drawn without the others."""
     if stop <= start:
@@ -675,8 +681,8 @@ def offspring(log_w: Tensor, scheme: str = "systematic", generator: torch.Genera
 
 def _offspring(shard: Shard, log_w: Tensor, st: _Stats, scheme: str, generator, num: int | None) -> Tensor:
     if scheme not in SCHEMES:
-        raise ValueError(f"resampling scheme {scheme!r} is not available for a population sharded over "
-                         f"processes; use one of {list(SCHEMES)}")
+        raise _collective_error(f"resampling scheme {scheme!r} is not available for a population sharded "
+                                f"over processes; use one of {list(SCHEMES)}")
     num = st.num if num is None else int(num)
     U, key = _shared_draws(shard, generator, scheme)
     lw = log_w.to(torch.float64)
@@ -692,19 +698,7 @@ def _offspring(shard: Shard, log_w: Tensor, st: _Stats, scheme: str, generator, 
     S = prefix[-1]
     r = shard.rank
     if scheme == "multinomial":
-        g = torch.Generator().manual_seed(_mix(key, 1))
-        left, rest, draws = float(num), 1.0, []
-        for q in range(shard.world_size):
-            p = totals[q] / S
-            if q == shard.world_size - 1 or rest <= 0:
-                k = left
-            else:
-                k = float(torch.binomial(torch.tensor(left, dtype=torch.float64),
-                                         torch.tensor(min(max(p / rest, 0.0), 1.0), dtype=torch.float64),
-                                         generator=g))
-            draws.append(int(k))
-            left -= k
-            rest -= p
+        draws = _rank_draws(totals, num, key)
         if draws[r] == 0 or n == 0:
             return torch.zeros(n, dtype=torch.long, device=log_w.device)
         idx = _resample(lw, draws[r], "multinomial", generator)
@@ -719,6 +713,29 @@ def _offspring(shard: Shard, log_w: Tensor, st: _Stats, scheme: str, generator, 
         torch.full_like(c, x0)
     ends, e0, _ = _ends_from_x(x, x0, x1, num, scheme, U, key)
     return torch.diff(ends, prepend=ends.new_tensor([e0]))
+
+
+def _rank_draws(totals: list[float], num: int, key: int) -> list[int]:
+    r"""How many of ``num`` multinomial draws fall on each rank, :math:`(M_r)\sim
+    \mathrm{Multinomial}(N, T_r/S)`, by a chain of binomials on the CPU from ``key`` (the same
+    on every rank)."""
+    g = torch.Generator().manual_seed(_mix(key, 1))
+    S = sum(totals)
+    left, rest, draws = float(num), 1.0, []
+    for q, t in enumerate(totals):
+        p = t / S
+        if q == len(totals) - 1:
+            k = left
+        elif p <= 0.0 or left == 0.0:
+            k = 0.0
+        else:
+            k = float(torch.binomial(torch.tensor(left, dtype=torch.float64),
+                                     torch.tensor(min(p / rest, 1.0) if rest > 0 else 1.0, dtype=torch.float64),
+                                     generator=g))
+        draws.append(int(k))
+        left -= k
+        rest -= p
+    return draws
 
 
 def _transfer_plan(have: list[int], want: list[int]) -> list[list[int]]:
@@ -748,7 +765,8 @@ def _pack(tensors: list[Tensor], n: int) -> Tensor:
     cols = []
     for t in tensors:
         width = int(math.prod(t.shape[1:]))
-        cols.append(t.detach().reshape(n, width).contiguous().view(torch.uint8).reshape(n, -1))
+        nbytes = width * t.element_size()
+        cols.append(t.detach().reshape(n, width).contiguous().view(torch.uint8).reshape(n, nbytes))
     return torch.cat(cols, 1) if cols else torch.zeros((n, 0), dtype=torch.uint8)
 
 
@@ -1159,15 +1177,15 @@ def load_state(path, kind: str, generator: torch.Generator | None, device=None, 
     path = os.fspath(path)
     man = torch.load(path, weights_only=True)
     if not (isinstance(man, dict) and man.get("manifest")):
-        raise ValueError(f"checkpoint {path} was written by a single process; a run sharded over "
+        raise _collective_error(f"checkpoint {path} was written by a single process; a run sharded over "
                          f"{s.world_size} processes cannot resume it (resume it in one process, or choose "
                          "another path)")
     if man["world_size"] != s.world_size:
-        raise ValueError(f"checkpoint {path} was written by a run sharded over {man['world_size']} processes; "
+        raise _collective_error(f"checkpoint {path} was written by a run sharded over {man['world_size']} processes; "
                          f"resume it with {man['world_size']} processes (this run has {s.world_size}), or "
                          "choose another path")
     if man.get("base_kind") != kind:
-        raise ValueError(f"checkpoint {path} was written by {man.get('base_kind')!r}, not {kind!r}")
+        raise _collective_error(f"checkpoint {path} was written by {man.get('base_kind')!r}, not {kind!r}")
     mine = _rank_file(path, s.rank, s.world_size, int(man["index"]))
     if not os.path.exists(mine):
         raise ValueError(f"checkpoint {path}: the file of rank {s.rank} ({os.path.basename(mine)}) is missing")

@@ -184,14 +184,14 @@ def record_ess(state: FKState) -> FKState:
     return state.replace(ess_history=state.ess_history + (float(distributed.ess(state.log_w)),))
 
 
-def take(state: FKState, idx: Tensor) -> FKState:
+def take(state: FKState, idx: Tensor, scheme: str | None = None) -> FKState:
     r"""Keep particles ``idx`` (ancestor indices from resampling): fold
     :math:`\log\frac1N\sum_i w_i` into ``log_scale``, reset the weights to 0, carry ``x`` and the
     ``cache`` along and update the genealogy."""
     n = state.log_w.numel()
     idx = idx.to(state.log_w.device)
     log_scale = state.log_scale + torch.logsumexp(state.log_w, 0) - math.log(n)
-    genealogy = state.genealogy.resampled(state.log_w, idx)
+    genealogy = state.genealogy.resampled(state.log_w, idx, scheme=scheme)
     xi = idx.to(state.x.device)
     cache = {k: _take(v, xi, n) for k, v in state.cache.items()}
     return state.replace(x=state.x[xi], log_w=torch.zeros(idx.numel(), dtype=torch.float64,
@@ -236,7 +236,7 @@ def resample_if_needed(state: FKState, threshold: float, scheme: str = "systemat
         state = state.replace(ess_history=state.ess_history + (e,))
     if force or e < threshold * n:
         idx = resample(state.log_w, n, scheme, generator)
-        state = take(state, idx).replace(resampled_at=state.resampled_at + (state.index,))
+        state = take(state, idx, scheme).replace(resampled_at=state.resampled_at + (state.index,))
     return state
 
 

@@ -133,7 +133,7 @@ def _weighted_scale(x: Tensor, log_w: Tensor) -> Tensor:
 
 
 def init(target, initial, num_particles: int, kernel: Kernel, generator=None) -> SMCState:
-    """Draw ``num_particles`` from ``initial`` at :math:`\beta = 0`, equally weighted."""
+    r"""Draw ``num_particles`` from ``initial`` at :math:`\beta = 0`, equally weighted."""
     x, _ = draw(initial, num_particles, generator)
     check_event_shape(target, x, "initial distribution")
     point = evaluator(target, initial)(x, kernel.needs_grad)

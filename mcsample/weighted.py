@@ -136,28 +136,42 @@ def _relative_variance(W: Tensor, groups: Tensor | None, log_c: Tensor | float) 
     return (1.0 + cm1) * s - cm1
 
 
-def _log_offspring_factor(W: Tensor, idx: Tensor, groups: Tensor | None) -> Tensor:
-    r"""One resampling event's factor :math:`\log(1+\kappa)` for lineage groups ``groups``
-    (``None``: each particle its own): with :math:`W_G` the groups' weights before and
-    :math:`O_G` their offspring counts after drawing :math:`M` ancestor indices ``idx``,
+def _log_offspring_factors(W: Tensor, idx: Tensor, groups: Tensor, scheme: str | None = None) -> Tensor:
+    r"""One resampling event's factors :math:`\log(1+\kappa)`, one per row of ``groups``
+    ``(k, N)`` (a labelling of the particles into lineage groups): with :math:`W_G` the groups'
+    weights before and :math:`O_G` their offspring counts after drawing :math:`M` ancestor
+    indices ``idx``,
 
     .. math:: \kappa = \frac{\sum_G (O_G - M W_G)^2}{M(M-1)\,(1 - \sum_G W_G^2)} .
 
-    The numerator is the realized resampling noise of the groups' sizes; multinomial
+    The numerator is the realized resampling noise of the groups' sizes. Multinomial
     resampling has :math:`E\sum_G(O_G - MW_G)^2 = M(1-\sum_G W_G^2)`, so
-    :math:`E\kappa = 1/(M-1)`: Lee & Whiteley's :math:`M/(M-1)` per generation.
+    :math:`E\kappa = 1/(M-1)`: Lee & Whiteley's factor :math:`M/(M-1)` per generation.
+    Systematic resampling keeps each contiguous group's size within one of :math:`MW_G`, so
+    :math:`\kappa\approx 0`: its genealogy carries (almost) no resampling noise to remove.
+    Where the ``scheme`` is known to have a closed-form noise, its expectation replaces the
+    realized value (less noisy when few groups survive): ``"multinomial"`` gives
+    :math:`\kappa = 1/(M-1)` exactly; ``"residual"`` (multinomial draws of the
+    :math:`R` residual counts :math:`r_a = MW_a - \lfloor MW_a\rfloor`)
+    :math:`E\sum_G(O_G - MW_G)^2 = \sum_G r_G(1 - r_G/R)`.
     """
-    m = idx.numel()
-    if m < 2:
-        return torch.zeros((), dtype=torch.float64, device=W.device)
-    ones = torch.ones(m, dtype=torch.float64, device=W.device)
-    counts = torch.zeros_like(W).index_add_(0, idx, ones)  # offspring of each particle
-    if groups is not None:
-        g = groups.to(W.device)
-        counts = torch.zeros_like(W).index_add_(0, g, counts)
-        W = torch.zeros_like(W).index_add_(0, g, W)
-    noise = ((counts - m * W) ** 2).sum()
-    den = m * (m - 1) * (1.0 - (W * W).sum())
+    n, m, k = W.numel(), idx.numel(), groups.shape[0]
+    if m < 2 or k == 0:
+        return torch.zeros(k, dtype=torch.float64, device=W.device)
+    if scheme == "multinomial":
+        return torch.full((k,), math.log1p(1.0 / (m - 1)), dtype=torch.float64, device=W.device)
+    flat = (groups.to(W.device) + n * torch.arange(k, device=W.device)[:, None]).reshape(-1)
+    WG = torch.zeros(k * n, dtype=torch.float64, device=W.device).index_add_(0, flat, W.repeat(k)).reshape(k, n)
+    if scheme == "residual":
+        r = m * W - torch.floor(m * W)
+        rG = torch.zeros(k * n, dtype=torch.float64, device=W.device).index_add_(0, flat, r.repeat(k)).reshape(k, n)
+        R = r.sum()
+        noise = torch.where(R > 0.5, (rG * (1.0 - rG / R.clamp(min=0.5))).sum(1), torch.zeros_like(rG[:, 0]))
+    else:
+        counts = torch.zeros_like(W).index_add_(0, idx, torch.ones(m, dtype=torch.float64, device=W.device))
+        OG = torch.zeros(k * n, dtype=torch.float64, device=W.device).index_add_(0, flat, counts.repeat(k)).reshape(k, n)
+        noise = ((OG - m * WG) ** 2).sum(1)
+    den = m * (m - 1) * (1.0 - (WG * WG).sum(1))
     kappa = torch.where(den > 0, noise / den.clamp(min=1e-300), torch.zeros_like(den))
     return torch.log1p(kappa)
 
@@ -172,7 +186,7 @@ class Genealogy:
 
     * ``eves`` ``(N,)`` — each particle's time-0 ancestor ("Eve"); ``generations`` — 1 + the
       number of resampling events; ``eve_log_c`` — :math:`\sum\log(1+\kappa)` over the events,
-      the resampling noise of the Eve groups (:func:`_log_offspring_factor`).
+      the resampling noise of the Eve groups (:func:`_log_offspring_factors`).
     * ``enochs`` ``(L', N)`` — row ``j`` each particle's ancestor ``j + 1`` resampling events
       back (Olsson & Douc's "Enoch" indices), :math:`L' = \min(\text{events}, \text{lag})`;
       ``lag_log_c`` ``(L',)`` the same noise sums for the groups of those ancestors.
@@ -188,17 +202,18 @@ class Genealogy:
     enochs: Tensor | None = None
     lag_log_c: Tensor | None = None
     banked: Tensor | None = None
-    lag: int = 8
+    banked0: Tensor | None = None
+    lag: int = 32
 
     @classmethod
-    def start(cls, num_particles: int, device=None, lag: int = 8) -> "Genealogy":
+    def start(cls, num_particles: int, device=None, lag: int = 32) -> "Genealogy":
         """Each of ``num_particles`` particles its own Eve, no resampling yet."""
         n = int(num_particles)
         zero = torch.zeros((), dtype=torch.float64, device=device)
         return cls(eves=torch.arange(n, device=device), generations=1, eve_log_c=zero,
                    enochs=torch.zeros((0, n), dtype=torch.long, device=device),
                    lag_log_c=torch.zeros(0, dtype=torch.float64, device=device),
-                   banked=zero.clone(), lag=int(lag))
+                   banked=zero.clone(), banked0=zero.clone(), lag=int(lag))
 
     @classmethod
     def from_ancestors(cls, ancestors: Tensor, generations: int = 1) -> "Genealogy":
@@ -212,9 +227,11 @@ class Genealogy:
         return self.enochs is not None
 
     # -- the online update ----------------------------------------------------------------
-    def resampled(self, log_w: Tensor, idx: Tensor) -> "Genealogy":
+    def resampled(self, log_w: Tensor, idx: Tensor, scheme: str | None = None) -> "Genealogy":
         r"""The genealogy after resampling with ancestor indices ``idx`` ``(M,)`` drawn from the
-        float64 log-weights ``log_w`` ``(N,)`` (the weights *before* resampling). Pure.
+        float64 log-weights ``log_w`` ``(N,)`` (the weights *before* resampling) by ``scheme``
+        (a name of :func:`mcsample.resample`; ``None``: unknown, the realized offspring noise
+        is used, which is right for every scheme). Pure.
 
         Carries the Eve and Enoch indices along, adds this event's resampling noise of every
         lineage grouping in use, and banks the lag estimator's term for the block that leaves
@@ -229,16 +246,16 @@ class Genealogy:
         banked = self.banked
         if depth == L:  # the block L events back leaves the window: bank its term
             banked = banked + self._window(W, L) - (self._window(W, L - 1) if L > 0 else 0.0)
-        # noise of this event for the windows rooted 0, 1, ..., depth events back
-        roots = [_log_offspring_factor(W, i, None)]
-        roots += [_log_offspring_factor(W, i, self.enochs[j]) for j in range(min(depth, L - 1))]
-        lag_log_c = (torch.stack(roots) + torch.cat([torch.zeros(1, dtype=torch.float64, device=W.device),
-                                                     self.lag_log_c[: len(roots) - 1]]))[:L]
-        enochs = torch.stack([idx] + [row[idx] for row in self.enochs[: max(L - 1, 0)]])[:L] \
-            if L > 0 else self.enochs[:, idx]
+        # this event's noise for the Eve groups and the windows rooted 0, 1, ... events back
+        keep = min(depth, max(L - 1, 0))
+        groups = torch.cat([self.eves.to(W.device)[None], torch.arange(n, device=W.device)[None],
+                            self.enochs[:keep].to(W.device)])
+        f = _log_offspring_factors(W, i, groups, scheme)
+        lag_log_c = (f[1:] + torch.cat([f.new_zeros(1), self.lag_log_c[:keep]]))[:L]
+        enochs = torch.cat([idx[None], self.enochs[:keep][:, idx]])[:L]
         return replace(self, eves=self.eves[idx], generations=self.generations + 1,
-                       eve_log_c=self.eve_log_c + _log_offspring_factor(W, i, self.eves.to(W.device)),
-                       enochs=enochs, lag_log_c=lag_log_c, banked=banked)
+                       eve_log_c=self.eve_log_c + f[0], enochs=enochs, lag_log_c=lag_log_c,
+                       banked=banked, banked0=self.banked0 + self._window(W, 0))
 
     def _window(self, W: Tensor, j: int) -> Tensor:
         """Relative variance of the last ``j`` events' evidence, grouping the current weights by
@@ -267,11 +284,18 @@ class Genealogy:
         W = torch.softmax(log_w.to(torch.float64), 0)
         return self.banked + self._window(W, self.enochs.shape[0])
 
+    def block_variance(self, log_w: Tensor) -> Tensor:
+        r"""The sum over blocks of each block's delta-method relative variance (lag 0: blocks
+        treated as independent); never negative."""
+        W = torch.softmax(log_w.to(torch.float64), 0)
+        return self.banked0 + self._window(W, 0)
+
     def log_evidence_variance(self, log_w: Tensor) -> Tensor:
         """Relative variance of :math:`\\hat Z` (≈ variance of :math:`\\log\\hat Z`), >= 0."""
         if not self.has_history:
             return self.lee_whiteley_variance(log_w).clamp(min=0.0)
-        return self.lag_variance(log_w).clamp(min=0.0)
+        v = self.lag_variance(log_w)
+        return torch.where(v > 0, v, self.block_variance(log_w))
 
     def log_evidence_stderr(self, log_w: Tensor) -> Tensor:
         """float64 standard error of :math:`\\log\\hat Z` (delta method), ``log_w`` the final
@@ -283,12 +307,19 @@ class Genealogy:
 
     def expectation_stderr(self, W: Tensor, values: Tensor) -> Tensor:
         r"""Standard error of :math:`\hat\mu = \sum_j W_j f_j` (``values`` ``(N, k)`` float64,
-        ``W`` normalized) grouped by Eve (Chan & Lai 2013; Lee & Whiteley 2018):
-        :math:`\hat V = (\tfrac{N}{N-1})^{g}\sum_e\big(\sum_{j:E_j=e} W_j (f_j-\hat\mu)\big)^2`."""
+        ``W`` normalized), grouping by the ancestors :math:`D` resampling events back (the Eves
+        while :math:`D` = events :math:`\le` ``lag``; Olsson & Douc's fixed lag after that):
+        :math:`\hat V = (\tfrac{N}{N-1})^{D+1}\sum_a\big(\sum_{j:A_j=a} W_j (f_j-\hat\mu)\big)^2`
+        (Chan & Lai 2013; Lee & Whiteley 2018; Olsson & Douc 2019)."""
         n = values.shape[0]
         mu = W @ values
-        S = torch.zeros_like(values).index_add_(0, self.eves.to(values.device), W[:, None] * (values - mu))
-        c = math.exp(self.generations * math.log1p(1.0 / (n - 1))) if n > 1 else math.inf
+        depth = self.generations - 1
+        groups = self.eves
+        if self.has_history and 0 < self.enochs.shape[0] < depth:
+            depth = self.enochs.shape[0]
+            groups = self.enochs[depth - 1]
+        S = torch.zeros_like(values).index_add_(0, groups.to(values.device), W[:, None] * (values - mu))
+        c = math.exp((depth + 1) * math.log1p(1.0 / (n - 1))) if n > 1 else math.inf
         return (c * (S * S).sum(0)).sqrt()
 
     # -- checkpoints ----------------------------------------------------------------------

@@ -36,7 +36,7 @@ neighbouring temperatures (even pairs, then odd pairs, alternating), accepted wi
 swapped configurations keep their velocities rescaled by :math:`\sqrt{T_\mathrm{new}/T_\mathrm{old}}`.
 Frames are recorded at the first (target) temperature.
 
-Blow-ups (non-finite energies or positions) raise :class:`BlowUpError` naming the replicas, the
+Blow-ups (non-finite positions or energies, or energies above ``max_energy``) raise :class:`BlowUpError` naming the replicas, the
 step and their temperature. Randomness comes from ``generator`` (a ``torch.Generator`` on the
 positions' device): the initial Maxwell velocities, the O steps and the swap decisions.
 Nothing leaves the device inside the loop but one finiteness check per recorded frame.
@@ -68,7 +68,8 @@ _R_KJ = 0.00831446261815324  # k_B N_A in kJ/(mol K), OpenMM's value
 
 
 class BlowUpError(FloatingPointError, ValueError):
-    """Non-finite energies or positions in some replicas (timestep too large, bad start)."""
+    """Non-finite positions or energies, or energies above ``max_energy``, in some replicas
+    (timestep too large, a clash in the start structure)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -298,8 +299,9 @@ class _BAOAB:
     """BAOAB steps for a batch of replicas with per-replica temperatures (module docstring)."""
 
     def __init__(self, model: _Model, kT: Tensor, timestep_fs: float, friction_per_ps: float,
-                 dtype, device, generator):
+                 dtype, device, generator, max_energy: float = math.inf):
         self.model, self.generator = model, generator
+        self.max_energy = float(max_energy)
         self.m = model.masses.to(device=device, dtype=dtype)
         self.inv_m = (1.0 / self.m)[None, :, None]
         self.h = float(timestep_fs) / 1000.0
@@ -332,12 +334,12 @@ class _BAOAB:
             x = torch.add(x, v, alpha=half)                     # A
             u, f = self.forces(x)
             v = torch.addcmul(v, f, kick)                       # B
-            finite = torch.isfinite(u) & torch.isfinite(x.sum((1, 2)))
-            bad = torch.where(finite | (bad >= 0), bad, torch.full_like(bad, step0 + k + 1))
+            ok = (u < self.max_energy) & torch.isfinite(x.sum((1, 2)))   # False for NaN too
+            bad = torch.where(ok | (bad >= 0), bad, torch.full_like(bad, step0 + k + 1))
         return x, v, f, u, bad
 
 
-def _raise_if_blown_up(bad: Tensor, kT: Tensor, timestep_fs: float) -> None:
+def _raise_if_blown_up(bad: Tensor, kT: Tensor, timestep_fs: float, max_energy: float) -> None:
     if bool((bad >= 0).any()):
         idx = torch.nonzero(bad >= 0).flatten().cpu()
         first = int(bad[idx].min())
@@ -345,9 +347,10 @@ def _raise_if_blown_up(bad: Tensor, kT: Tensor, timestep_fs: float) -> None:
         shown = idx[:10].tolist()
         raise BlowUpError(
             f"Langevin dynamics blew up: {idx.numel()} replica(s) {shown}"
-            f"{' ...' if idx.numel() > 10 else ''} have non-finite energies or positions, the "
-            f"first at step {first} (temperature(s) {temps} K, timestep {timestep_fs} fs); use a "
-            "smaller timestep, minimize the start structure, or check the system"
+            f"{' ...' if idx.numel() > 10 else ''} have non-finite positions or energies (or "
+            f"energies above max_energy={max_energy:g} kJ/mol), the first at step {first} "
+            f"(temperature(s) {temps} K, timestep {timestep_fs} fs); use a smaller timestep, "
+            "minimize the start structure, or check the system"
         )
 
 
@@ -364,12 +367,14 @@ def _steps_of(ps: float, timestep_fs: float, what: str) -> int:
 
 def _run(model: _Model, kT_rows: Tensor, num_frames: int, report_steps: int, eq_steps: int,
          timestep_fs: float, friction_per_ps: float, x: Tensor, v: Tensor | None, generator,
-         frame_dtype, progress: bool, desc: str, exchange=None, record_rows=None):
+         frame_dtype, progress: bool, desc: str, max_energy: float, exchange=None,
+         record_rows=None):
     """The driver: equilibration, then ``num_frames`` blocks of ``report_steps`` steps, each
     followed by a frame of the rows ``record_rows`` (all if ``None``); ``exchange(x, v, f, u)``
     (parallel tempering) runs every ``exchange.every`` steps and returns the permuted state."""
     dtype, device = x.dtype, x.device
-    integ = _BAOAB(model, kT_rows, timestep_fs, friction_per_ps, dtype, device, generator)
+    integ = _BAOAB(model, kT_rows, timestep_fs, friction_per_ps, dtype, device, generator,
+                   max_energy)
     if v is None:
         v = maxwell_velocities(integ.m, integ.kT, x.shape[0], generator, model.remove_com)
     else:
@@ -378,8 +383,8 @@ def _run(model: _Model, kT_rows: Tensor, num_frames: int, report_steps: int, eq_
             raise ValueError(f"velocities have shape {tuple(v.shape)}; expected {tuple(x.shape)}")
     u, f = integ.forces(x)
     bad = torch.full((x.shape[0],), -1, dtype=torch.long, device=device)
-    bad = torch.where(torch.isfinite(u), bad, torch.zeros_like(bad))
-    _raise_if_blown_up(bad, integ.kT, timestep_fs)
+    bad = torch.where((u < max_energy) & torch.isfinite(x.sum((1, 2))), bad, torch.zeros_like(bad))
+    _raise_if_blown_up(bad, integ.kT, timestep_fs, max_energy)
     rows = slice(None) if record_rows is None else record_rows
     n_rec = x.shape[0] if record_rows is None else len(range(*record_rows.indices(x.shape[0])))
     frames = torch.empty((num_frames, n_rec, *x.shape[1:]), dtype=frame_dtype, device=device)
@@ -406,11 +411,11 @@ def _run(model: _Model, kT_rows: Tensor, num_frames: int, report_steps: int, eq_
     with bar:
         if eq_steps:
             x, v, f, u, bad, step = advance(x, v, f, u, bad, eq_steps, step)
-            _raise_if_blown_up(bad, integ.kT, timestep_fs)
+            _raise_if_blown_up(bad, integ.kT, timestep_fs, max_energy)
             bar.update(eq_steps)
         for i in range(num_frames):
             x, v, f, u, bad, step = advance(x, v, f, u, bad, report_steps, step)
-            _raise_if_blown_up(bad, integ.kT, timestep_fs)
+            _raise_if_blown_up(bad, integ.kT, timestep_fs, max_energy)
             frames[i] = x[rows].to(frame_dtype)
             energies[i] = u[rows]
             if exchange is not None:
@@ -462,6 +467,7 @@ def run_langevin(
     masses=None,
     hydrogen_mass: float | None = None,
     remove_com_motion: bool | None = None,
+    max_energy: float = 1e8,
 ) -> LangevinResult:
     r"""Langevin dynamics (BAOAB) of ``num_replicas`` independent replicas, batched.
 
@@ -490,6 +496,8 @@ def run_langevin(
             (:func:`masses_of`); neither changes the sampled configurations.
         remove_com_motion: zero the centre-of-mass velocity after each O step (default: when
             the System has a ``CMMotionRemover``, as OpenMM).
+        max_energy: kJ/mol; a replica above it counts as blown up (a thermal peptide stays
+            within a few thousand kJ/mol of its minimum).
 
     Returns:
         :class:`LangevinResult`, ``positions`` ``(F, R, n, 3)``, ``energies`` ``(F, R)``.
@@ -511,7 +519,8 @@ def run_langevin(
     kT = torch.full((x.shape[0],), _R_KJ * temperature, dtype=torch.float64, device=device)
     frames, energies, times, xf, vf, wall, steps, _ = _run(
         model, kT, num_frames, report_steps, eq_steps, timestep_fs, friction_per_ps, x, velocities,
-        generator, frame_dtype, progress, f"Langevin {model.name} {temperature:g} K x{x.shape[0]}")
+        generator, frame_dtype, progress, f"Langevin {model.name} {temperature:g} K x{x.shape[0]}",
+        max_energy)
     meta = _settings(model, timestep_fs, friction_per_ps, report_steps, eq_steps, dtype,
                      frame_dtype, x.shape[0], generator, hydrogen_mass, masses is not None)
     meta.update({"kind": "batched_langevin", "temperature_K": temperature, "steps": steps,
@@ -585,6 +594,7 @@ def run_langevin_pt(
     masses=None,
     hydrogen_mass: float | None = None,
     remove_com_motion: bool | None = None,
+    max_energy: float = 1e8,
 ) -> LangevinResult:
     r"""Parallel tempering: ``num_walkers`` independent replica-exchange chains over
     ``temperatures`` (ascending, K; the first is the target), all ``K·W`` replicas in one
@@ -627,7 +637,7 @@ def run_langevin_pt(
     frames, energies, times, xf, vf, wall, steps, extra = _run(
         model, kT_rows, num_frames, report_steps, eq_steps, timestep_fs, friction_per_ps, x,
         velocities, generator, frame_dtype, progress,
-        f"PT {model.name} {K}T x{W}", exchange=exchange, record_rows=slice(0, W))
+        f"PT {model.name} {K}T x{W}", max_energy, exchange=exchange, record_rows=slice(0, W))
     acceptance = (exchange.accepted / exchange.attempts.clamp(min=1)).cpu().numpy()
     state_e = torch.stack([e for e, _ in extra]).cpu() if extra else torch.empty(0, K, W)
     labels = torch.stack([lab for _, lab in extra]).cpu() if extra else torch.empty(0, K, W)

@@ -41,16 +41,19 @@ def _random_flow(layers: int = 4, width: int = 32, seed: int = 0) -> Transferabl
 
 
 def test_tokens_use_the_force_field_standardization(peptides):
-    """Bond tokens are standardized by the force field: loc = r0 in (0.09, 0.16) nm and
-    scale = sqrt(kT/k) of a few thousandths of a nm; torsions are circular with loc 0."""
+    """One token per placed atom; bonds are standardized by the force field (loc = r0 in
+    (0.09, 0.16) nm, scale = sqrt(kT/k) a few thousandths of a nm), angles near the tetrahedral
+    or trigonal values; flat coordinates and cells map back and forth exactly."""
     t = tokenize(peptides["AL"])
     n = peptides["AL"].n_atoms
-    assert t.num_tokens == 3 * n - 6
-    bonds = t.kind == 0
-    assert int(bonds.sum()) == n - 1 and int((t.kind == 2).sum()) == n - 3
-    assert bool(((t.loc[bonds] > 0.09) & (t.loc[bonds] < 0.16)).all())
-    assert bool(((t.scale[bonds] > 1e-3) & (t.scale[bonds] < 1e-2)).all())
-    assert bool((t.loc[t.circular] == 0).all())
+    assert t.num_tokens == n - 1 and t.num_coordinates == 3 * n - 6
+    assert int(t.valid.sum()) == 3 * n - 6
+    assert bool(((t.loc[:, 0] > 0.09) & (t.loc[:, 0] < 0.16)).all())
+    assert bool(((t.scale[:, 0] > 1e-3) & (t.scale[:, 0] < 1e-2)).all())
+    angles = t.valid[:, 1]
+    assert bool(((t.loc[angles, 1] > 1.7) & (t.loc[angles, 1] < 2.2)).all())
+    z = torch.randn(2, t.num_coordinates)
+    torch.testing.assert_close(t.from_cells(t.to_cells(z)), z)
 
 
 def test_change_of_variables_is_exact(peptides):
@@ -77,7 +80,7 @@ def test_padding_does_not_change_a_peptides_density(peptides):
     za = flow.bind(peptides["AL"]).sample((3,), torch.Generator().manual_seed(3))
     zg = flow.bind(peptides["GW"]).sample((3,), torch.Generator().manual_seed(4))
     alone = flow.bind(peptides["AL"]).log_prob(za)
-    rows = pack([za, zg])
+    rows = pack([ta, tg], [za, zg])
     batched = PackedFlow(flow, [ta, tg]).log_prob(rows.double())
     torch.testing.assert_close(batched[:3], alone, atol=1e-8, rtol=0)
     torch.testing.assert_close(batched[3:], flow.bind(peptides["GW"]).log_prob(zg), atol=1e-8, rtol=0)
@@ -120,7 +123,7 @@ def test_maximum_likelihood_over_two_peptides_lowers_held_out_nll(peptides):
         train.append(z[::2])
         valid.append(z[1::2])
     model = PackedFlow(flow, tokens)
-    rows_train, rows_valid = pack(train), pack(valid)
+    rows_train, rows_valid = pack(tokens, train), pack(tokens, valid)
     before = float(-model.log_prob(rows_valid).mean())
     fit_maximum_likelihood(model, rows_train, steps=60, batch_size=32, lr=5e-3, progress=False,
                            generator=torch.Generator().manual_seed(1))

@@ -30,13 +30,14 @@ def repository_root() -> Path:
 
 
 spec = importlib.util.spec_from_file_location(
-    "alanine_dipeptide", repository_root() / "examples" / "peptides" / "alanine_dipeptide.py")
+    "alanine_dipeptide", repository_root() / "examples" / "peptides" / "alanine_dipeptide.py"
+)
 example = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(example)
 
 out = Path(tempfile.mkdtemp(prefix="alanine_dipeptide_"))
-example.main(["--pretrained", "--num-samples", "2000", "--smc-particles", "200", "--out", str(out),
-              "--no-progress", "--threads", "1"])
+args = "--pretrained --num-samples 2000 --smc-particles 200 --no-progress --threads 1"
+example.main([*args.split(), "--out", str(out)])
 
 # %%
 # The Ramachandran free energies F(φ, ψ) in kT: the flow's own draws, the same draws

@@ -30,8 +30,15 @@ fig, axes = plt.subplots(1, T, figsize=(3.2 * T, 3.0), sharey=True)
 bins = np.linspace(-np.pi, np.pi, 37)
 for t, ax in enumerate(np.atleast_1d(axes)):
     ax.hist(theta_q[:, t].numpy(), bins=bins, density=True, alpha=0.5, label="network")
-    ax.hist(ens.torsions[:, t].numpy(), bins=bins, weights=ens.weights.numpy(), density=True,
-            histtype="step", lw=2, label="Boltzmann (SMC)")
+    ax.hist(
+        ens.torsions[:, t].numpy(),
+        bins=bins,
+        weights=ens.weights.numpy(),
+        density=True,
+        histtype="step",
+        lw=2,
+        label="Boltzmann (SMC)",
+    )
     ax.set_title(f"torsion {ens.target.torsions[t]}", fontsize=9)
     ax.set_xlabel("angle (rad)")
 np.atleast_1d(axes)[0].legend(fontsize=8)

@@ -32,13 +32,13 @@ def repository_root() -> Path:
 
 
 spec = importlib.util.spec_from_file_location(
-    "gmm_benchmark", repository_root() / "examples" / "inverse_problems" / "gmm_benchmark.py")
+    "gmm_benchmark", repository_root() / "examples" / "inverse_problems" / "gmm_benchmark.py"
+)
 benchmark = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(benchmark)
 
-rows = benchmark.main(["--dims", "8", "--obs-dims", "1", "2", "--problems", "4", "--particles", "500",
-                       "--samples", "500", "--methods", "dps", "tds", "mcgdiff", "ensemble-half",
-                       "--out", tempfile.mkdtemp(prefix="gmm_benchmark_")])
+args = "--dims 8 --obs-dims 1 2 --problems 4 --particles 500 --samples 500 --methods dps tds mcgdiff ensemble-half"
+rows = benchmark.main([*args.split(), "--out", tempfile.mkdtemp(prefix="gmm_benchmark_")])
 
 # %%
 # Mean sliced Wasserstein distance over the problems (lower is better; the bars are 95 %
@@ -47,8 +47,9 @@ fig, ax = plt.subplots(figsize=(7, 3.5))
 for k, dy in enumerate((1, 2)):
     sel = [r for r in rows if r["d_y"] == dy]
     xs = [i + 0.4 * k for i in range(len(sel))]
-    ax.bar(xs, [r["sliced_w_mean"] for r in sel], width=0.4, yerr=[r["sliced_w_ci95"] for r in sel],
-           label=f"d_y = {dy}")
+    ax.bar(
+        xs, [r["sliced_w_mean"] for r in sel], width=0.4, yerr=[r["sliced_w_ci95"] for r in sel], label=f"d_y = {dy}"
+    )
     ax.set_xticks([i + 0.2 for i in range(len(sel))], [r["method"] for r in sel])
 ax.set_ylabel("sliced Wasserstein to the exact posterior")
 ax.legend()

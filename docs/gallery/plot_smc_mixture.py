@@ -15,22 +15,30 @@ import mcsample as mc
 from mcsample.systems.analytic import GaussianMixture
 
 f64 = torch.float64
-target = GaussianMixture.separated(dim=2, num_modes=4, spread=6.0, std=0.5, log_scale=3.0,
-                                   generator=torch.Generator().manual_seed(0))
+target = GaussianMixture.separated(
+    dim=2, num_modes=4, spread=6.0, std=0.5, log_scale=3.0, generator=torch.Generator().manual_seed(0)
+)
 initial = torch.distributions.MultivariateNormal(torch.zeros(2, dtype=f64), 36 * torch.eye(2, dtype=f64))
 
 # %%
 # Run SMC, keeping a snapshot of the particles after every step (``callback``).
 snapshots = []
-result = mc.smc(target, initial, 2000, generator=torch.Generator().manual_seed(1),
-                callback=lambda state: snapshots.append((state.beta, state.x.clone())))
+result = mc.smc(
+    target,
+    initial,
+    2000,
+    generator=torch.Generator().manual_seed(1),
+    callback=lambda state: snapshots.append((state.beta, state.x.clone())),
+)
 print(result)
 print("exact log Z:", float(target.log_normalizer))
 print("mode weights:", result.particles.expectation(target.responsibilities))
 
 ws = mc.importance_sample(target, initial, 2000, generator=torch.Generator().manual_seed(2))
-print(f"IS with the same budget: ESS {float(ws.ess):.0f}, k-hat {float(ws.khat):.2f}, "
-      f"log Z {float(ws.log_evidence):.3f} ± {float(ws.log_evidence_stderr):.3f}")
+print(
+    f"IS with the same budget: ESS {float(ws.ess):.0f}, k-hat {float(ws.khat):.2f}, "
+    f"log Z {float(ws.log_evidence):.3f} ± {float(ws.log_evidence_stderr):.3f}"
+)
 
 # %%
 # The particles move from the broad start to the four modes as beta goes from 0 to 1.

@@ -1,0 +1,286 @@
+"""Equilibrium samples of the 48 training dipeptides of a transferable peptide flow.
+
+Every sequence is a zwitterionic dipeptide (free NH3+/COO- termini) in amber14-all.xml with
+implicit/obc1.xml, 310 K, no constraints, CutoffNonPeriodic 2 nm: the settings of the
+Timewarp/Prose two-residue data sets, built by
+``Peptide.from_sequence(seq, caps=False, solvent="obc1", temperature=310.0, cutoff=2.0)``.
+Only the 48 training sequences below are ever simulated (held-out sequences stay unseen).
+
+Sampler: batched parallel tempering on the project's torch energy
+(:func:`mcsample.systems.langevin.run_langevin_pt`), all replicas of all temperatures in one
+energy call per step: ``--walkers`` 16 independent replica-exchange chains over ``--temps`` 5
+temperatures on a geometric ladder 310 K to ``--t-max`` 650 K, BAOAB Langevin with a 2 fs step,
+friction 1/ps and hydrogen masses of 4 Da (mass repartitioning: the sampled configurations do
+not depend on the masses; validated against OpenMM's 1 fs integrator in
+``tests/test_langevin.py``), float32 positions, swap attempts every 0.02 ps. Every replica
+starts at the minimized structure with its own Maxwell velocities; ``--equilibration-ps`` 3 ps
+are dropped, then frames of the 310 K configurations every 0.1 ps for ``--time-ps`` 8 ps, i.e.
+16 x 80 = 1,280 frames per sequence (correlated within a walker; the walkers are independent).
+
+Outputs (``--out``, default ``outputs/peptides/transferable/``; ``--quick``: ``.../quick/``):
+
+* ``<SEQ>.npz`` -- :func:`mcsample.systems.md.save_npz` format (``MDResult.load`` reads it):
+  ``xyz`` float32 ``(F, n, 3)`` nm, frame-major over the walkers (frame ``f`` of walker ``w`` is
+  row ``f * W + w``), ``potential_energy`` kJ/mol, ``time_ps``, the topology, ``metadata``
+  (JSON: settings, seed, package versions, wall time, peptide identity, summary), plus
+  ``walker`` ``(F,)``, ``pt_temperatures``, ``pt_acceptance`` and ``pt_state_energies``;
+* ``manifest.json`` -- every finished sequence's summary and the whole run's settings.
+
+Rerunning the same command skips the sequences already written (resume after an interruption);
+different settings for an existing file are refused rather than mixed.
+
+Measured wall time of the full set on this project's 2 shared CPU cores: see
+``examples/peptides/README.md``.
+
+Usage::
+
+    python examples/peptides/transferable_data.py             # all 48 sequences, 2 processes
+    python examples/peptides/transferable_data.py --quick     # 2 sequences, tiny run (seconds)
+    python examples/peptides/transferable_data.py --sequences AL GR --walkers 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+import zlib
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+
+#: the training sequences (two residues, one-letter codes)
+TRAINING_SEQUENCES = (
+    "AL AV AW CG CH CN CS EP EV FE FI FM GR HL ID IL KG KM KS KW LM MG MI ML MP MT MV MY PC PD "
+    "PM PS QT RD RQ SH SI SP TK VH VM WD WG WI WV WY YC YN"
+).split()
+QUICK_SEQUENCES = ("CG", "AV")
+DEFAULT_OUT = Path("outputs") / "peptides" / "transferable"
+FORMAT = "transferable-data-1"
+# atoms of a residue inside a chain (with hydrogens), to start the largest peptides first
+_ATOMS = dict(G=7, A=10, S=11, C=11, D=12, P=14, N=14, T=14, E=15, V=16, Q=17, H=17, M=17, I=19,
+              L=19, K=22, F=20, Y=21, R=24, W=24)
+
+
+def _settings(a) -> dict:
+    """What defines the data of one sequence (a file written with other settings is refused)."""
+    return {
+        "format": FORMAT,
+        "force_field": "amber14-all.xml + implicit/obc1.xml",
+        "termini": "zwitterionic (caps=False)",
+        "cutoff_nm": 2.0,
+        "temperature_K": 310.0,
+        "sampler": "batched parallel tempering (mcsample.systems.langevin.run_langevin_pt)",
+        "num_temperatures": a.temps,
+        "t_max_K": a.t_max,
+        "num_walkers": a.walkers,
+        "timestep_fs": a.timestep_fs,
+        "friction_per_ps": a.friction,
+        "hydrogen_mass": a.hydrogen_mass,
+        "exchange_interval_ps": a.exchange_ps,
+        "report_interval_ps": a.report_ps,
+        "equilibration_ps": a.equilibration_ps,
+        "time_ps": a.time_ps,
+        "dtype": "float32",
+        "seed": a.seed,
+    }
+
+
+def _sequence_seed(seed: int, seq: str) -> int:
+    """The integer seed of one sequence: independent of the order the sequences run in."""
+    return int(np.random.SeedSequence([int(seed), zlib.crc32(seq.encode())]).generate_state(1)[0])
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    from mcsample._version import __version__
+
+    out = {"python": platform.python_version(), "mcsample": __version__}
+    for name in ("torch", "numpy", "openmm", "mdtraj", "numba", "rdkit"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def _existing(path: Path, settings: dict) -> dict | None:
+    """The metadata of a finished file with these settings; ``None`` if there is no file."""
+    if not path.exists():
+        return None
+    with np.load(path, allow_pickle=False) as f:
+        meta = json.loads(str(f["metadata"]))
+    for key, value in settings.items():
+        if meta.get("settings", {}).get(key) != value:
+            raise SystemExit(f"{path} was written with {key}={meta.get('settings', {}).get(key)!r}, "
+                             f"not {value!r}: choose another --out (or remove the file)")
+    return meta if meta.get("complete") else None
+
+
+def _run_one(seq: str, settings: dict, out: str, progress: bool) -> dict:
+    """Simulate one sequence and write ``<seq>.npz`` atomically; returns its summary."""
+    import torch
+
+    torch.set_num_threads(1)
+    from mcsample.systems import analysis as A
+    from mcsample.systems.langevin import geometric_temperatures, run_langevin_pt
+    from mcsample.systems.md import save_npz
+    from mcsample.systems.peptides import Peptide
+
+    t0 = time.perf_counter()
+    pep = Peptide.from_sequence(seq, caps=False, solvent="obc1", temperature=310.0, cutoff=2.0)
+    t_build = time.perf_counter() - t0
+    temps = geometric_temperatures(310.0, settings["t_max_K"], settings["num_temperatures"])
+    seed = _sequence_seed(settings["seed"], seq)
+    res = run_langevin_pt(
+        pep, temps, settings["num_walkers"], settings["time_ps"],
+        exchange_interval_ps=settings["exchange_interval_ps"], timestep_fs=settings["timestep_fs"],
+        friction_per_ps=settings["friction_per_ps"], report_interval_ps=settings["report_interval_ps"],
+        generator=torch.Generator().manual_seed(seed), progress=progress,
+        equilibration_ps=settings["equilibration_ps"], dtype=torch.float32,
+        hydrogen_mass=settings["hydrogen_mass"],
+    )
+    F, W = res.num_frames, res.num_replicas
+    traj = res.trajectory()                                   # frame-major: row f * W + w
+    energies = res.energies.reshape(-1).numpy()
+    u_mean, u_se = res.mean_energy()
+    phi, psi = A.ramachandran_angles(traj)
+    pos = (phi > 0).reshape(F, W).mean(0)                     # per walker
+    summary = {
+        "sequence": seq,
+        "n_atoms": pep.n_atoms,
+        "n_frames": int(F * W),
+        "energy_mean_kJ_per_mol": u_mean,
+        "energy_mean_stderr_kJ_per_mol": u_se,
+        "p_phi_positive": float(pos.mean()),
+        "p_phi_positive_stderr": float(pos.std(ddof=1) / np.sqrt(W)) if W > 1 else None,
+        "walkers_visiting_phi_positive": int(np.sum(pos > 0)),
+        "swap_acceptance": [round(float(a), 3) for a in res.acceptance],
+        "temperatures_K": [round(t, 2) for t in temps],
+        "replica_steps_per_s": res.metadata["replica_steps_per_s"],
+        "wall_time_s": time.perf_counter() - t0,
+        "build_time_s": t_build,
+    }
+    meta = {
+        "settings": settings,
+        "seed_of_this_sequence": seed,
+        "identity": pep.identity(),
+        "versions": _versions(),
+        "host": {"machine": platform.machine(), "cpu_count": os.cpu_count(),
+                 "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},
+        "command": " ".join(sys.argv),
+        "layout": "xyz row f * num_walkers + w is frame f of walker w (310 K)",
+        "summary": summary,
+        "run": {k: v for k, v in res.metadata.items() if k not in ("acceptance",)},
+        "complete": True,
+    }
+    extra = {
+        "walker": np.tile(np.arange(W), F).astype(np.int64),
+        "pt_temperatures": np.asarray(temps, dtype=np.float64),
+        "pt_acceptance": np.asarray(res.acceptance, dtype=np.float64),
+        "pt_state_energies": res.state_energies.numpy(),
+    }
+    save_npz(Path(out) / f"{seq}.npz", traj, energies, meta, extra)
+    return summary
+
+
+def _write_manifest(out: Path, settings: dict, summaries: dict, wall: float) -> None:
+    manifest = {
+        "settings": settings,
+        "sequences": [summaries[s] for s in sorted(summaries)],
+        "num_sequences": len(summaries),
+        "total_frames": int(sum(s["n_frames"] for s in summaries.values())),
+        "wall_time_this_call_s": wall,
+        "versions": _versions(),
+    }
+    tmp = out / f".manifest.json.tmp{os.getpid()}"
+    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    os.replace(tmp, out / "manifest.json")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sequences", nargs="+", default=None,
+                   help="a subset of the 48 training sequences (default: all)")
+    p.add_argument("--quick", action="store_true", help="2 sequences, a tiny run (seconds)")
+    p.add_argument("--walkers", type=int, default=16, help="independent PT chains per sequence")
+    p.add_argument("--temps", type=int, default=5, help="temperatures on the ladder")
+    p.add_argument("--t-max", type=float, default=650.0, help="top temperature (K)")
+    p.add_argument("--time-ps", type=float, default=8.0, help="recorded time per walker (ps)")
+    p.add_argument("--equilibration-ps", type=float, default=3.0)
+    p.add_argument("--timestep-fs", type=float, default=2.0)
+    p.add_argument("--hydrogen-mass", type=float, default=4.0, help="Da; 0 keeps the System's masses")
+    p.add_argument("--friction", type=float, default=1.0, help="1/ps")
+    p.add_argument("--exchange-ps", type=float, default=0.02)
+    p.add_argument("--report-ps", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--jobs", type=int, default=2, help="sequences simulated in parallel processes")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--no-progress", action="store_true")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.walkers, a.temps, a.time_ps, a.equilibration_ps = 4, 3, 0.4, 0.2
+        a.jobs = 1
+        if a.out == DEFAULT_OUT:
+            a.out = DEFAULT_OUT / "quick"
+    seqs = [s.upper() for s in (a.sequences or (QUICK_SEQUENCES if a.quick else TRAINING_SEQUENCES))]
+    foreign = [s for s in seqs if s not in TRAINING_SEQUENCES]
+    if foreign:
+        raise SystemExit(f"{foreign} are not training sequences; this data set holds only "
+                         f"{' '.join(TRAINING_SEQUENCES)}")
+    a.hydrogen_mass = a.hydrogen_mass or None
+    settings = _settings(a)
+    out = a.out
+    out.mkdir(parents=True, exist_ok=True)
+
+    summaries, todo = {}, []
+    for s in seqs:
+        meta = _existing(out / f"{s}.npz", settings)
+        if meta is None:
+            todo.append(s)
+        else:
+            summaries[s] = meta["summary"]
+    todo.sort(key=lambda s: -sum(_ATOMS[c] for c in s))       # largest first: shorter tail
+    from tqdm.auto import tqdm
+
+    t0 = time.perf_counter()
+    print(f"{len(summaries)} of {len(seqs)} sequences already in {out}; simulating {len(todo)}",
+          flush=True)
+    bar = tqdm(total=len(seqs), initial=len(summaries), disable=a.no_progress, unit="sequence",
+               desc="dipeptides")
+    with bar:
+        if a.jobs <= 1:
+            for s in todo:
+                summaries[s] = _run_one(s, settings, str(out), not a.no_progress and len(todo) == 1)
+                _write_manifest(out, settings, summaries, time.perf_counter() - t0)
+                bar.update(1)
+        else:
+            with ProcessPoolExecutor(a.jobs, mp_context=get_context("spawn")) as pool:
+                futures = {pool.submit(_run_one, s, settings, str(out), False): s for s in todo}
+                for fut in as_completed(futures):
+                    summaries[futures[fut]] = fut.result()
+                    _write_manifest(out, settings, summaries, time.perf_counter() - t0)
+                    bar.set_postfix(last=futures[fut])
+                    bar.update(1)
+    _write_manifest(out, settings, summaries, time.perf_counter() - t0)
+    wall = time.perf_counter() - t0
+    print(f"\nwrote {len(summaries)} sequences to {out}/ in {wall:.0f} s "
+          f"({sum(s['n_frames'] for s in summaries.values())} frames)")
+    for s in sorted(summaries):
+        r = summaries[s]
+        print(f"  {s} {r['n_atoms']:3d} atoms  {r['n_frames']} frames  <U> = "
+              f"{r['energy_mean_kJ_per_mol']:9.2f} ± {r['energy_mean_stderr_kJ_per_mol']:.2f}  "
+              f"P(φ>0) = {r['p_phi_positive']:.3f}  swaps {r['swap_acceptance']}  "
+              f"{r['wall_time_s']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
