@@ -27,6 +27,7 @@ Usage::
     python benchmarks/distributed.py               # scaling table (~2 min on 2 cores)
     python benchmarks/distributed.py --islands 20  # + 20 seeds of global vs islands (~4 min)
     python benchmarks/distributed.py --quick       # smaller populations
+    python benchmarks/distributed.py --repeats 0 --islands 40 --islands-world 4 --islands-particles 1024
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ import torch
 
 import mcsample as mc
 from mcsample import distributed as D
-from mcsample.smc import init as smc_init, step as smc_step
+from mcsample.smc import init as smc_init
+from mcsample.smc import step as smc_step
 from mcsample.systems.analytic import GaussianMixture
 
 DIM = 10
@@ -160,6 +162,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--islands", type=int, default=0, metavar="SEEDS",
                     help="also run SMC SEEDS times, exact global mode against islands (2 processes)")
+    ap.add_argument("--islands-world", type=int, default=2, help="processes (islands) for --islands")
+    ap.add_argument("--islands-particles", type=int, default=4096, help="the whole population for --islands")
     ap.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -170,30 +174,33 @@ def main() -> None:
           f"(processes beyond that share them), torch {torch.__version__}, gloo over loopback; "
           f"load average {os.getloadavg()[0]:.1f}")
     results = {"weak": {}, "strong": {}}
-    for world in args.worlds:
+    for world in args.worlds if args.repeats > 0 else []:
         for mode, num in (("weak", per * world), ("strong", total)):
             ranks = launch(world, {"kind": "step", "num": num, "repeats": args.repeats})
             results[mode][world] = {"num": num, "fixed": summarize(ranks, "fixed"),
                                     "adaptive": summarize(ranks, "adaptive")}
     header = (f"{'scaling':7} {'R':>2} {'N':>8} {'step ms':>8} {'vs R=1':>7} {'comm %':>7} "
-              f"{'adaptive ms':>11} {'comm %':>7} {'rows sent':>9} {'MB sent':>8} {'MB bound':>9} {'sent/bound':>10}")
+              f"{'adaptive ms':>11} {'comm %':>7} {'rows sent':>9} {'kB sent':>8} {'kB bound':>9} {'sent/bound':>10}")
     print(header)
     print("-" * len(header))
-    for mode in ("weak", "strong"):
+    for mode in ("weak", "strong") if args.repeats > 0 else []:
         base = results[mode][args.worlds[0]]["fixed"]["seconds"]
         for world, r in results[mode].items():
             f, a = r["fixed"], r["adaptive"]
-            moved = (f"{f['rows']:>9d} {f['bytes'] / 1e6:>8.2f} {f['lower_bound_bytes'] / 1e6:>9.2f} "
-                     f"{f['bytes'] / max(f['lower_bound_bytes'], 1):>10.2f}") if world > 1 else f"{'-':>9} {'-':>8} {'-':>9} {'-':>10}"
+            moved = f"{'-':>9} {'-':>8} {'-':>9} {'-':>10}"
+            if world > 1:
+                moved = (f"{f['rows']:>9d} {f['bytes'] / 1e3:>8.1f} {f['lower_bound_bytes'] / 1e3:>9.1f} "
+                         f"{f['bytes'] / max(f['lower_bound_bytes'], 1):>10.2f}")
             print(f"{mode:7} {world:>2} {r['num']:>8} {1e3 * f['seconds']:>8.1f} {f['seconds'] / base:>7.2f} "
-                  f"{100 * f['comm_fraction']:>6.0f}% {1e3 * a['seconds']:>11.1f} {100 * a['comm_fraction']:>6.0f}% {moved}")
+                  f"{100 * f['comm_fraction']:>6.0f}% {1e3 * a['seconds']:>11.1f} "
+                  f"{100 * a['comm_fraction']:>6.0f}% {moved}")
     if args.islands:
         seeds = list(range(100, 100 + args.islands))
-        n = 4096
+        n, R = args.islands_particles, args.islands_world
         rows = {"single process": launch(1, {"kind": "islands", "islands": False, "num": n, "seeds": seeds})[0],
-                "global, 2 processes": launch(2, {"kind": "islands", "islands": False, "num": n, "seeds": seeds})[0],
-                "islands, 2 processes": launch(2, {"kind": "islands", "islands": True, "num": n, "seeds": seeds})[0]}
-        print(f"\nlog Z of the README's SMC (exact 3), N = {n}, {len(seeds)} seeds each")
+                f"global, {R} processes": launch(R, {"kind": "islands", "islands": False, "num": n, "seeds": seeds})[0],
+                f"islands, {R} processes": launch(R, {"kind": "islands", "islands": True, "num": n, "seeds": seeds})[0]}
+        print(f"\nlog Z of the README's SMC (exact 3), N = {n} in all, {len(seeds)} seeds each")
         print(f"{'mode':22} {'mean':>7} {'sd':>6} {'mean stderr':>11} {'|err|>3se':>9}")
         summary = {}
         for name, r in rows.items():

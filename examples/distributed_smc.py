@@ -54,7 +54,8 @@ def main() -> None:
     if rank == 0:
         print(result)
         print(result.particles)
-        print("mode weights", " ".join(f"{v:.3f} ± {s:.3f}" for v, s in zip(modes.value.tolist(), modes.stderr.tolist())))
+        pairs = zip(modes.value.tolist(), modes.stderr.tolist())
+        print("mode weights", " ".join(f"{v:.3f} ± {s:.3f}" for v, s in pairs))
     if shard is not None:
         torch.distributed.destroy_process_group()
 

@@ -27,6 +27,9 @@ def pretrained(name="alanine_dipeptide", solvent: str = "obc1", **kwargs):
       flow trained for it is returned, or a ``ValueError`` says none ships.
     * ``"von_mises"``: the conformer torsion network
       (:func:`mcsample.flows.von_mises.load_default`).
+    * ``"transferable"``: the :class:`~mcsample.flows.transferable.TransferableFlow` trained on
+      48 zwitterionic dipeptides (amber14-all + OBC1, 310 K); ``.proposal(peptide)`` gives the
+      Cartesian proposal of any peptide, seen or not.
 
     Checkpoints and their provenance are described in ``flows/checkpoints/README.md``.
     """
@@ -34,6 +37,14 @@ def pretrained(name="alanine_dipeptide", solvent: str = "obc1", **kwargs):
         from mcsample.flows.von_mises import load_default
 
         return load_default()
+    if name == "transferable":
+        path = CHECKPOINTS / "transferable.pt"
+        if not path.exists():
+            raise FileNotFoundError(f"{path} is missing; make it with `python examples/peptides/transferable_data.py` "
+                                    "then `python examples/peptides/transferable.py train`")
+        from mcsample.flows.training import load_flow
+
+        return load_flow(path, **kwargs)
     peptide = None
     if not isinstance(name, str):
         peptide = name
@@ -49,7 +60,7 @@ def pretrained(name="alanine_dipeptide", solvent: str = "obc1", **kwargs):
     key = (name, solvent)
     if key not in _BOLTZMANN:
         raise ValueError(f"no shipped model {name!r} with solvent={solvent!r}; shipped: "
-                         f"{sorted(set(_BOLTZMANN) | {('von_mises', None)})}")
+                         f"{sorted(set(_BOLTZMANN) | {('von_mises', None), ('transferable', None)})}")
     path = CHECKPOINTS / _BOLTZMANN[key]
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing; make it with "

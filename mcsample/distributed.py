@@ -85,8 +85,8 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor
@@ -113,6 +113,7 @@ last_exchange: dict = {}
 comm: dict = {"seconds": 0.0, "calls": 0}
 
 _ACTIVE: contextvars.ContextVar = contextvars.ContextVar("mcsample_shard", default=None)
+_LOCAL = object()  # in _ACTIVE: a run on this process alone (group=False, or no group)
 _RUNS = [0]
 _MASK64 = (1 << 64) - 1
 
@@ -300,12 +301,19 @@ def _resolve(group) -> Shard | None:
 
 def active() -> Shard | None:
     """The shard of the sharded run or islands in progress on this thread, if any."""
-    return _ACTIVE.get()
+    s = _ACTIVE.get()
+    return None if s is _LOCAL else s
+
+
+def entered() -> bool:
+    """Whether a run (sharded or not) is in progress on this thread: :func:`use` with
+    ``group=None`` then joins it."""
+    return _ACTIVE.get() is not None
 
 
 def sharded() -> Shard | None:
     """The shard when the population in progress is sharded (not islands), else ``None``."""
-    s = _ACTIVE.get()
+    s = active()
     return None if s is None or s.islands else s
 
 
@@ -315,11 +323,11 @@ def use(group=None):
     process alone) or ``None`` (the run already in progress, else the default group when it is
     initialized with more than one process). Yields the :class:`Shard` or ``None``. An exception
     on this rank is reported to the others (:meth:`Shard.fail`)."""
-    if group is None and _ACTIVE.get() is not None:
-        yield _ACTIVE.get()
+    if group is None and entered():
+        yield active()
         return
     shard = _resolve(group)
-    token = _ACTIVE.set(shard)
+    token = _ACTIVE.set(_LOCAL if shard is None else shard)
     try:
         yield shard
     except BaseException as e:
@@ -1074,7 +1082,7 @@ class ShardedSamples(WeightedSamples):
                                log_scale=self.log_scale.cpu(), genealogy=genealogy, ess_history=self.ess_history,
                                info=info)
 
-    def to(self, device) -> "ShardedSamples":
+    def to(self, device) -> ShardedSamples:
         out = object.__new__(ShardedSamples)
         out.__dict__.update(self.__dict__)
         out.samples = None if self.samples is None else self.samples.to(device)

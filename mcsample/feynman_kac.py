@@ -291,7 +291,7 @@ def run(model, num_particles: int, *, generator: torch.Generator | None = None,
     from its own stream (:func:`~mcsample.distributed.split_generator`), and checkpoints are
     written per rank with a manifest.
     """
-    fresh = group is not None or distributed.active() is None
+    fresh = group is not None or not distributed.entered()
     with distributed.use(group) as shard:
         if fresh and shard is not None:
             generator = distributed.split_generator(generator, device)

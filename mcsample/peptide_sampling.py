@@ -261,7 +261,10 @@ class _Counted:
 
 
 def _as_peptide(peptide_or_sequence, solvent: str, temperature: float | None):
-    from mcsample.systems.peptides import Peptide, alanine_dipeptide
+    """A Peptide, the name ``"alanine_dipeptide"``, or a one-letter sequence (a zwitterionic
+    peptide in the transferable flow's settings: amber14-all + OBC1 implicit solvent, 310 K,
+    CutoffNonPeriodic 2 nm)."""
+    from mcsample.systems.peptides import ONE_LETTER_CODES, Peptide, alanine_dipeptide
 
     if isinstance(peptide_or_sequence, Peptide):
         return peptide_or_sequence
@@ -269,12 +272,25 @@ def _as_peptide(peptide_or_sequence, solvent: str, temperature: float | None):
         key = peptide_or_sequence.strip().replace("-", "").upper()
         if key in ("ALANINEDIPEPTIDE", "ALANINE_DIPEPTIDE", "ACEALANME", "ALDP", "ADP"):
             return alanine_dipeptide(solvent, temperature=300.0 if temperature is None else temperature)
+        if len(key) >= 2 and key.isalpha() and not set(key) - set(ONE_LETTER_CODES):
+            return Peptide.from_sequence(key, caps=False, solvent=solvent,
+                                         temperature=310.0 if temperature is None else temperature,
+                                         cutoff=2.0)
         raise ValueError(
-            f"no shipped flow for {peptide_or_sequence!r}: the shipped Boltzmann generators cover "
-            "alanine dipeptide ('alanine_dipeptide', AMBER ff96, OBC1 or vacuum, 300 K); pass a "
-            "Peptide and a proposal= trained for it (mcsample.flows.training)"
-        )
-    raise TypeError(f"expected a Peptide or a name, got {type(peptide_or_sequence).__name__}")
+            f"{peptide_or_sequence!r} is not a peptide name or a sequence of at least two one-letter "
+            f"codes ({''.join(sorted(ONE_LETTER_CODES))}); give e.g. 'alanine_dipeptide' or 'AL'")
+    raise TypeError(f"expected a Peptide, a name or a sequence, got {type(peptide_or_sequence).__name__}")
+
+
+def default_proposal(peptide):
+    """The shipped single-molecule Boltzmann generator of ``peptide`` when there is one, else
+    the transferable flow's proposal for it (:func:`mcsample.flows.pretrained`)."""
+    from mcsample.flows import pretrained
+
+    try:
+        return pretrained(peptide)
+    except ValueError:
+        return pretrained("transferable").proposal(peptide)
 
 
 def sample_peptide(
@@ -289,23 +305,28 @@ def sample_peptide(
     temperature: float | None = None,
     batch_size: int = 4096,
     smc_steps: int = 5,
+    finetune_rounds: int = 8,
     num_samples: int | None = None,
 ) -> PeptideEnsemble:
     r"""Boltzmann-weighted configurations of ``peptide`` from a trained Boltzmann generator.
 
     Args:
-        peptide: a :class:`~mcsample.systems.peptides.Peptide` (e.g. ``alanine_dipeptide("obc1")``)
-            or the name ``"alanine_dipeptide"`` (then ``solvent`` and ``temperature`` build it).
+        peptide: a :class:`~mcsample.systems.peptides.Peptide` (e.g. ``alanine_dipeptide("obc1")``),
+            the name ``"alanine_dipeptide"``, or a one-letter sequence such as ``"EW"`` (a
+            zwitterionic peptide, amber14-all + OBC1, 310 K, 2 nm cutoff); ``solvent`` and
+            ``temperature`` build it.
         num_particles: importance samples (``"is"``) or SMC particles (``"smc"``). The default,
             10⁵ (about 25 s of IS on 2 CPU cores), is what the ΔF(φ>0 − φ<0) error bar needs: with
             the shipped vacuum flow its run-to-run spread was 1.7× the reported stderr at 10⁵
             draws and 2.7× at 2·10⁴ (the φ>0 basins are met by a few heavy weights).
-        method: ``"is"`` or ``"smc"`` (module docstring).
+        method: ``"is"``, ``"smc"`` (module docstring) or ``"finetune+smc"`` (SNIS
+            self-improvement of a copy of the proposal on this peptide,
+            :func:`mcsample.flows.training.fit_snis` with ``finetune_rounds`` rounds, then SMC).
         generator: ``torch.Generator`` for reproducible results.
         progress: progress bars.
         proposal: a :class:`~mcsample.flows.boltzmann_generator.BoltzmannGenerator` (default:
-            the shipped one for this peptide, :func:`mcsample.flows.pretrained`); its recorded
-            system must match ``peptide`` (force field, solvent, temperature, topology).
+            the shipped one for this peptide, else the transferable flow's proposal for it:
+            :func:`default_proposal`); its recorded system must match ``peptide``.
         batch_size: configurations per energy batch for ``"is"``.
         smc_steps: MALA + independence moves per SMC step.
         num_samples: deprecated name of ``num_particles``.
@@ -315,11 +336,10 @@ def sample_peptide(
         diagnostics. ``log_prob = -U/kT`` with U in kJ/mol.
     """
     import mcsample as mc
-    from mcsample.flows import pretrained
     from mcsample.flows.boltzmann_generator import LOG_RIGID_VOLUME, BoltzmannGenerator
 
-    if method not in ("is", "smc"):
-        raise ValueError(f"method must be 'is' or 'smc', got {method!r}")
+    if method not in ("is", "smc", "finetune+smc"):
+        raise ValueError(f"method must be 'is', 'smc' or 'finetune+smc', got {method!r}")
     if num_samples is not None:
         if num_particles is not None:
             raise TypeError("sample_peptide: pass num_particles or the deprecated num_samples, not both")
@@ -334,12 +354,23 @@ def sample_peptide(
     t0 = time.perf_counter()
     peptide = _as_peptide(peptide, solvent, temperature)
     if proposal is None:
-        proposal = pretrained(peptide)
+        proposal = default_proposal(peptide)
     if not isinstance(proposal, BoltzmannGenerator):
         raise TypeError(f"proposal must be a BoltzmannGenerator, got {type(proposal).__name__}")
     proposal.check_identity(peptide)
     if generator is None:
         generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ())))
+    finetune_evaluations = 0
+    if method == "finetune+smc":
+        import copy
+
+        from mcsample.flows.training import fit_snis
+
+        proposal = copy.deepcopy(proposal)
+        draws = min(num_particles, 2048)
+        fit_snis(proposal, peptide.log_prob, rounds_per_beta=finetune_rounds, num_samples=draws,
+                 buffer_size=draws, steps_per_round=20, lr=1e-4, progress=progress, generator=generator)
+        finetune_evaluations = finetune_rounds * draws
     if method == "is":
         target = _Counted(peptide)
         ws = mc.importance_sample(target, proposal, num_particles, batch_size=batch_size,
@@ -368,7 +399,7 @@ def sample_peptide(
     diag = PeptideDiagnostics(
         ess=float(ws.ess), ess_fraction=float(ws.ess) / len(ws), khat=khat,
         log_evidence=float(ws.log_evidence), log_evidence_stderr=float(ws.log_evidence_stderr),
-        method=method, num_samples=len(ws), energy_evaluations=int(evaluations),
+        method=method, num_samples=len(ws), energy_evaluations=int(evaluations) + finetune_evaluations,
         seconds=time.perf_counter() - t0,
     )
     return PeptideEnsemble(ws, ws.normalized_weights, energies, diag, peptide)
@@ -441,12 +472,15 @@ def cli(argv=None) -> int:
         description="Boltzmann-weighted configurations of a peptide from the shipped normalizing "
         "flow, corrected by importance sampling or SMC. Writes the samples (PDB/DCD/XTC/SDF), their "
         "weights and a JSON summary, and prints diagnostics, ΔF(φ>0 − φ<0) and basin populations.")
-    ap.add_argument("input", help="'alanine_dipeptide' (or ACE-ALA-NME), or a PDB file of it")
+    ap.add_argument("input", help="'alanine_dipeptide' (or ACE-ALA-NME), a PDB file of it, or a one-letter "
+                    "sequence such as EW (a zwitterionic peptide sampled from the transferable flow)")
     ap.add_argument("-n", "--num-samples", type=int, default=100_000,
                     help="importance samples or SMC particles, at least 2 (default: %(default)s)")
-    ap.add_argument("--method", choices=["is", "smc"], default="is", help="estimator (default: %(default)s)")
+    ap.add_argument("--method", choices=["is", "smc", "finetune+smc"], default="is",
+                    help="estimator; finetune+smc refits a copy of the flow to this peptide first (default: %(default)s)")
     ap.add_argument("--solvent", choices=["obc1", "vacuum"], default="obc1",
-                    help="AMBER ff96 with OBC1 implicit solvent, or vacuum (default: %(default)s)")
+                    help="OBC1 implicit solvent or vacuum (AMBER ff96 for alanine dipeptide, amber14-all "
+                    "for sequences) (default: %(default)s)")
     ap.add_argument("--seed", type=seed, default=0, help="random seed (default: %(default)s)")
     ap.add_argument("-o", "--out", default="peptide_samples.pdb",
                     help="samples file, .pdb/.dcd/.xtc/.sdf; the weights and summary go to "

@@ -36,10 +36,11 @@ neighbouring temperatures (even pairs, then odd pairs, alternating), accepted wi
 swapped configurations keep their velocities rescaled by :math:`\sqrt{T_\mathrm{new}/T_\mathrm{old}}`.
 Frames are recorded at the first (target) temperature.
 
-Blow-ups (non-finite positions or energies, or energies above ``max_energy``) raise :class:`BlowUpError` naming the replicas, the
-step and their temperature. Randomness comes from ``generator`` (a ``torch.Generator`` on the
-positions' device): the initial Maxwell velocities, the O steps and the swap decisions.
-Nothing leaves the device inside the loop but one finiteness check per recorded frame.
+Blow-ups (non-finite positions or energies, or energies above ``max_energy``) raise
+:class:`BlowUpError` naming the replicas, the step and their temperature. Randomness comes from
+``generator`` (a ``torch.Generator`` on the positions' device): the initial Maxwell velocities,
+the O steps and the swap decisions. Nothing leaves the device inside the loop but one check
+per recorded frame.
 """
 
 from __future__ import annotations
@@ -409,10 +410,11 @@ def _run(model: _Model, kT_rows: Tensor, num_frames: int, report_steps: int, eq_
     total = eq_steps + num_frames * report_steps
     bar = tqdm(total=total, disable=not progress, desc=desc, unit="step", mininterval=1.0)
     with bar:
-        if eq_steps:
-            x, v, f, u, bad, step = advance(x, v, f, u, bad, eq_steps, step)
+        while step < eq_steps:                                  # unrecorded, in report-sized chunks
+            n = min(report_steps, eq_steps - step)
+            x, v, f, u, bad, step = advance(x, v, f, u, bad, n, step)
             _raise_if_blown_up(bad, integ.kT, timestep_fs, max_energy)
-            bar.update(eq_steps)
+            bar.update(n)
         for i in range(num_frames):
             x, v, f, u, bad, step = advance(x, v, f, u, bad, report_steps, step)
             _raise_if_blown_up(bad, integ.kT, timestep_fs, max_energy)

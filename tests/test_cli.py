@@ -146,7 +146,7 @@ def test_conformers_bad_input(argv, needles, tmp_path, monkeypatch, capfd):
     [
         (["missing.pdb"], ["no such file: missing.pdb"]),
         (["XZ1"], ["no shipped flow for 'XZ1'", "not a peptide name or a sequence", "one-letter codes"]),
-        (["AAA"], ["no shipped flow for 'AAA'"]),
+        (["A"], ["sequence of at least two one-letter codes"]),
         (["alanine_dipeptide", "-n", "0"], ["-n/--num-samples", "at least 2, got 0"]),
         (["alanine_dipeptide", "-n", "1"], ["at least 2"]),
         (["alanine_dipeptide", "--solvent", "water"], ["--solvent", "invalid choice"]),

@@ -193,6 +193,9 @@ def check_smc(rank: int, world: int, out: dict, outdir: Path) -> None:
                         "local": len(ws), "resampled": ws.info["resampled_at"]}
     isr = mc.importance_sample(target, initial, 4000, generator=torch.Generator().manual_seed(9))
     out["importance"] = {"log_evidence": isr.log_evidence, "stderr": isr.log_evidence_stderr, "local": len(isr)}
+    alone = mc.smc(target, initial, 300, generator=torch.Generator().manual_seed(rank), group=False, **kw)
+    out["alone"] = {"type": type(alone.particles).__name__, "local": len(alone.particles),
+                    "log_evidence": alone.log_evidence}
     tds = tds_problem().run(1000, generator=torch.Generator().manual_seed(10), dtype=F64)
     out["tds"] = {"log_evidence": tds.log_evidence, "stderr": tds.log_evidence_stderr, "local": len(tds)}
 
@@ -456,6 +459,11 @@ def test_islands_combine_to_the_mean_evidence(two):
         assert r["islands"]["info"]["island_share"] == pytest.approx(torch.softmax(z, 0).tolist(), abs=1e-12)
     assert abs(combined - exact) < 4 * float(results[0]["islands"]["stderr"])
     assert len(set(info["island_log_evidence"])) == 2  # independent islands
+    mean, se = results[0]["islands"]["mean"]
+    assert bool(((mean - gaussian_target().mean).abs() < 5 * se).all())
+    for r in results:  # group=False inside a process group: a whole run on each process
+        assert r["alone"]["type"] == "WeightedSamples" and r["alone"]["local"] == 300
+    assert results[0]["alone"]["log_evidence"] != results[1]["alone"]["log_evidence"]
 
 
 def test_corrector_posterior_and_importance_run_sharded(two):
@@ -489,9 +497,9 @@ def test_failure_on_one_rank_stops_every_rank(two):
 def test_single_process_is_unchanged():
     """Without a process group, group=None and group=False give the same run as before."""
     target, initial = gaussian_target(), broad_initial()
-    a = mc.smc(target, initial, 200, kernel=mc.kernels.RandomWalk(num_steps=1), generator=torch.Generator().manual_seed(0))
-    b = mc.smc(target, initial, 200, kernel=mc.kernels.RandomWalk(num_steps=1), generator=torch.Generator().manual_seed(0),
-               group=False)
+    kernel = mc.kernels.RandomWalk(num_steps=1)
+    a = mc.smc(target, initial, 200, kernel=kernel, generator=torch.Generator().manual_seed(0))
+    b = mc.smc(target, initial, 200, kernel=kernel, generator=torch.Generator().manual_seed(0), group=False)
     assert type(a.particles) is WeightedSamples and torch.equal(a.particles.samples, b.particles.samples)
     with pytest.raises(RuntimeError, match="not initialized"):
         mc.smc(target, initial, 200, group=D.islands())

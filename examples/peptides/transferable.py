@@ -1,0 +1,241 @@
+"""Train the transferable dipeptide flow, and evaluate it on sequences it never saw.
+
+``train``: maximum likelihood of :class:`mcsample.flows.transferable.TransferableFlow` over the
+equilibrium frames of the 48 training dipeptides made by ``transferable_data.py`` (internal
+coordinates of every frame, packed across sequences; 10% of each sequence's walkers held out
+for the validation NLL), with a progress bar and a resumable checkpoint; the trained weights
+go to ``flows/checkpoints/transferable.pt`` with their provenance (data manifest, settings,
+seed, validation NLL, wall time).
+
+``evaluate``: for each sequence (default: the 8 held-out dipeptides EW FF IQ LQ PE TL VT YW and
+4 training ones as a control), with reference parallel-tempering MD of the same settings as the
+training data (``transferable_data.py``'s sampler, another seed): zero-shot importance sampling
+(normalized Kish ESS, energy W2 in kT, torus W2 of the backbone phi/psi), the same after SNIS
+fine-tuning on that sequence (Prose's self-improvement, :func:`mcsample.flows.training.fit_snis`),
+and after SMC from the flow (:func:`mcsample.sample_peptide` with ``method="smc"``); wall time
+and energy evaluations of each. One table printed and written as
+``outputs/peptides/transferable/evaluation.json``, and Ramachandran plots (flow, corrected, MD)
+side by side per sequence, ``outputs/peptides/transferable/rama_<SEQ>.png``.
+
+Usage::
+
+    python examples/peptides/transferable_data.py           # the data (see its docstring)
+    python examples/peptides/transferable.py train          # writes flows/checkpoints/transferable.pt
+    python examples/peptides/transferable.py evaluate       # held-out table, JSON and plots
+    python examples/peptides/transferable.py evaluate --quick --sequences EW   # a minute
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+sys.path.insert(0, str(HERE))
+
+from transferable_data import TRAINING_SEQUENCES  # noqa: E402
+
+HELD_OUT = ("EW", "FF", "IQ", "LQ", "PE", "TL", "VT", "YW")
+CONTROLS = ("AL", "GR", "KW", "SP")
+CHECKPOINT = ROOT / "flows" / "checkpoints" / "transferable.pt"
+#: training recipe of the shipped checkpoint
+RECIPE = {"architecture": {"layers": 8, "width": 64, "heads": 4, "depth": 2, "bins": 8},
+          "steps": 3000, "batch_size": 256, "lr": 1e-3, "seed": 0}
+
+
+def make_peptide(seq: str):
+    from mcsample.systems.peptides import Peptide
+
+    return Peptide.from_sequence(seq, caps=False, solvent="obc1", temperature=310.0, cutoff=2.0)
+
+
+def load_frames(folder: Path, seq: str):
+    """``(peptide, xyz float32 (F, n, 3) nm, walker (F,))`` of one sequence's data file."""
+    from mcsample.systems.md import load_npz
+
+    path = folder / f"{seq}.npz"
+    if not path.exists():
+        raise SystemExit(f"{path} is missing: run examples/peptides/transferable_data.py first")
+    res = load_npz(path)
+    with np.load(path, allow_pickle=False) as f:
+        walker = f["walker"] if "walker" in f.files else np.zeros(res.n_frames, dtype=np.int64)
+    return res.trajectory.xyz.astype(np.float32), walker
+
+
+def train(args) -> None:
+    from mcsample.flows.training import fit_maximum_likelihood, save_flow, validation_nll
+    from mcsample.flows.transferable import PackedFlow, TransferableConfig, TransferableFlow, pack, tokenize
+
+    torch.manual_seed(RECIPE["seed"])
+    flow = TransferableFlow(TransferableConfig(**RECIPE["architecture"]))
+    sequences = args.sequences or list(TRAINING_SEQUENCES)
+    bad = sorted(set(sequences) - set(TRAINING_SEQUENCES))
+    if bad:
+        raise SystemExit(f"not training sequences: {bad} (the held-out ones stay unseen)")
+    tokens, train_z, valid_z = [], [], []
+    t0 = time.perf_counter()
+    for seq in sequences:
+        xyz, walker = load_frames(Path(args.data), seq)
+        pep = make_peptide(seq)
+        z = flow.proposal(pep).internal(torch.as_tensor(xyz, dtype=torch.float64))
+        held = walker % 10 == 9  # one walker in ten for validation
+        tokens.append(tokenize(pep))
+        train_z.append(z[~torch.as_tensor(held)].float())
+        valid_z.append(z[torch.as_tensor(held)].float() if held.any() else z[-8:].float())
+    rows_train, rows_valid = pack(tokens, train_z), pack(tokens, valid_z)
+    print(f"{len(sequences)} sequences, {rows_train.shape[0]} training and {rows_valid.shape[0]} "
+          f"validation frames ({time.perf_counter() - t0:.0f} s to load)")
+    model = PackedFlow(flow, tokens)
+    steps = 200 if args.quick else args.steps
+    ckpt = Path(args.out).with_suffix(".training.pt")
+    history = fit_maximum_likelihood(model, rows_train, valid=rows_valid, steps=steps,
+                                     batch_size=RECIPE["batch_size"], lr=RECIPE["lr"],
+                                     valid_every=max(steps // 10, 1),
+                                     generator=torch.Generator().manual_seed(RECIPE["seed"]),
+                                     progress=True, checkpoint=ckpt, checkpoint_every=100)
+    flow.training_set = list(sequences)
+    nll = validation_nll(model, rows_valid)
+    manifest = Path(args.data) / "manifest.json"
+    meta = {"recipe": RECIPE, "steps": steps, "training_sequences": list(sequences),
+            "data": json.loads(manifest.read_text())["settings"] if manifest.exists() else str(args.data),
+            "validation_nll": nll, "wall_time_s": history.seconds,
+            "made_by": "python examples/peptides/transferable.py train"}
+    save_flow(flow, args.out, meta)
+    print(f"validation NLL {nll:.2f} nats per configuration; wrote {args.out}")
+
+
+def _metrics(pep, ws_x, log_w, md_xyz, md_energies) -> dict:
+    """Normalized ESS, energy W2 (kT) and torus W2 of phi/psi against the MD reference."""
+    import mcsample as mc
+    from mcsample.systems import analysis as A
+
+    kT = float(pep.kT)
+    with torch.no_grad():
+        energies = -(pep.log_prob(ws_x) * kT).numpy()
+    lw = log_w.numpy()
+    phi, psi = A.ramachandran_angles(ws_x.numpy(), pep.topology)
+    mphi, mpsi = A.ramachandran_angles(md_xyz, pep.topology)
+    return {
+        "ess_fraction": float(mc.ess(log_w)) / len(lw),
+        "energy_w2_kT": float(A.energy_wasserstein(energies / kT, md_energies / kT, log_weights_p=lw)),
+        "torus_w2": float(A.torus_wasserstein(np.stack([phi, psi], -1), np.stack([mphi, mpsi], -1),
+                                              log_weights_p=lw)),
+        "phi": phi, "psi": psi, "log_w": lw,
+    }
+
+
+def evaluate(args) -> None:
+    import mcsample as mc
+    from mcsample.flows.training import fit_snis, load_flow
+    from mcsample.systems import analysis as A
+    from transferable_data import default_settings, simulate
+
+    out = Path(args.results)
+    out.mkdir(parents=True, exist_ok=True)
+    flow = load_flow(args.checkpoint)
+    sequences = args.sequences or list(HELD_OUT + CONTROLS)
+    n = 512 if args.quick else args.num_particles
+    settings = default_settings(quick=args.quick)
+    rows, table = {}, []
+    for seq in sequences:
+        pep = make_peptide(seq)
+        ref_dir = out / "reference_md"
+        md = simulate(seq, settings, ref_dir, seed_offset=1000, progress=False)
+        md_xyz, md_energies = md["xyz"], md["energies"]
+        row = {"sequence": seq, "held_out": seq not in TRAINING_SEQUENCES, "md_frames": len(md_xyz)}
+        g = torch.Generator().manual_seed(0)
+        # zero-shot importance sampling
+        t0 = time.perf_counter()
+        prop = flow.proposal(pep)
+        ws = mc.importance_sample(pep, prop, n, batch_size=1024, generator=g)
+        zs = _metrics(pep, ws.samples, ws.log_weights, md_xyz, md_energies)
+        row["zero_shot"] = {k: v for k, v in zs.items() if k not in ("phi", "psi", "log_w")}
+        row["zero_shot"].update(seconds=time.perf_counter() - t0, energy_evaluations=n)
+        # SNIS fine-tuning on this sequence, then importance sampling again
+        t0 = time.perf_counter()
+        tuned = copy.deepcopy(flow).proposal(pep)
+        rounds = 2 if args.quick else args.finetune_rounds
+        fit_snis(tuned, pep.log_prob, rounds_per_beta=rounds, num_samples=min(n, 2048),
+                 buffer_size=min(n, 2048), steps_per_round=20, lr=1e-4, progress=False,
+                 generator=torch.Generator().manual_seed(1))
+        ws_ft = mc.importance_sample(pep, tuned, n, batch_size=1024, generator=torch.Generator().manual_seed(2))
+        ft = _metrics(pep, ws_ft.samples, ws_ft.log_weights, md_xyz, md_energies)
+        row["finetuned"] = {k: v for k, v in ft.items() if k not in ("phi", "psi", "log_w")}
+        row["finetuned"].update(seconds=time.perf_counter() - t0, energy_evaluations=n + rounds * min(n, 2048))
+        # SMC from the (zero-shot) flow
+        t0 = time.perf_counter()
+        ens = mc.sample_peptide(pep, min(n, 1024), method="smc", proposal=prop,
+                                generator=torch.Generator().manual_seed(3))
+        sm = _metrics(pep, ens.particles.samples, ens.particles.log_weights, md_xyz, md_energies)
+        row["smc"] = {k: v for k, v in sm.items() if k not in ("phi", "psi", "log_w")}
+        row["smc"].update(seconds=time.perf_counter() - t0,
+                          energy_evaluations=int(ens.diagnostics.energy_evaluations))
+        rows[seq] = row
+        table.append(row)
+        mphi, mpsi = A.ramachandran_angles(md_xyz, pep.topology)
+        _plot(out / f"rama_{seq}.png", seq, zs, sm, (mphi, mpsi))
+        print(_line(row), flush=True)
+    (out / "evaluation.json").write_text(json.dumps({"particles": n, "rows": table}, indent=1))
+    print(f"wrote {out / 'evaluation.json'}")
+
+
+def _line(row: dict) -> str:
+    z, f, s = row["zero_shot"], row["finetuned"], row["smc"]
+    tag = "held-out" if row["held_out"] else "training"
+    return (f"{row['sequence']:3s} {tag:8s} ESS {z['ess_fraction']:.3%} -> {f['ess_fraction']:.3%} | "
+            f"energy W2 {z['energy_w2_kT']:.2f} / {f['energy_w2_kT']:.2f} / {s['energy_w2_kT']:.2f} kT | "
+            f"torus W2 {z['torus_w2']:.3f} / {f['torus_w2']:.3f} / {s['torus_w2']:.3f} "
+            f"(flow IS / fine-tuned IS / SMC)")
+
+
+def _plot(path: Path, seq: str, flow_metrics: dict, smc_metrics: dict, md) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(12, 4), sharex=True, sharey=True)
+    panels = [("flow (unweighted)", flow_metrics["phi"], flow_metrics["psi"], None),
+              ("SMC (weighted)", smc_metrics["phi"], smc_metrics["psi"], np.exp(smc_metrics["log_w"] - smc_metrics["log_w"].max())),
+              ("MD (reference)", md[0], md[1], None)]
+    for ax, (title, phi, psi, w) in zip(axes, panels):
+        ax.hist2d(phi, psi, bins=60, range=[[-np.pi, np.pi], [-np.pi, np.pi]], weights=w, cmap="viridis")
+        ax.set_title(f"{seq}: {title}")
+        ax.set_xlabel("phi")
+    axes[0].set_ylabel("psi")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="stage", required=True)
+    tr = sub.add_parser("train", help="maximum likelihood over the 48 training sequences")
+    tr.add_argument("--data", default="outputs/peptides/transferable", help="data folder (default: %(default)s)")
+    tr.add_argument("--out", default=str(CHECKPOINT), help="checkpoint to write (default: %(default)s)")
+    tr.add_argument("--steps", type=int, default=RECIPE["steps"], help="Adam steps (default: %(default)s)")
+    tr.add_argument("--sequences", nargs="*", help="a subset of the training sequences (default: all 48)")
+    tr.add_argument("--quick", action="store_true", help="200 steps (a smoke run)")
+    ev = sub.add_parser("evaluate", help="held-out table, JSON and Ramachandran plots")
+    ev.add_argument("--checkpoint", default=str(CHECKPOINT), help="trained flow (default: %(default)s)")
+    ev.add_argument("--results", default="outputs/peptides/transferable", help="output folder (default: %(default)s)")
+    ev.add_argument("--sequences", nargs="*", help="sequences to evaluate (default: 8 held-out + 4 training)")
+    ev.add_argument("--num-particles", type=int, default=8192, help="IS draws per sequence (default: %(default)s)")
+    ev.add_argument("--finetune-rounds", type=int, default=8, help="SNIS rounds (default: %(default)s)")
+    ev.add_argument("--quick", action="store_true", help="512 draws, 2 SNIS rounds, short reference MD")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    (train if args.stage == "train" else evaluate)(args)
+
+
+if __name__ == "__main__":
+    main()
