@@ -308,20 +308,19 @@ class TransferableFlow(nn.Module):
         p = self.conditioners[layer](chem, u, valid, t)
         K = self.architecture.bins
         w, h, d = p[..., :K], p[..., K:2 * K], p[..., 2 * K:]
+        # one spline on [-B, B] for every cell: torsions are shifted by π (the circular spline of
+        # Rezende et al. 2020) and scaled by B/π in and π/B out, which leaves log h' unchanged
         cfg = self.architecture
-        real = MonotonicRQSTransform(w, h, d, bound=cfg.bound, slope=cfg.slope)
-        circ = MonotonicRQSTransform(w, h, d, bound=math.pi, slope=cfg.slope)
+        spline = MonotonicRQSTransform(w, h, d, bound=cfg.bound, slope=cfg.slope)
+        c = cfg.bound / math.pi
         if not inverse:
-            yr, lr = real.call_and_ladj(u)
-            yc, lc = circ.call_and_ladj(_SHIFT(u))
-            y = torch.where(circular, yc, yr)
+            v = torch.where(circular, _SHIFT(u) * c, u)
+            y, ladj = spline.call_and_ladj(v)
+            y = torch.where(circular, y / c, y)
         else:
-            xr = real.inv(u)
-            sc = circ.inv(u)
-            _, lr = real.call_and_ladj(xr)
-            _, lc = circ.call_and_ladj(sc)
-            y = torch.where(circular, _SHIFT.inv(sc), xr)
-        ladj = torch.where(circular, lc, lr)
+            v = spline.inv(torch.where(circular, u * c, u))
+            _, ladj = spline.call_and_ladj(v)
+            y = torch.where(circular, _SHIFT.inv(v / c), v)
         y = torch.where(t, y, u)
         return y, torch.where(t, ladj, torch.zeros_like(ladj)).flatten(1).sum(-1)
 

@@ -362,10 +362,10 @@ def init(backend: str | None = None, **kwargs) -> Shard | None:
     for a single process)."""
     dist = _dist()
     env = os.environ
-    if "RANK" not in env and "SLURM_PROCID" in env:
+    if "RANK" not in env and int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:
         env["RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], env["SLURM_NTASKS"]
         env.setdefault("LOCAL_RANK", env.get("SLURM_LOCALID", "0"))
-    if "RANK" not in env:  # plain `python script.py`: one process
+    if "RANK" not in env or int(env.get("WORLD_SIZE", "1")) < 2:  # `python script.py`: one process
         return None
     cuda = torch.cuda.is_available()
     if cuda:
@@ -391,6 +391,12 @@ def _owner(ids: Tensor, num: int, world_size: int) -> Tensor:
     edge = rem * (q + 1)
     owner = torch.where(ids < edge, ids // (q + 1), rem + (ids - edge) // max(q, 1))
     return owner.clamp(min=0, max=world_size - 1)
+
+
+def is_main() -> bool:
+    """Whether this process prints and shows progress: rank 0, or not in a sharded run."""
+    s = active()
+    return s is None or s.rank == 0
 
 
 def local_size(num_particles: int) -> int:
@@ -1082,6 +1088,9 @@ class ShardedSamples(WeightedSamples):
                                log_scale=self.log_scale.cpu(), genealogy=genealogy, ess_history=self.ess_history,
                                info=info)
 
+    def __getstate__(self) -> dict:  # saved results keep their numbers, not the process group
+        return {**self.__dict__, "_shard": None}
+
     def to(self, device) -> ShardedSamples:
         out = object.__new__(ShardedSamples)
         out.__dict__.update(self.__dict__)
@@ -1118,8 +1127,14 @@ def _global_khat(shard: Shard, log_w: Tensor, num: int) -> Tensor:
     k = min(M + 1, log_w.numel())
     top = torch.full((M + 1,), -math.inf, dtype=torch.float64)
     top[:k] = torch.topk(log_w.to(torch.float64).cpu(), k).values
-    allv = shard.all_gather(top).reshape(-1)
-    tail = torch.topk(allv, M + 1).values.flip(0)  # ascending: the cutoff, then the M largest
+    tops = shard.gather(top, 0)  # the tails go to rank 0 only; k-hat comes back
+    khat = _khat_of_tail(torch.cat(tops), M) if tops is not None else torch.zeros((), dtype=torch.float64)
+    return shard.broadcast(khat.reshape(1).to(torch.float64))[0]
+
+
+def _khat_of_tail(values: Tensor, M: int) -> Tensor:
+    inf = torch.tensor(math.inf, dtype=torch.float64)
+    tail = torch.topk(values, M + 1).values.flip(0)  # ascending: the cutoff, then the M largest
     lw = tail - tail[-1]
     cutoff = torch.clamp(lw[0], min=math.log(torch.finfo(torch.float64).tiny))
     if bool(lw[-1] <= cutoff):

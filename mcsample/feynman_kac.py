@@ -30,6 +30,10 @@ This module holds the pieces that are the same for every model, in the style of 
   (:mod:`mcsample.checkpoint`), resume ("resumed at step k of n"), identical results to an
   uninterrupted run.
 
+With a ``torch.distributed`` process group the population is sharded over processes
+(:mod:`mcsample.distributed`): each rank's state holds its share of the particles, and the
+ESS, the evidence increments and the resampling here are those of the whole population.
+
 A model is any object with ``name``, ``init(generator) -> FKState``,
 ``step(state, generator) -> FKState`` (pure), ``done(state) -> bool`` and
 ``progress(state) -> (position, total, postfix)``; optionally ``prepare(state)`` (deterministic

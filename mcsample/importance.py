@@ -85,7 +85,8 @@ def importance_sample(
     shapes: dict[str, torch.Size] = {}
     samples = None
     log_ws = torch.empty(0)
-    bar = tqdm(total=num_samples, disable=not progress, desc="importance sampling", unit="x")
+    bar = tqdm(total=num_samples, disable=not (progress and distributed.is_main()), desc="importance sampling",
+               unit="x")
     done = 0
     with torch.no_grad():
         while done < num_samples:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields, replace
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
 from torch import Tensor
@@ -205,6 +205,9 @@ class Genealogy:
     banked0: Tensor | None = None
     lag: int = 32
 
+    #: below this many lineages in the lag window the genealogy estimate is not used
+    MIN_LINEAGES: ClassVar[int] = 10
+
     @classmethod
     def start(cls, num_particles: int, device=None, lag: int = 32) -> "Genealogy":
         """Each of ``num_particles`` particles its own Eve, no resampling yet."""
@@ -295,7 +298,18 @@ class Genealogy:
         if not self.has_history:
             return self.lee_whiteley_variance(log_w).clamp(min=0.0)
         v = self.lag_variance(log_w)
-        return torch.where(v > 0, v, self.block_variance(log_w))
+        healthy = (v > 0) & (self.lineages(log_w) >= self.MIN_LINEAGES)
+        return torch.where(healthy, v, self.block_variance(log_w))
+
+    def lineages(self, log_w: Tensor) -> Tensor:
+        """Number of distinct ancestors, at the start of the lag window, of the particles with
+        positive weight (the Eves while the run is shorter than the lag)."""
+        W = torch.softmax(log_w.to(torch.float64), 0)
+        depth = 0 if self.enochs is None else self.enochs.shape[0]
+        groups = (self.eves if self.enochs is None else None) if depth == 0 else self.enochs[depth - 1]
+        if groups is None:
+            return (W > 0).sum()
+        return (torch.zeros_like(W).index_add_(0, groups.to(W.device), W) > 0).sum()
 
     def log_evidence_stderr(self, log_w: Tensor) -> Tensor:
         """float64 standard error of :math:`\\log\\hat Z` (delta method), ``log_w`` the final

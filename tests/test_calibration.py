@@ -71,11 +71,12 @@ def _check(stats: dict) -> None:
 # -- the estimator on its own ------------------------------------------------------------------
 
 
-def _independent_blocks(scheme: str, seed: int, n: int = 256, blocks: int = 40, sigma: float = 0.3):
-    """Log-weights drawn afresh in every block (perfect mixing): the exact relative variance of
-    :math:`\\hat Z` is :math:`(1 + (e^{\\sigma^2}-1)/N)^{B} - 1`; returns (error, genealogy, log_w)."""
+def _independent_blocks(scheme: str, seed: int, n: int = 256, blocks: int = 24, sigma: float = 0.3):
+    """Log-weights drawn afresh in every block (perfect mixing), lag 8 < 23 resampling events:
+    the exact relative variance of :math:`\hat Z` is :math:`(1 + (e^{\sigma^2}-1)/N)^{B} - 1`.
+    Returns the error of :math:`\log\hat Z`, the genealogy and the last log-weights."""
     g = torch.Generator().manual_seed(seed)
-    gen = Genealogy.start(n)
+    gen = Genealogy.start(n, lag=8)
     err = 0.0
     for k in range(blocks):
         log_w = sigma * torch.randn(n, dtype=F64, generator=g)
@@ -87,11 +88,12 @@ def _independent_blocks(scheme: str, seed: int, n: int = 256, blocks: int = 40, 
 
 @pytest.mark.parametrize("scheme", ["systematic", "stratified", "ssp", "residual", "multinomial"])
 def test_independent_blocks_coverage_for_every_scheme(scheme):
-    """With weights independent across 40 resampling blocks the 2-stderr interval covers the
-    error in 85-99 % of 100 runs for every scheme. Lee & Whiteley's multinomial correction
-    goes negative for the low-variance schemes (measured: below 5 % coverage)."""
+    """With weights independent across 24 resampling blocks the 2-stderr interval covers the
+    error in 85-99 % of 200 runs for every scheme (measured 0.91-0.96; with 200 runs a true
+    0.91 falls below 0.85 with probability 1e-3). Lee & Whiteley's multinomial correction goes
+    negative for the low-variance schemes (measured coverage 0-3 %, 52 % for multinomial)."""
     errs, ses = [], []
-    for seed in SEEDS:
+    for seed in range(200):
         err, gen, log_w = _independent_blocks(scheme, seed)
         errs.append(err)
         ses.append(float(gen.log_evidence_stderr(log_w)))
@@ -124,15 +126,17 @@ def test_plain_importance_sampling_is_the_delta_method():
 
 def test_degenerate_genealogy_falls_back_to_block_sum():
     """Every particle descends from one Eve after a long run with multinomial resampling of
-    near-uniform weights; the genealogy estimate is then not positive and the sum of the
-    blocks' delta-method variances is reported instead of zero."""
+    near-uniform weights, and the genealogy estimate says 1 (one lineage: no information). The
+    sum of the blocks' delta-method variances is reported instead; here, with weights
+    independent across blocks, it is the right answer, about 301 (e^{0.05^2} - 1) / 32."""
     g = torch.Generator().manual_seed(1)
     gen = Genealogy.start(32, lag=1000)
     for _ in range(300):
         log_w = 0.05 * torch.randn(32, dtype=F64, generator=g)
         gen = gen.resampled(log_w, mc.resample(log_w, 32, "multinomial", g), scheme="multinomial")
     log_w = 0.05 * torch.randn(32, dtype=F64, generator=g)
-    assert gen.eves.unique().numel() == 1 and float(gen.lag_variance(log_w)) <= 0
+    assert gen.eves.unique().numel() == 1 and int(gen.lineages(log_w)) == 1
+    assert float(gen.lag_variance(log_w)) == pytest.approx(1.0)
     v = gen.log_evidence_variance(log_w)
     torch.testing.assert_close(v, gen.block_variance(log_w))
     assert 0.5 * 301 * 0.05**2 / 32 < float(v) < 2 * 301 * 0.05**2 / 32
@@ -161,12 +165,12 @@ def test_checkpoint_round_trip_and_purity(tmp_path):
 
 @pytest.mark.parametrize("scheme", ["systematic", "multinomial"])
 def test_smc(scheme):
-    """Annealed SMC (adaptive schedule, random-walk moves, N = 256) from a broad Gaussian to a
+    """Annealed SMC (adaptive schedule, random-walk moves, N = 1024) from a broad Gaussian to a
     correlated 2-D Gaussian with a known normalizer."""
     target = Gaussian(torch.tensor([2.0, -1.0], dtype=F64), torch.tensor([[0.3, 0.1], [0.1, 0.2]], dtype=F64),
                       log_scale=1.0)
     initial = torch.distributions.MultivariateNormal(torch.zeros(2, dtype=F64), 9.0 * torch.eye(2, dtype=F64))
-    stats = _coverage(lambda g: mc.smc(target, initial, 256, kernel=mc.kernels.RandomWalk(num_steps=3),
+    stats = _coverage(lambda g: mc.smc(target, initial, 1024, kernel=mc.kernels.RandomWalk(num_steps=3),
                                        scheme=scheme, generator=g).particles,
                       float(target.log_normalizer))
     _check(stats)
