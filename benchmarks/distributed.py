@@ -181,8 +181,9 @@ def main() -> None:
                                     "adaptive": summarize(ranks, "adaptive")}
     header = (f"{'scaling':7} {'R':>2} {'N':>8} {'step ms':>8} {'vs R=1':>7} {'comm %':>7} "
               f"{'adaptive ms':>11} {'comm %':>7} {'rows sent':>9} {'kB sent':>8} {'kB bound':>9} {'sent/bound':>10}")
-    print(header)
-    print("-" * len(header))
+    if args.repeats > 0:
+        print(header)
+        print("-" * len(header))
     for mode in ("weak", "strong") if args.repeats > 0 else []:
         base = results[mode][args.worlds[0]]["fixed"]["seconds"]
         for world, r in results[mode].items():

@@ -6,18 +6,53 @@ that self-normalized sums estimate expectations under the target,
 :math:`Z \approx e^{c}\,\frac1N\sum_i w_i` estimates the target's normalizer (``log_scale``
 :math:`= c` carries what earlier SMC steps already accumulated).
 
-**Error bars.** The relative variance of :math:`\hat Z` is estimated from one run by the
-genealogy-based estimator of Lee & Whiteley (2018, Biometrika), with the adaptive-resampling
-form of Du & Guyader (2021): grouping particles by their time-0 ancestor ("Eve") :math:`E_i`,
+**Error bars.** The relative variance :math:`V` of :math:`\hat Z` (the variance of
+:math:`\log\hat Z` by the delta method) is estimated from the one run by a :class:`Genealogy`,
+which the particle algorithms update at every resampling event (:meth:`Genealogy.resampled`).
 
-.. math::  \widehat{V} = 1 - \Big(\tfrac{N}{N-1}\Big)^{g}\Big(1 - \sum_e \big(\textstyle\sum_{i:E_i=e} W_i\big)^2\Big),
+*Lee & Whiteley (2018, Biometrika).* Grouping the particles by their time-0 ancestor ("Eve"),
+with :math:`S_e` the summed normalized weights of Eve :math:`e`'s descendants,
 
-where :math:`g` is the number of sampling generations (1 + resampling events). For plain
-importance sampling (every particle its own Eve, :math:`g=1`) this is exactly the delta-method
-estimate :math:`\widehat{\mathrm{Var}}(w)/(N\bar w^2)`. The standard error of
-:math:`\log\hat Z` is :math:`\sqrt{\widehat V}` (delta method). The estimator is derived for
-multinomial resampling; lower-variance schemes make it conservative, and it degrades when all
-particles descend from few Eves.
+.. math::  \widehat{V} = 1 - \Big(\tfrac{N}{N-1}\Big)^{g}\Big(1 - \sum_e S_e^2\Big),
+
+:math:`g` = 1 + resampling events. For plain importance sampling (:math:`g = 1`) this is the
+unbiased delta-method estimate :math:`\widehat{\mathrm{Var}}(w)/(N\bar w^2)`. Each factor
+:math:`N/(N-1)` removes the lineage merging of one *multinomial* resampling. Two failures: the
+lower-variance schemes (systematic, stratified, SSP, residual) merge far fewer lineages, so the
+factor over-corrects and :math:`\widehat V < 0` (MCGdiff, resampling at every step: negative in
+96 % of runs, 4 % coverage); and after many events few Eves survive and :math:`\widehat V` is
+noise (Olsson & Douc 2019).
+
+*Realized resampling noise.* Each event's factor becomes :math:`1+\kappa`, with
+:math:`\kappa = \sum_G (O_G - MW_G)^2 / (M(M-1)(1 - \sum_G W_G^2))` the realized noise of the
+offspring counts :math:`O_G` of the lineage groups :math:`G` (weights :math:`W_G`, :math:`M`
+draws): :math:`E\kappa = 1/(M-1)` for multinomial resampling (where that exact value is used, so
+the estimate is Lee & Whiteley's), :math:`\kappa\approx 0` for systematic resampling, whose
+contiguous groups keep their sizes within one of :math:`MW_G`. (This scheme-agnostic factor is
+this package's; it reduces to theirs for multinomial resampling.)
+
+*Fixed lag.* Olsson & Douc (2019, Bernoulli) trace lineages back only a fixed number of events
+("Enoch" indices) to keep the estimator stable. For the evidence the variance is a sum of one
+term per block between resampling events (Del Moral 2004, ch. 9). With :math:`\widehat U_s(j)`
+the estimate above at block :math:`s`, grouping by the ancestors :math:`j` events back (the
+contribution of blocks :math:`s-j..s`), the difference :math:`\widehat U_s(\lambda) -
+\widehat U_s(\lambda-1)` estimates block :math:`s-\lambda`'s term, and is banked when that block
+leaves the window:
+
+.. math:: \widehat V = \sum_{s=\lambda}^{n-1}\big[\widehat U_s(\lambda) - \widehat U_s(\lambda-1)\big]
+          + \widehat U_n(\min(n, \lambda)),
+
+which is the Eve estimator while :math:`n \le \lambda` (default :math:`\lambda = 32`); memory
+:math:`O(N\lambda)`, updated online.
+
+*Fallback.* When :math:`\widehat V \le 0` or fewer than 10 lineages remain in the window, the
+reported variance is the lag-0 estimate :math:`\sum_s \widehat U_s(0)`, the blocks' own
+delta-method variances summed as if independent (right when the moves mix between
+resamplings, low when they do not) — never a silent zero.
+
+Measured coverage of :math:`\pm 2` standard errors over 100 runs with exact evidences
+(``tests/test_calibration.py``): annealed SMC 0.91-0.92, the corrector 0.93, TDS 0.90, MCGdiff
+0.91, against 0.90-0.92, 0.81, 0.77 and 0.17 for Lee & Whiteley's estimator.
 
 Expectations carry the delta-method standard error of the self-normalized estimator,
 :math:`\widehat{\mathrm{se}}^2 = \sum_i W_i^2 (f(x_i) - \hat\mu)^2` (Owen 2013, sec. 9.2).
@@ -26,13 +61,15 @@ Expectations carry the delta-method standard error of the self-normalized estima
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
-from typing import Callable, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
-from mcsample.diagnostics import _check, ess as _ess, psis
+from mcsample.diagnostics import _check, psis
+from mcsample.diagnostics import ess as _ess
 from mcsample.resampling import resample as _resample
 
 __all__ = ["Estimate", "WeightedSamples", "RunningMoments", "ParticleState", "Genealogy"]
@@ -161,16 +198,18 @@ def _log_offspring_factors(W: Tensor, idx: Tensor, groups: Tensor, scheme: str |
     if scheme == "multinomial":
         return torch.full((k,), math.log1p(1.0 / (m - 1)), dtype=torch.float64, device=W.device)
     flat = (groups.to(W.device) + n * torch.arange(k, device=W.device)[:, None]).reshape(-1)
-    WG = torch.zeros(k * n, dtype=torch.float64, device=W.device).index_add_(0, flat, W.repeat(k)).reshape(k, n)
+
+    def by_group(v: Tensor) -> Tensor:  # (k, n): the sums of v over each row's groups
+        return torch.zeros(k * n, dtype=torch.float64, device=W.device).index_add_(0, flat, v.repeat(k)).reshape(k, n)
+
+    WG = by_group(W)
     if scheme == "residual":
         r = m * W - torch.floor(m * W)
-        rG = torch.zeros(k * n, dtype=torch.float64, device=W.device).index_add_(0, flat, r.repeat(k)).reshape(k, n)
-        R = r.sum()
+        rG, R = by_group(r), r.sum()
         noise = torch.where(R > 0.5, (rG * (1.0 - rG / R.clamp(min=0.5))).sum(1), torch.zeros_like(rG[:, 0]))
     else:
         counts = torch.zeros_like(W).index_add_(0, idx, torch.ones(m, dtype=torch.float64, device=W.device))
-        OG = torch.zeros(k * n, dtype=torch.float64, device=W.device).index_add_(0, flat, counts.repeat(k)).reshape(k, n)
-        noise = ((OG - m * WG) ** 2).sum(1)
+        noise = ((by_group(counts) - m * WG) ** 2).sum(1)
     den = m * (m - 1) * (1.0 - (WG * WG).sum(1))
     kappa = torch.where(den > 0, noise / den.clamp(min=1e-300), torch.zeros_like(den))
     return torch.log1p(kappa)
@@ -178,22 +217,30 @@ def _log_offspring_factors(W: Tensor, idx: Tensor, groups: Tensor, scheme: str |
 
 @dataclass(frozen=True)
 class Genealogy:
-    r"""Who descends from whom, as much as the error bars need; updated online at each
-    resampling event (:meth:`resampled`), memory :math:`O(N\cdot\text{lag})`.
+    r"""Who descends from whom, as much as the error bars need (the estimators are described
+    in the module docstring): updated online at each resampling event, memory
+    :math:`O(N\cdot\text{lag})`, never the whole history.
+
+    An algorithm calls :meth:`start` at initialization, ``genealogy =
+    genealogy.resampled(log_w, idx, scheme)`` at every resampling event and passes
+    ``genealogy=`` to :class:`WeightedSamples`; :meth:`log_evidence_stderr` then takes the
+    final log-weights.
 
     Fields (plain tensors and numbers, so that ``torch.load(weights_only=True)`` round-trips
     :meth:`to_dict`):
 
     * ``eves`` ``(N,)`` — each particle's time-0 ancestor ("Eve"); ``generations`` — 1 + the
-      number of resampling events; ``eve_log_c`` — :math:`\sum\log(1+\kappa)` over the events,
-      the resampling noise of the Eve groups (:func:`_log_offspring_factors`).
+      number of resampling events; ``eve_log_c`` — :math:`\sum\log(1+\kappa)` over the events
+      for the Eve groups (:func:`_log_offspring_factors`).
     * ``enochs`` ``(L', N)`` — row ``j`` each particle's ancestor ``j + 1`` resampling events
       back (Olsson & Douc's "Enoch" indices), :math:`L' = \min(\text{events}, \text{lag})`;
-      ``lag_log_c`` ``(L',)`` the same noise sums for the groups of those ancestors.
-    * ``banked`` — the relative variance contributed by blocks that have left the lag window;
-      ``lag`` — the window, in resampling events.
+      ``lag_log_c`` ``(L',)`` the same sums for the groups of those ancestors.
+    * ``banked`` — the relative variance of the blocks that have left the lag window;
+      ``banked0`` — the blocks' own delta-method variances (the fallback); ``lag`` — the
+      window, in resampling events.
 
-    See :meth:`log_evidence_variance` for the estimators.
+    A genealogy made by :meth:`from_ancestors` (time-0 ancestors and a count only) has no
+    online record and gives Lee & Whiteley's estimate, clamped at 0.
     """
 
     eves: Tensor
@@ -209,7 +256,7 @@ class Genealogy:
     MIN_LINEAGES: ClassVar[int] = 10
 
     @classmethod
-    def start(cls, num_particles: int, device=None, lag: int = 32) -> "Genealogy":
+    def start(cls, num_particles: int, device=None, lag: int = 32) -> Genealogy:
         """Each of ``num_particles`` particles its own Eve, no resampling yet."""
         n = int(num_particles)
         zero = torch.zeros((), dtype=torch.float64, device=device)
@@ -219,7 +266,7 @@ class Genealogy:
                    banked=zero.clone(), banked0=zero.clone(), lag=int(lag))
 
     @classmethod
-    def from_ancestors(cls, ancestors: Tensor, generations: int = 1) -> "Genealogy":
+    def from_ancestors(cls, ancestors: Tensor, generations: int = 1) -> Genealogy:
         """Time-0 ancestors and a generation count only, without the online record: the
         multinomial Lee & Whiteley estimator is all that can be computed."""
         return cls(eves=ancestors, generations=int(generations))
@@ -230,7 +277,7 @@ class Genealogy:
         return self.enochs is not None
 
     # -- the online update ----------------------------------------------------------------
-    def resampled(self, log_w: Tensor, idx: Tensor, scheme: str | None = None) -> "Genealogy":
+    def resampled(self, log_w: Tensor, idx: Tensor, scheme: str | None = None) -> Genealogy:
         r"""The genealogy after resampling with ancestor indices ``idx`` ``(M,)`` drawn from the
         float64 log-weights ``log_w`` ``(N,)`` (the weights *before* resampling) by ``scheme``
         (a name of :func:`mcsample.resample`; ``None``: unknown, the realized offspring noise
@@ -341,10 +388,10 @@ class Genealogy:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Genealogy":
+    def from_dict(cls, d: dict) -> Genealogy:
         return cls(**d)
 
-    def to(self, device) -> "Genealogy":
+    def to(self, device) -> Genealogy:
         return replace(self, **{k: v.to(device) for k, v in self.to_dict().items() if isinstance(v, Tensor)})
 
 
@@ -436,7 +483,7 @@ class WeightedSamples:
 
     @property
     def log_evidence_stderr(self) -> Tensor:
-        """Standard error of :math:`\\log\\hat Z` from one run (Lee & Whiteley 2018)."""
+        """Standard error of :math:`\\log\\hat Z` from one run (see :class:`Genealogy`)."""
         n = self.log_weights.numel()
         if bool(torch.isnan(self.log_scale)):  # the algorithm gave no evidence (see ``info``)
             return torch.tensor(math.nan, dtype=torch.float64, device=self.log_weights.device)
@@ -509,7 +556,7 @@ class WeightedSamples:
         idx = _resample(self.log_weights, num, scheme, generator)
         return self.samples[idx.to(self.samples.device)]
 
-    def to(self, device) -> "WeightedSamples":
+    def to(self, device) -> WeightedSamples:
         """A copy on ``device``."""
         return WeightedSamples(
             None if self.samples is None else self.samples.to(device),

@@ -336,18 +336,28 @@ def plot_energy_histograms(sets: dict, path, bins: int = 60, unit: str = "kJ/mol
 
 
 def energy_wasserstein(energies_p, energies_q, weights_p=None, weights_q=None,
-                       log_weights_p=None, log_weights_q=None) -> float:
-    r"""Wasserstein-1 distance :math:`\int|F_p - F_q|` between two (weighted) energy samples.
+                       log_weights_p=None, log_weights_q=None, p: int = 1) -> float:
+    r"""Wasserstein-p distance between two (weighted) energy samples, in the energies' unit
+    (kJ/mol, or kT if divided).
 
-    ``scipy.stats.wasserstein_distance``; in the energies' unit (kJ/mol, or kT if divided).
+    ``p = 1``: :math:`\int|F_p - F_q|` (``scipy.stats.wasserstein_distance``); ``p = 2``:
+    :math:`(\int_0^1 |F_p^{-1}(t) - F_q^{-1}(t)|^2dt)^{1/2}` (POT's ``ot.wasserstein_1d``), the
+    energy W2 of the transferable-sampler papers.
     """
-    from scipy.stats import wasserstein_distance
-
     a = _to_numpy(energies_p).reshape(-1).astype(np.float64)
     b = _to_numpy(energies_q).reshape(-1).astype(np.float64)
     wa = normalized_weights(a.shape[0], weights_p, log_weights_p)
     wb = normalized_weights(b.shape[0], weights_q, log_weights_q)
-    return float(wasserstein_distance(a, b, wa, wb))
+    if p == 1:
+        from scipy.stats import wasserstein_distance
+
+        return float(wasserstein_distance(a, b, wa, wb))
+    if p == 2:
+        require("ot", extra="peptides")
+        import ot
+
+        return float(np.sqrt(ot.wasserstein_1d(a, b, wa, wb, p=2)))
+    raise ValueError(f"p must be 1 or 2, got {p}")
 
 
 # --------------------------------------------------------------------------------------------

@@ -72,7 +72,7 @@ def _check(stats: dict) -> None:
 
 
 def _independent_blocks(scheme: str, seed: int, n: int = 256, blocks: int = 24, sigma: float = 0.3):
-    """Log-weights drawn afresh in every block (perfect mixing), lag 8 < 23 resampling events:
+    r"""Log-weights drawn afresh in every block (perfect mixing), lag 8 < 23 resampling events:
     the exact relative variance of :math:`\hat Z` is :math:`(1 + (e^{\sigma^2}-1)/N)^{B} - 1`.
     Returns the error of :math:`\log\hat Z`, the genealogy and the last log-weights."""
     g = torch.Generator().manual_seed(seed)
@@ -166,7 +166,9 @@ def test_checkpoint_round_trip_and_purity(tmp_path):
 @pytest.mark.parametrize("scheme", ["systematic", "multinomial"])
 def test_smc(scheme):
     """Annealed SMC (adaptive schedule, random-walk moves, N = 1024) from a broad Gaussian to a
-    correlated 2-D Gaussian with a known normalizer."""
+    correlated 2-D Gaussian with a known normalizer. Measured coverage 0.91 (systematic) and
+    0.92 (multinomial); the error bars run about 10 % short with three random-walk moves per
+    step and the adaptive schedule (200 runs: 0.93 with a fixed schedule or 20 moves)."""
     target = Gaussian(torch.tensor([2.0, -1.0], dtype=F64), torch.tensor([[0.3, 0.1], [0.1, 0.2]], dtype=F64),
                       log_scale=1.0)
     initial = torch.distributions.MultivariateNormal(torch.zeros(2, dtype=F64), 9.0 * torch.eye(2, dtype=F64))
@@ -193,7 +195,8 @@ def _tempered_log_z(model, beta: float, t: float) -> float:
 def test_fk_corrector():
     """The Feynman-Kac corrector for :math:`q^{1/2}` of a 2-D bimodal mixture (target-score
     SDE, 100 steps, N = 256, systematic resampling at ESS < N/2); the exact evidence by
-    quadrature. (Measured: mean error -0.04 against a spread of 0.16.)"""
+    quadrature. Measured: mean error -0.12 against a spread of 0.20; coverage 0.93, Lee &
+    Whiteley's estimator 0.81."""
     model = _bimodal_2d()
     grid = time_grid(VPSchedule(), 100, "uniform", t_min=1e-3)
     stats = _coverage(lambda g: C.fk_corrector(C.annealed(model, 0.5), 256, 2, grid, dtype=F64, generator=g),
@@ -230,7 +233,7 @@ def _model_chain_gaussian(sampler, m, cov):
 
 def test_tds():
     """TDS (15 steps uniform in log-SNR, N = 256) against the exact evidence of its own reverse
-    chain. Lee & Whiteley's estimator covers 61 % here (systematic resampling)."""
+    chain. Measured coverage 0.90; Lee & Whiteley's estimator 0.77 (systematic resampling)."""
     model, op, y, m, cov = _gaussian_problem()
     smp = P.TDS(model, op, y, num_steps=15, grid="log_snr")
     mu0, S0 = _model_chain_gaussian(smp, m, cov)
@@ -240,7 +243,8 @@ def test_tds():
 
 def test_mcgdiff():
     """MCGdiff (30 steps, resampling at every step, N = 256) on the Gaussian prior; exact
-    :math:`\\log p(y)`. Lee & Whiteley's estimate is negative in most runs here."""
+    :math:`\\log p(y)`. Measured coverage 0.91; Lee & Whiteley's estimator 0.17 (its
+    multinomial correction over-corrects the 32 systematic resamplings)."""
     model, op, y, m, cov = _gaussian_problem()
     exact = float(linear_gaussian_posterior(op.A, op.sigma_y, y, m, cov)[2])
     _check(_coverage(lambda g: P.mcgdiff(model, op, y, 256, num_steps=30, generator=g, dtype=F64), exact))

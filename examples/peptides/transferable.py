@@ -47,8 +47,8 @@ HELD_OUT = ("EW", "FF", "IQ", "LQ", "PE", "TL", "VT", "YW")
 CONTROLS = ("AL", "GR", "KW", "SP")
 CHECKPOINT = ROOT / "flows" / "checkpoints" / "transferable.pt"
 #: training recipe of the shipped checkpoint
-RECIPE = {"architecture": {"layers": 8, "width": 64, "heads": 4, "depth": 2, "bins": 8},
-          "steps": 3000, "batch_size": 256, "lr": 1e-3, "seed": 0}
+RECIPE = {"architecture": {"layers": 8, "width": 48, "heads": 4, "depth": 1, "bins": 8},
+          "steps": 1500, "batch_size": 256, "lr": 1e-3, "seed": 0}
 
 
 def make_peptide(seq: str):
@@ -58,16 +58,32 @@ def make_peptide(seq: str):
 
 
 def load_frames(folder: Path, seq: str):
-    """``(peptide, xyz float32 (F, n, 3) nm, walker (F,))`` of one sequence's data file."""
-    from mcsample.systems.md import load_npz
-
+    """``(xyz float32 (F, n, 3) nm, walker (F,), potential energy (F,) kJ/mol)`` of one
+    sequence's data file."""
     path = folder / f"{seq}.npz"
     if not path.exists():
         raise SystemExit(f"{path} is missing: run examples/peptides/transferable_data.py first")
-    res = load_npz(path)
     with np.load(path, allow_pickle=False) as f:
-        walker = f["walker"] if "walker" in f.files else np.zeros(res.n_frames, dtype=np.int64)
-    return res.trajectory.xyz.astype(np.float32), walker
+        walker = f["walker"] if "walker" in f.files else np.zeros(len(f["xyz"]), dtype=np.int64)
+        return f["xyz"].astype(np.float32), walker, f["potential_energy"].astype(np.float64)
+
+
+def reference_md(seq: str, folder: Path, quick: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Reference frames and energies of ``seq`` from the training data's sampler and settings
+    (``transferable_data.py``) with another seed; cached in ``folder``."""
+    import transferable_data as td
+
+    ns = argparse.Namespace(temps=5, t_max=650.0, walkers=16, timestep_fs=2.0, friction=1.0,
+                            hydrogen_mass=4.0, exchange_ps=0.02, report_ps=0.1, equilibration_ps=3.0,
+                            time_ps=8.0, seed=1)
+    if quick:
+        ns.walkers, ns.temps, ns.time_ps, ns.equilibration_ps = 4, 3, 0.4, 0.2
+    settings = td._settings(ns)
+    folder.mkdir(parents=True, exist_ok=True)
+    if td._existing(folder / f"{seq}.npz", settings) is None:
+        td._run_one(seq, settings, str(folder), False)
+    xyz, _, energies = load_frames(folder, seq)
+    return xyz, energies
 
 
 def train(args) -> None:
@@ -76,6 +92,10 @@ def train(args) -> None:
 
     torch.manual_seed(RECIPE["seed"])
     flow = TransferableFlow(TransferableConfig(**RECIPE["architecture"]))
+    if args.init:
+        from mcsample.flows.training import load_flow
+
+        flow = load_flow(args.init)
     sequences = args.sequences or list(TRAINING_SEQUENCES)
     bad = sorted(set(sequences) - set(TRAINING_SEQUENCES))
     if bad:
@@ -83,7 +103,7 @@ def train(args) -> None:
     tokens, train_z, valid_z = [], [], []
     t0 = time.perf_counter()
     for seq in sequences:
-        xyz, walker = load_frames(Path(args.data), seq)
+        xyz, walker, _ = load_frames(Path(args.data), seq)
         pep = make_peptide(seq)
         z = flow.proposal(pep).internal(torch.as_tensor(xyz, dtype=torch.float64))
         held = walker % 10 == 9  # one walker in ten for validation
@@ -97,14 +117,16 @@ def train(args) -> None:
     steps = 200 if args.quick else args.steps
     ckpt = Path(args.out).with_suffix(".training.pt")
     history = fit_maximum_likelihood(model, rows_train, valid=rows_valid, steps=steps,
-                                     batch_size=RECIPE["batch_size"], lr=RECIPE["lr"],
+                                     batch_size=RECIPE["batch_size"], lr=args.lr,
                                      valid_every=max(steps // 10, 1),
                                      generator=torch.Generator().manual_seed(RECIPE["seed"]),
                                      progress=True, checkpoint=ckpt, checkpoint_every=100)
     flow.training_set = list(sequences)
     nll = validation_nll(model, rows_valid)
     manifest = Path(args.data) / "manifest.json"
-    meta = {"recipe": RECIPE, "steps": steps, "training_sequences": list(sequences),
+    previous = getattr(flow, "meta", {}) if args.init else {}
+    meta = {"recipe": RECIPE, "steps": steps, "lr": args.lr, "initialized_from": previous or None,
+            "training_sequences": list(sequences),
             "data": json.loads(manifest.read_text())["settings"] if manifest.exists() else str(args.data),
             "validation_nll": nll, "wall_time_s": history.seconds,
             "made_by": "python examples/peptides/transferable.py train"}
@@ -125,7 +147,7 @@ def _metrics(pep, ws_x, log_w, md_xyz, md_energies) -> dict:
     mphi, mpsi = A.ramachandran_angles(md_xyz, pep.topology)
     return {
         "ess_fraction": float(mc.ess(log_w)) / len(lw),
-        "energy_w2_kT": float(A.energy_wasserstein(energies / kT, md_energies / kT, log_weights_p=lw)),
+        "energy_w2_kT": float(A.energy_wasserstein(energies / kT, md_energies / kT, log_weights_p=lw, p=2)),
         "torus_w2": float(A.torus_wasserstein(np.stack([phi, psi], -1), np.stack([mphi, mpsi], -1),
                                               log_weights_p=lw)),
         "phi": phi, "psi": psi, "log_w": lw,
@@ -136,20 +158,17 @@ def evaluate(args) -> None:
     import mcsample as mc
     from mcsample.flows.training import fit_snis, load_flow
     from mcsample.systems import analysis as A
-    from transferable_data import default_settings, simulate
 
     out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
     flow = load_flow(args.checkpoint)
     sequences = args.sequences or list(HELD_OUT + CONTROLS)
     n = 512 if args.quick else args.num_particles
-    settings = default_settings(quick=args.quick)
     rows, table = {}, []
     for seq in sequences:
         pep = make_peptide(seq)
-        ref_dir = out / "reference_md"
-        md = simulate(seq, settings, ref_dir, seed_offset=1000, progress=False)
-        md_xyz, md_energies = md["xyz"], md["energies"]
+        md_xyz, md_energies = reference_md(seq, out / ("reference_md_quick" if args.quick else "reference_md"),
+                                           args.quick)
         row = {"sequence": seq, "held_out": seq not in TRAINING_SEQUENCES, "md_frames": len(md_xyz)}
         g = torch.Generator().manual_seed(0)
         # zero-shot importance sampling
@@ -224,6 +243,8 @@ def main(argv=None) -> None:
     tr.add_argument("--out", default=str(CHECKPOINT), help="checkpoint to write (default: %(default)s)")
     tr.add_argument("--steps", type=int, default=RECIPE["steps"], help="Adam steps (default: %(default)s)")
     tr.add_argument("--sequences", nargs="*", help="a subset of the training sequences (default: all 48)")
+    tr.add_argument("--init", help="start from the weights of this checkpoint (default: a fresh flow)")
+    tr.add_argument("--lr", type=float, default=RECIPE["lr"], help="peak learning rate (default: %(default)s)")
     tr.add_argument("--quick", action="store_true", help="200 steps (a smoke run)")
     ev = sub.add_parser("evaluate", help="held-out table, JSON and Ramachandran plots")
     ev.add_argument("--checkpoint", default=str(CHECKPOINT), help="trained flow (default: %(default)s)")
