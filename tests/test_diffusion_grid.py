@@ -32,7 +32,7 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-def _vp_linear_hand(t: float, beta_min: float = 0.1, beta_max: float = 40.0) -> dict:
+def _vp_linear_hand(t: float, beta_min: float = 0.1, beta_max: float = 20.0) -> dict:
     """α, σ, f, g², λ of the linear VP schedule at ``t``, with the math module."""
     beta = beta_min + t * (beta_max - beta_min)
     log_a = -0.5 * (beta_min * t + 0.5 * (beta_max - beta_min) * t * t)
@@ -82,7 +82,7 @@ def test_log_snr_grid_by_hand_vp_linear():
     sch = VPSchedule()
     g = D.time_grid(sch, 3, "log_snr", t_max=0.9, t_min=0.01)
     lam_hi, lam_lo = _vp_linear_hand(0.9)["log_snr"], _vp_linear_hand(0.01)["log_snr"]
-    d = 40.0 - 0.1
+    d = 20.0 - 0.1
     expected = []
     for i in range(4):
         lam = lam_hi + i / 3 * (lam_lo - lam_hi)
@@ -251,10 +251,11 @@ def _endpoint_errors(sch, steps, **kw):
 def test_default_sampler_improves_monotonically_with_steps():
     """The default sampler (DPM-Solver++(2M), default uniform grid to t_min = 1e-3, default VP
     schedule) gets closer to the exact probability-flow endpoint at 5, 10, 20 and 50 steps
-    (measured RMS errors 0.38, 0.18, 0.072, 0.018), and its first-order last step beats the
-    second-order one at 10 steps (0.28), where the last λ-step is ~4x the one before."""
+    (measured RMS errors 0.28, 0.12, 0.046, 0.009), and its first-order last step beats the
+    second-order one at 20 steps (0.124, worse than 10 steps), where the last λ-step is ~4x the
+    one before."""
     errs = _endpoint_errors(VPSchedule(), (5, 10, 20, 50))
     assert all(b < 0.8 * a for a, b in zip(errs, errs[1:])), errs
     assert errs[-1] < 0.03, errs
-    (second_order_last,) = _endpoint_errors(VPSchedule(), (10,), lower_order_final=False)
-    assert errs[1] < 0.8 * second_order_last, (errs, second_order_last)
+    (second_order_last,) = _endpoint_errors(VPSchedule(), (20,), lower_order_final=False)
+    assert errs[2] < 0.8 * second_order_last, (errs, second_order_last)

@@ -299,3 +299,61 @@ def test_energy_and_phi_positive_population_agree_with_openmm_at_600K(ala2):
     ours = _ours(res, ala2.topology)
     assert ours["phi>0"][0] > 0.01
     _assert_agree(ours, theirs)
+
+
+# -------------------------------------------------------------------------------- the data set
+
+
+def _example():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "peptides" / "transferable_data.py"
+    spec = importlib.util.spec_from_file_location("transferable_data", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_transferable_data_quick_writes_resumes_and_refuses_other_sequences(tmp_path, capsys):
+    """--quick writes two training dipeptides (MDResult-readable, provenance, manifest), a rerun
+    skips them, other settings for the same files and non-training sequences are refused."""
+    import json
+
+    from mcsample.systems import analysis as A
+    from mcsample.systems.md import MDResult
+
+    ex = _example()
+    assert len(ex.TRAINING_SEQUENCES) == 48 and len(set(ex.TRAINING_SEQUENCES)) == 48
+    assert not {"EW", "FF", "IQ", "LQ", "PE", "TL", "VT", "YW"} & set(ex.TRAINING_SEQUENCES)
+    ex.main(["--quick", "--out", str(tmp_path), "--no-progress"])
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert [s["sequence"] for s in manifest["sequences"]] == ["AV", "CG"]
+    for seq in ("AV", "CG"):
+        res = MDResult.load(tmp_path / f"{seq}.npz")
+        meta = res.metadata
+        assert meta["complete"] and meta["settings"]["force_field"].startswith("amber14-all")
+        assert meta["settings"]["temperature_K"] == 310.0 and meta["identity"]["sequence"] == seq
+        assert {"torch", "openmm", "mcsample"} <= set(meta["versions"])
+        assert res.n_frames == 4 * 2 and np.isfinite(res.energies).all()   # 4 walkers x 0.4 ps/0.2
+        assert [r.name for r in res.trajectory.topology.residues] == [_three(c) for c in seq]
+        assert res.trajectory.xyz.dtype == np.float32
+    capsys.readouterr()
+    ex.main(["--quick", "--out", str(tmp_path), "--no-progress"])
+    assert "2 of 2 sequences already" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="seed=0, not 1"):
+        ex.main(["--quick", "--out", str(tmp_path), "--no-progress", "--seed", "1"])
+    with pytest.raises(SystemExit, match="not training sequences"):
+        ex.main(["--sequences", "FF", "--out", str(tmp_path / "x"), "--no-progress"])
+    # every walker starts in the polyproline/beta basin (phi of residue 2, psi of residue 1)
+    from mcsample.systems.peptides import Peptide
+
+    pep = Peptide.from_sequence("CG", caps=False, solvent="obc1", temperature=310.0, cutoff=2.0)
+    phi, psi = A.ramachandran_angles(ex._start_structure(pep, -75.0, 145.0)[None], pep.topology)
+    assert abs(np.rad2deg(phi[0]) + 75) < 30 and abs(np.rad2deg(psi[0]) - 145) < 30
+
+
+def _three(code: str) -> str:
+    from mcsample.systems.peptides import ONE_LETTER_CODES
+
+    return ONE_LETTER_CODES[code]

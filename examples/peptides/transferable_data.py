@@ -87,6 +87,7 @@ def _settings(a) -> dict:
         "equilibration_ps": a.equilibration_ps,
         "time_ps": a.time_ps,
         "dtype": "float32",
+        "start_phi_psi_deg": [-75.0, 145.0],
         "seed": a.seed,
     }
 
@@ -123,6 +124,57 @@ def _existing(path: Path, settings: dict) -> dict | None:
     return meta if meta.get("complete") else None
 
 
+def _rotate_torsion(x: np.ndarray, bonds: list, i: int, j: int, k: int, l: int,
+                    target: float) -> np.ndarray:
+    """Set the dihedral i-j-k-l to ``target`` (radians) by rotating the atoms on l's side of
+    the j-k bond about that bond; unchanged when j-k is in a ring (proline's phi)."""
+    nbrs = {a: set() for a in range(len(x))}
+    for a, b in bonds:
+        if {a, b} != {j, k}:
+            nbrs[a].add(b)
+            nbrs[b].add(a)
+    side, todo = {k}, [k]
+    while todo:
+        for b in nbrs[todo.pop()]:
+            if b not in side:
+                side.add(b)
+                todo.append(b)
+    if j in side:
+        return x
+    b1, b2, b3 = x[j] - x[i], x[k] - x[j], x[l] - x[k]
+    n1, n2 = np.cross(b1, b2), np.cross(b2, b3)
+    current = np.arctan2(np.dot(np.cross(n1, n2), b2 / np.linalg.norm(b2)), np.dot(n1, n2))
+    axis = b2 / np.linalg.norm(b2)
+    t = target - current
+    idx = np.array(sorted(side))
+    r = x[idx] - x[k]
+    r = (r * np.cos(t) + np.cross(axis, r) * np.sin(t)
+         + axis * (r @ axis)[:, None] * (1 - np.cos(t)))        # Rodrigues
+    out = x.copy()
+    out[idx] = r + x[k]
+    return out
+
+
+def _start_structure(pep, phi_deg: float, psi_deg: float) -> np.ndarray:
+    """The minimized structure with psi of residue 1 and phi of residue 2 set to the given
+    angles (the polyproline/beta region by default), minimized again with OpenMM."""
+    import openmm
+
+    top = pep.topology
+    atom = {(a.residue.index, a.name): a.index for a in top.atoms}
+    bonds = [(b[0].index, b[1].index) for b in top.bonds]
+    x = pep.positions.numpy().astype(np.float64)
+    x = _rotate_torsion(x, bonds, atom[0, "N"], atom[0, "CA"], atom[0, "C"], atom[1, "N"],
+                        np.deg2rad(psi_deg))
+    x = _rotate_torsion(x, bonds, atom[0, "C"], atom[1, "N"], atom[1, "CA"], atom[1, "C"],
+                        np.deg2rad(phi_deg))
+    ctx = openmm.Context(pep.system, openmm.VerletIntegrator(0.001),
+                         openmm.Platform.getPlatformByName("CPU"), {"Threads": "1"})
+    ctx.setPositions(x)
+    openmm.LocalEnergyMinimizer.minimize(ctx, 1.0, 0)
+    return ctx.getState(getPositions=True).getPositions(asNumpy=True)._value
+
+
 def _run_one(seq: str, settings: dict, out: str, progress: bool) -> dict:
     """Simulate one sequence and write ``<seq>.npz`` atomically; returns its summary."""
     import torch
@@ -135,6 +187,7 @@ def _run_one(seq: str, settings: dict, out: str, progress: bool) -> dict:
 
     t0 = time.perf_counter()
     pep = Peptide.from_sequence(seq, caps=False, solvent="obc1", temperature=310.0, cutoff=2.0)
+    start = _start_structure(pep, *settings["start_phi_psi_deg"])
     t_build = time.perf_counter() - t0
     temps = geometric_temperatures(310.0, settings["t_max_K"], settings["num_temperatures"])
     seed = _sequence_seed(settings["seed"], seq)
@@ -144,7 +197,7 @@ def _run_one(seq: str, settings: dict, out: str, progress: bool) -> dict:
         friction_per_ps=settings["friction_per_ps"], report_interval_ps=settings["report_interval_ps"],
         generator=torch.Generator().manual_seed(seed), progress=progress,
         equilibration_ps=settings["equilibration_ps"], dtype=torch.float32,
-        hydrogen_mass=settings["hydrogen_mass"],
+        hydrogen_mass=settings["hydrogen_mass"], positions=start,
     )
     F, W = res.num_frames, res.num_replicas
     traj = res.trajectory()                                   # frame-major: row f * W + w
@@ -210,11 +263,11 @@ def main(argv=None) -> int:
     p.add_argument("--sequences", nargs="+", default=None,
                    help="a subset of the 48 training sequences (default: all)")
     p.add_argument("--quick", action="store_true", help="2 sequences, a tiny run (seconds)")
-    p.add_argument("--walkers", type=int, default=16, help="independent PT chains per sequence")
-    p.add_argument("--temps", type=int, default=5, help="temperatures on the ladder")
-    p.add_argument("--t-max", type=float, default=650.0, help="top temperature (K)")
-    p.add_argument("--time-ps", type=float, default=8.0, help="recorded time per walker (ps)")
-    p.add_argument("--equilibration-ps", type=float, default=3.0)
+    p.add_argument("--walkers", type=int, default=8, help="independent PT chains per sequence")
+    p.add_argument("--temps", type=int, default=6, help="temperatures on the ladder")
+    p.add_argument("--t-max", type=float, default=800.0, help="top temperature (K)")
+    p.add_argument("--time-ps", type=float, default=10.0, help="recorded time per walker (ps)")
+    p.add_argument("--equilibration-ps", type=float, default=6.0)
     p.add_argument("--timestep-fs", type=float, default=2.0)
     p.add_argument("--hydrogen-mass", type=float, default=4.0, help="Da; 0 keeps the System's masses")
     p.add_argument("--friction", type=float, default=1.0, help="1/ps")

@@ -146,6 +146,22 @@ class PosteriorSampler:
         the mean moves per unit change of the score."""
         return ddim_kernel(x, s, self.alpha[j], self.sigma[j], self.alpha[j + 1], self.sigma[j + 1], eta, x0=x0)
 
+    def start_log_weight(self, x: Tensor) -> Tensor:
+        r"""Exact start: :math:`\log q_{t_0}(x) - \log\mathcal N(x; 0, \rho^2 I)` when the model
+        offers a normalized ``log_prob(x, t)`` (the analytic mixtures do), so that the samplers,
+        which draw their start from :math:`\mathcal N(0,\rho^2I)`, target the model's own
+        :math:`q_{t_0}`; zero otherwise (the usual approximation, exact as
+        :math:`\alpha_{t_0}\to0`). Float64 ``(N,)``."""
+        n = x.shape[0]
+        if not callable(getattr(self.model, "log_prob", None)):
+            return torch.zeros(n, dtype=torch.float64, device=x.device)
+        rho2 = self.prior_std() ** 2
+        d = x[0].numel()
+        log_ref = -0.5 * x.reshape(n, -1).to(torch.float64).pow(2).sum(-1) / rho2 - 0.5 * d * math.log(2 * math.pi * rho2)
+        with torch.no_grad():
+            lq = self.model.log_prob(x, self._t(x, 0))
+        return lq.to(torch.float64) - log_ref
+
     def initial_noise(self, num: int, generator) -> Tensor:
         return self.prior_std() * torch.randn((num, *self.event_shape), generator=generator,
                                               dtype=self.dtype, device=self.device)

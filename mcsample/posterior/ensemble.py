@@ -294,10 +294,11 @@ class EnsembleSampler(PosteriorSampler):
         counters = {"nfe": 0, "vjp": 0}
         if self.has_svd:
             x, log_z0 = self._pot.initial(num, rho2, generator, dtype, device, self.event_shape)
-            state = fk.start(x, log_scale=log_z0, counters=counters)
+            state = fk.start(x, self.start_log_weight(x), log_scale=log_z0, counters=counters)
         else:  # importance sampling from N(0, ρ²I) with weights e^{-μ}
             x = self.initial_noise(num, generator)
-            state = fk.start(x, -self._pot.value(x, 0).to(torch.float64), counters=counters)
+            state = fk.start(x, -self._pot.value(x, 0).to(torch.float64) + self.start_log_weight(x),
+                             counters=counters)
         fk.check_log_weights(state.log_w, "ensemble sampler start")
         return fk.record_ess(state)
 

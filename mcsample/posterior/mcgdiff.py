@@ -135,7 +135,8 @@ class MCGdiff(PosteriorSampler):
         sig2 = self.measurement.sigma_y**2
         log_jac = (torch.log(a_tau).sum() - torch.log(p["S64"].cpu()).sum()
                    - 0.5 * p["y_perp_sq"] / sig2 - 0.5 * (m_dim - r) * math.log(2 * math.pi * sig2))
-        state = fk.start(x.reshape(num, *self.event_shape), log_scale=float(log_norm) + float(log_jac),
+        x = x.reshape(num, *self.event_shape)
+        state = fk.start(x, self.start_log_weight(x), log_scale=float(log_norm) + float(log_jac),
                          cache={"log_g": self._log_g_twist(z, 0)}, counters={"nfe": 0, "vjp": 0})
         return fk.record_ess(state)
 

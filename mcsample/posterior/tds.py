@@ -88,7 +88,8 @@ class TDS(PosteriorSampler):
     def init(self, generator) -> PosteriorState:
         x = self.initial_noise(self.num_particles, generator)
         cache = self._evaluate(x, 0)
-        state = fk.start(x, cache["log_twist"].clone(), cache=cache, counters={"nfe": 1, "vjp": 1})
+        state = fk.start(x, cache["log_twist"] + self.start_log_weight(x), cache=cache,
+                         counters={"nfe": 1, "vjp": 1})
         fk.check_log_weights(state.log_w, "TDS start")
         return fk.record_ess(state)
 
