@@ -49,7 +49,9 @@ def _probe(python: Path) -> str | None:
     """``None`` if ``python`` imports particles and numba, else the error text."""
     proc = subprocess.run(
         [str(python), "-c", "import particles.resampling, numba, numpy; print(numpy.__version__)"],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     return None if proc.returncode == 0 else (proc.stderr.strip().splitlines() or ["?"])[-1]
 
@@ -75,12 +77,13 @@ def ensure_venv(log=print) -> tuple[Path | None, str | None]:
     log(f"[particles] creating {VENV} and installing {' '.join(PACKAGES)} (first use, ~1-2 min)")
     try:
         if not python.exists():
-            subprocess.run([base, "-m", "venv", str(VENV)], check=True, capture_output=True,
-                           text=True, timeout=600)
+            subprocess.run([base, "-m", "venv", str(VENV)], check=True, capture_output=True, text=True, timeout=600)
             _ignore_in_git()
         proc = subprocess.run(
             [str(python), "-m", "pip", "install", "-q", *PACKAGES],
-            capture_output=True, text=True, timeout=1200,
+            capture_output=True,
+            text=True,
+            timeout=1200,
         )
     except (OSError, subprocess.SubprocessError) as err:
         return None, f"could not create {VENV}: {err}"
@@ -104,9 +107,21 @@ class ParticlesWorker:
 
     def __init__(self, python: Path, logw_file: Path, schemes: list[str], seed: int):
         self.proc = subprocess.Popen(
-            [str(python), str(Path(__file__).resolve()), "--logw", str(logw_file),
-             "--schemes", *schemes, "--seed", str(seed), "--serve"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            [
+                str(python),
+                str(Path(__file__).resolve()),
+                "--logw",
+                str(logw_file),
+                "--schemes",
+                *schemes,
+                "--seed",
+                str(seed),
+                "--serve",
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         line = self.proc.stdout.readline()
         if not line:
@@ -114,16 +129,13 @@ class ParticlesWorker:
             raise RuntimeError(f"the particles worker did not start: {err}")
         self.versions = json.loads(line)["versions"]
 
-    def time(
-        self, scheme: str, n: int, variant: str, calls: int, min_time: float
-    ) -> dict[str, list[float]]:
+    def time(self, scheme: str, n: int, variant: str, calls: int, min_time: float) -> dict[str, list[float]]:
         """Wall and CPU seconds of each of ``calls`` (or more, ``min_time`` s) calls of ``scheme``.
 
         ``variant="W"``: ``particles.resampling.<scheme>(W, N)`` on normalized weights;
         ``variant="lw"``: ``exp_and_normalise(lw)`` first, from the log-weights.
         """
-        request = {"scheme": scheme, "n": n, "variant": variant, "calls": calls,
-                   "min_time": min_time}
+        request = {"scheme": scheme, "n": n, "variant": variant, "calls": calls, "min_time": min_time}
         self.proc.stdin.write(json.dumps(request) + "\n")
         self.proc.stdin.flush()
         line = self.proc.stdout.readline()
@@ -175,7 +187,6 @@ def _main(argv: list[str]) -> None:
     import argparse
     from importlib import metadata
 
-    import numba
     import numpy as np
     from particles import resampling as rs
 
@@ -183,8 +194,9 @@ def _main(argv: list[str]) -> None:
     parser.add_argument("--logw", required=True, help=".npy file of float64 log-weights")
     parser.add_argument("--schemes", nargs="+", default=SCHEMES)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--serve", action="store_true",
-                        help="answer JSON-line requests on stdin (used by the benchmark)")
+    parser.add_argument(
+        "--serve", action="store_true", help="answer JSON-line requests on stdin (used by the benchmark)"
+    )
     parser.add_argument("--ns", type=int, nargs="+", help="one-shot mode: time these N")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--min-time", type=float, default=0.2)

@@ -51,14 +51,18 @@ def main(argv=None):
     torch.set_num_threads(1)
 
     from rdkit import Chem
-    from rdkit.Chem import rdDistGeom, rdForceFieldHelpers as FH
+    from rdkit.Chem import rdDistGeom
+    from rdkit.Chem import rdForceFieldHelpers as FH
 
     import mcsample as mc
     from mcsample.flows.von_mises import load_default
     from mcsample.systems.molecules import TorsionTarget
 
-    rows = [r for r in csv.DictReader(open(ROOT / "systems" / "data" / "molecules" / "molecules.csv"))
-            if r["split"] == "heldout"]
+    rows = [
+        r
+        for r in csv.DictReader(open(ROOT / "systems" / "data" / "molecules" / "molecules.csv"))
+        if r["split"] == "heldout"
+    ]
     rows = sorted(rows, key=lambda r: -int(r["num_torsions"]))[: args.molecules]
     net = load_default()
     totals = {k: 0.0 for k in ("etkdg", "etkdg+mmff", "network", "network+IS", "network+SMC")}
@@ -106,8 +110,11 @@ def main(argv=None):
         }
         for k, v in t.items():
             totals[k] += v
-        print(f"{row['name']:22s} T={target.num_torsions}  " + "  ".join(
-            f"{k} {1e3 * v / n:7.3f} ms" for k, v in t.items()), flush=True)
+        print(
+            f"{row['name']:22s} T={target.num_torsions}  "
+            + "  ".join(f"{k} {1e3 * v / n:7.3f} ms" for k, v in t.items()),
+            flush=True,
+        )
     per = {k: 1e3 * v / (n * len(rows)) for k, v in totals.items()}
     ratios = {
         "network/etkdg": per["network"] / per["etkdg"],
@@ -117,8 +124,11 @@ def main(argv=None):
     }
     print("\nms per conformer (mean over molecules): " + ", ".join(f"{k} {v:.3f}" for k, v in per.items()))
     print("ratios (ours / theirs): " + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items()))
-    print(json.dumps({"benchmark": "conformers", "n": n, "molecules": len(rows),
-                      "ms_per_conformer": per, "ratios": ratios}))
+    print(
+        json.dumps(
+            {"benchmark": "conformers", "n": n, "molecules": len(rows), "ms_per_conformer": per, "ratios": ratios}
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -56,10 +56,12 @@ DIM = 10
 
 
 def problem():
-    target = GaussianMixture.separated(dim=DIM, num_modes=4, spread=6.0, log_scale=3.0,
-                                       generator=torch.Generator().manual_seed(0))
-    initial = torch.distributions.MultivariateNormal(torch.zeros(DIM, dtype=torch.float64),
-                                                     64.0 * torch.eye(DIM, dtype=torch.float64))
+    target = GaussianMixture.separated(
+        dim=DIM, num_modes=4, spread=6.0, log_scale=3.0, generator=torch.Generator().manual_seed(0)
+    )
+    initial = torch.distributions.MultivariateNormal(
+        torch.zeros(DIM, dtype=torch.float64), 64.0 * torch.eye(DIM, dtype=torch.float64)
+    )
     return target, initial
 
 
@@ -75,8 +77,7 @@ def time_step(num_particles: int, schedule, repeats: int) -> dict:
         for k in range(repeats + 1):
             c0 = D.comm["seconds"]
             t0 = time.perf_counter()
-            smc_step(state, target, initial, kernel, schedule, resample_threshold=1.0, scheme="systematic",
-                   generator=g)
+            smc_step(state, target, initial, kernel, schedule, resample_threshold=1.0, scheme="systematic", generator=g)
             if k:  # the first is a warm-up
                 times.append(time.perf_counter() - t0)
                 comm.append(D.comm["seconds"] - c0)
@@ -88,16 +89,24 @@ def time_step(num_particles: int, schedule, repeats: int) -> dict:
 def islands_run(seed: int, islands: bool, num_particles: int) -> dict:
     target, initial = problem()
     group = D.islands() if islands else None
-    r = mc.smc(target, initial, num_particles, kernel=mc.kernels.MALA(),
-               generator=torch.Generator().manual_seed(seed), group=group)
+    r = mc.smc(
+        target,
+        initial,
+        num_particles,
+        kernel=mc.kernels.MALA(),
+        generator=torch.Generator().manual_seed(seed),
+        group=group,
+    )
     return {"log_evidence": float(r.log_evidence), "stderr": float(r.log_evidence_stderr)}
 
 
 def worker(job: dict) -> dict:
     if job["kind"] == "step":
         fixed = mc.FixedSchedule((0.02, 1.0))
-        out = {"fixed": time_step(job["num"], fixed, job["repeats"]),
-               "adaptive": time_step(job["num"], "adaptive", job["repeats"])}
+        out = {
+            "fixed": time_step(job["num"], fixed, job["repeats"]),
+            "adaptive": time_step(job["num"], "adaptive", job["repeats"]),
+        }
     else:
         out = {"runs": [islands_run(s, job["islands"], job["num"]) for s in job["seeds"]]}
     return out
@@ -119,12 +128,22 @@ def launch(world: int, job: dict) -> list[dict]:
         torch.set_num_threads(1)
         return [worker(job)]
     with tempfile.TemporaryDirectory() as d:
-        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
-               "WORLD_SIZE": str(world), "OMP_NUM_THREADS": "1"}
+        env = {
+            **os.environ,
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(_free_port()),
+            "WORLD_SIZE": str(world),
+            "OMP_NUM_THREADS": "1",
+        }
         if sys.platform.startswith("linux"):
             env.setdefault("GLOO_SOCKET_IFNAME", "lo")
-        procs = [subprocess.Popen([sys.executable, __file__, "--worker", json.dumps(job), d],
-                                  env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(world)]
+        procs = [
+            subprocess.Popen(
+                [sys.executable, __file__, "--worker", json.dumps(job), d],
+                env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+            )
+            for r in range(world)
+        ]
         for p in procs:
             if p.wait(timeout=1800) != 0:
                 raise RuntimeError(f"a worker of {world} processes failed")
@@ -150,9 +169,12 @@ def summarize(ranks: list[dict], which: str) -> dict:
     out = {"seconds": sec, "comm_fraction": comm}
     if len(ranks) > 1:
         row = steps[0]["x_row_bytes"]
-        out.update(bytes=sum(s["x_bytes"] for s in steps), rows=sum(s["x_rows"] for s in steps),
-                   surplus=steps[0]["x_lower_bound_offspring"],
-                   lower_bound_bytes=steps[0]["x_lower_bound_offspring"] * (row - 8))
+        out.update(
+            bytes=sum(s["x_bytes"] for s in steps),
+            rows=sum(s["x_rows"] for s in steps),
+            surplus=steps[0]["x_lower_bound_offspring"],
+            lower_bound_bytes=steps[0]["x_lower_bound_offspring"] * (row - 8),
+        )
     return out
 
 
@@ -160,8 +182,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="2^12 per process, 2^13 in all")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--islands", type=int, default=0, metavar="SEEDS",
-                    help="also run SMC SEEDS times, exact global mode against islands (2 processes)")
+    ap.add_argument(
+        "--islands",
+        type=int,
+        default=0,
+        metavar="SEEDS",
+        help="also run SMC SEEDS times, exact global mode against islands (2 processes)",
+    )
     ap.add_argument("--islands-world", type=int, default=2, help="processes (islands) for --islands")
     ap.add_argument("--islands-particles", type=int, default=4096, help="the whole population for --islands")
     ap.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4])
@@ -170,17 +197,24 @@ def main() -> None:
     if args.worker:
         return _worker_main(*args.worker)
     per, total = (1 << 12, 1 << 13) if args.quick else (1 << 15, 1 << 16)
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores "
-          f"(processes beyond that share them), torch {torch.__version__}, gloo over loopback; "
-          f"load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores "
+        f"(processes beyond that share them), torch {torch.__version__}, gloo over loopback; "
+        f"load average {os.getloadavg()[0]:.1f}"
+    )
     results = {"weak": {}, "strong": {}}
     for world in args.worlds if args.repeats > 0 else []:
         for mode, num in (("weak", per * world), ("strong", total)):
             ranks = launch(world, {"kind": "step", "num": num, "repeats": args.repeats})
-            results[mode][world] = {"num": num, "fixed": summarize(ranks, "fixed"),
-                                    "adaptive": summarize(ranks, "adaptive")}
-    header = (f"{'scaling':7} {'R':>2} {'N':>8} {'step ms':>8} {'vs R=1':>7} {'comm %':>7} "
-              f"{'adaptive ms':>11} {'comm %':>7} {'rows sent':>9} {'kB sent':>8} {'kB bound':>9} {'sent/bound':>10}")
+            results[mode][world] = {
+                "num": num,
+                "fixed": summarize(ranks, "fixed"),
+                "adaptive": summarize(ranks, "adaptive"),
+            }
+    header = (
+        f"{'scaling':7} {'R':>2} {'N':>8} {'step ms':>8} {'vs R=1':>7} {'comm %':>7} "
+        f"{'adaptive ms':>11} {'comm %':>7} {'rows sent':>9} {'kB sent':>8} {'kB bound':>9} {'sent/bound':>10}"
+    )
     if args.repeats > 0:
         print(header)
         print("-" * len(header))
@@ -190,17 +224,23 @@ def main() -> None:
             f, a = r["fixed"], r["adaptive"]
             moved = f"{'-':>9} {'-':>8} {'-':>9} {'-':>10}"
             if world > 1:
-                moved = (f"{f['rows']:>9d} {f['bytes'] / 1e3:>8.1f} {f['lower_bound_bytes'] / 1e3:>9.1f} "
-                         f"{f['bytes'] / max(f['lower_bound_bytes'], 1):>10.2f}")
-            print(f"{mode:7} {world:>2} {r['num']:>8} {1e3 * f['seconds']:>8.1f} {f['seconds'] / base:>7.2f} "
-                  f"{100 * f['comm_fraction']:>6.0f}% {1e3 * a['seconds']:>11.1f} "
-                  f"{100 * a['comm_fraction']:>6.0f}% {moved}")
+                moved = (
+                    f"{f['rows']:>9d} {f['bytes'] / 1e3:>8.1f} {f['lower_bound_bytes'] / 1e3:>9.1f} "
+                    f"{f['bytes'] / max(f['lower_bound_bytes'], 1):>10.2f}"
+                )
+            print(
+                f"{mode:7} {world:>2} {r['num']:>8} {1e3 * f['seconds']:>8.1f} {f['seconds'] / base:>7.2f} "
+                f"{100 * f['comm_fraction']:>6.0f}% {1e3 * a['seconds']:>11.1f} "
+                f"{100 * a['comm_fraction']:>6.0f}% {moved}"
+            )
     if args.islands:
         seeds = list(range(100, 100 + args.islands))
         n, R = args.islands_particles, args.islands_world
-        rows = {"single process": launch(1, {"kind": "islands", "islands": False, "num": n, "seeds": seeds})[0],
-                f"global, {R} processes": launch(R, {"kind": "islands", "islands": False, "num": n, "seeds": seeds})[0],
-                f"islands, {R} processes": launch(R, {"kind": "islands", "islands": True, "num": n, "seeds": seeds})[0]}
+        rows = {
+            "single process": launch(1, {"kind": "islands", "islands": False, "num": n, "seeds": seeds})[0],
+            f"global, {R} processes": launch(R, {"kind": "islands", "islands": False, "num": n, "seeds": seeds})[0],
+            f"islands, {R} processes": launch(R, {"kind": "islands", "islands": True, "num": n, "seeds": seeds})[0],
+        }
         print(f"\nlog Z of the README's SMC (exact 3), N = {n} in all, {len(seeds)} seeds each")
         print(f"{'mode':22} {'mean':>7} {'sd':>6} {'mean stderr':>11} {'|err|>3se':>9}")
         summary = {}
@@ -208,10 +248,16 @@ def main() -> None:
             z = [x["log_evidence"] for x in r["runs"]]
             se = [x["stderr"] for x in r["runs"]]
             out = sum(abs(v - 3.0) > 3 * s for v, s in zip(z, se))
-            summary[name] = {"mean": statistics.mean(z), "sd": statistics.stdev(z), "stderr": statistics.mean(se),
-                             "outside_3se": out}
-            print(f"{name:22} {statistics.mean(z):>7.3f} {statistics.stdev(z):>6.3f} {statistics.mean(se):>11.3f} "
-                  f"{out:>9d}")
+            summary[name] = {
+                "mean": statistics.mean(z),
+                "sd": statistics.stdev(z),
+                "stderr": statistics.mean(se),
+                "outside_3se": out,
+            }
+            print(
+                f"{name:22} {statistics.mean(z):>7.3f} {statistics.stdev(z):>6.3f} {statistics.mean(se):>11.3f} "
+                f"{out:>9d}"
+            )
         results["islands"] = summary
     print(json.dumps({"benchmark": "distributed", "cores": os.cpu_count(), **results}))
 

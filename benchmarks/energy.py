@@ -98,8 +98,13 @@ def main(argv=None):
     ap.add_argument("--dtypes", nargs="+", default=["float32", "float64"])
     ap.add_argument("--device", default=None, help="cpu, cuda (default: cpu, plus cuda if available)")
     ap.add_argument("--engines", nargs="+", default=["numba", "fused"])
-    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2],
-                    help="CPU threads for the torch/numba runs (OpenMM keeps its default)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        nargs="+",
+        default=[1, 2],
+        help="CPU threads for the torch/numba runs (OpenMM keeps its default)",
+    )
     ap.add_argument("--openmm-configs", type=int, default=500)
     ap.add_argument("--min-time", type=float, default=1.0)
     args = ap.parse_args(argv)
@@ -111,17 +116,16 @@ def main(argv=None):
     n_max = max(args.batches)
     xyz = _configurations(peptide, max(n_max, args.openmm_configs))
     devices = [args.device] if args.device else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    omm_platforms = [openmm.Platform.getPlatform(i).getName()
-                     for i in range(openmm.Platform.getNumPlatforms())]
+    omm_platforms = [openmm.Platform.getPlatform(i).getName() for i in range(openmm.Platform.getNumPlatforms())]
 
-    print(f"# {args.system}: {peptide.n_atoms} atoms, forces "
-          f"{[type(f).__name__ for f in peptide.system.getForces()]}")
-    print(f"# torch {torch.__version__} ({torch.get_num_threads()} threads), OpenMM "
-          f"{openmm.__version__}, {platform.processor() or platform.machine()}")
-    ctx = openmm.Context(peptide.system, openmm.VerletIntegrator(0.001),
-                         openmm.Platform.getPlatformByName("CPU"))
+    print(f"# {args.system}: {peptide.n_atoms} atoms, forces {[type(f).__name__ for f in peptide.system.getForces()]}")
+    print(
+        f"# torch {torch.__version__} ({torch.get_num_threads()} threads), OpenMM "
+        f"{openmm.__version__}, {platform.processor() or platform.machine()}"
+    )
+    ctx = openmm.Context(peptide.system, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("CPU"))
     omm_xyz = xyz[: args.openmm_configs]
-    openmm_throughput(ctx, omm_xyz[:10], 0.0)            # warm-up
+    openmm_throughput(ctx, omm_xyz[:10], 0.0)  # warm-up
     rows = []
     default_threads = torch.get_num_threads()
     for device in devices:
@@ -140,36 +144,50 @@ def main(argv=None):
                         torch.set_num_threads(nt)
                         x = torch.as_tensor(xyz[:b], dtype=dtype, device=device)
                         wall, cpu = torch_throughput(ffd, x, args.min_time)
-                        rows.append({"device": device, "engine": engine, "threads": nt, "dtype": dt,
-                                     "batch": b, "configs_per_s": wall, "configs_per_cpu_s": cpu,
-                                     "openmm_cpu_configs_per_s": omm_wall,
-                                     "openmm_cpu_configs_per_cpu_s": omm_cpu,
-                                     "ratio_vs_openmm_cpu": wall / omm_wall,
-                                     "cpu_time_ratio_vs_openmm_cpu": cpu / omm_cpu})
-                        print(f"  {device:4s} {engine:6s} {nt}t {dt:7s} B={b:6d}: {wall:10.0f} conf/s "
-                              f"(OpenMM {omm_wall:6.0f}) ratio {wall / omm_wall:6.1f}x, "
-                              f"per CPU-second {cpu / omm_cpu:6.1f}x", flush=True)
+                        rows.append(
+                            {
+                                "device": device,
+                                "engine": engine,
+                                "threads": nt,
+                                "dtype": dt,
+                                "batch": b,
+                                "configs_per_s": wall,
+                                "configs_per_cpu_s": cpu,
+                                "openmm_cpu_configs_per_s": omm_wall,
+                                "openmm_cpu_configs_per_cpu_s": omm_cpu,
+                                "ratio_vs_openmm_cpu": wall / omm_wall,
+                                "cpu_time_ratio_vs_openmm_cpu": cpu / omm_cpu,
+                            }
+                        )
+                        print(
+                            f"  {device:4s} {engine:6s} {nt}t {dt:7s} B={b:6d}: {wall:10.0f} conf/s "
+                            f"(OpenMM {omm_wall:6.0f}) ratio {wall / omm_wall:6.1f}x, "
+                            f"per CPU-second {cpu / omm_cpu:6.1f}x",
+                            flush=True,
+                        )
         torch.set_num_threads(default_threads)
         ff.to("cpu")
         ff.engine = "auto"
     omm_cuda = None
     if "CUDA" in omm_platforms and "cuda" in devices:
-        cctx = openmm.Context(peptide.system, openmm.VerletIntegrator(0.001),
-                              openmm.Platform.getPlatformByName("CUDA"))
+        cctx = openmm.Context(peptide.system, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("CUDA"))
         omm_cuda = openmm_throughput(cctx, omm_xyz, 2 * args.min_time)[0]
         print(f"OpenMM CUDA platform, one by one: {omm_cuda:.0f} conf/s")
         for r in rows:
             r["ratio_vs_openmm_cuda"] = r["configs_per_s"] / omm_cuda
 
-    print(f"\n{'device':6s} {'engine':6s} {'thr':>3s} {'dtype':8s} {'batch':>6s} {'conf/s':>10s} "
-          f"{'OpenMM':>7s} {'ratio':>7s} {'CPU-s ratio':>11s}")
+    print(
+        f"\n{'device':6s} {'engine':6s} {'thr':>3s} {'dtype':8s} {'batch':>6s} {'conf/s':>10s} "
+        f"{'OpenMM':>7s} {'ratio':>7s} {'CPU-s ratio':>11s}"
+    )
     for r in rows:
-        print(f"{r['device']:6s} {r['engine']:6s} {r['threads']:3d} {r['dtype']:8s} {r['batch']:6d} "
-              f"{r['configs_per_s']:10.0f} {r['openmm_cpu_configs_per_s']:7.0f} "
-              f"{r['ratio_vs_openmm_cpu']:6.1f}x {r['cpu_time_ratio_vs_openmm_cpu']:10.1f}x")
+        print(
+            f"{r['device']:6s} {r['engine']:6s} {r['threads']:3d} {r['dtype']:8s} {r['batch']:6d} "
+            f"{r['configs_per_s']:10.0f} {r['openmm_cpu_configs_per_s']:7.0f} "
+            f"{r['ratio_vs_openmm_cpu']:6.1f}x {r['cpu_time_ratio_vs_openmm_cpu']:10.1f}x"
+        )
     big = [r["ratio_vs_openmm_cpu"] for r in rows if r["device"] == "cpu" and r["batch"] >= 1024]
-    big_cpu = [r["cpu_time_ratio_vs_openmm_cpu"] for r in rows
-               if r["device"] == "cpu" and r["batch"] >= 1024]
+    big_cpu = [r["cpu_time_ratio_vs_openmm_cpu"] for r in rows if r["device"] == "cpu" and r["batch"] >= 1024]
     omm_rates = [r["openmm_cpu_configs_per_s"] for r in rows if r["device"] == "cpu"]
     summary = {
         "benchmark": "energy_forces_throughput",

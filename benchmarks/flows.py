@@ -69,6 +69,7 @@ def main() -> None:
     gen = torch.Generator(device=device).manual_seed(0)
     rows = []
     for b in args.batches:
+
         def draw():
             with torch.no_grad():
                 flow.sample_and_log_prob((b,), generator=gen)
@@ -86,8 +87,15 @@ def main() -> None:
         n_omm = min(b, 256)
         x_omm = x[:n_omm].cpu()
         t_omm = _timeit(lambda: peptide.energy(x_omm, backend="openmm"), min_time=0.3) / n_omm
-        rows.append({"batch": b, "flow_per_s": b / t_flow, "energy_per_s": b / t_energy,
-                     "openmm_energy_per_s": 1.0 / t_omm, "energy_ratio_ours_theirs": (t_energy / b) / t_omm})
+        rows.append(
+            {
+                "batch": b,
+                "flow_per_s": b / t_flow,
+                "energy_per_s": b / t_energy,
+                "openmm_energy_per_s": 1.0 / t_omm,
+                "energy_ratio_ours_theirs": (t_energy / b) / t_omm,
+            }
+        )
 
     # one importance-sampling run, timed in parts
     n_is, batch = 65_536, 16_384
@@ -111,29 +119,61 @@ def main() -> None:
 
     # OpenMM MD: effective samples per second
     t = time.perf_counter()
-    md = run_md(peptide, args.md_ps, report_interval_ps=0.1, generator=torch.Generator().manual_seed(0),
-                progress=False, threads=1)
+    md = run_md(
+        peptide,
+        args.md_ps,
+        report_interval_ps=0.1,
+        generator=torch.Generator().manual_seed(0),
+        progress=False,
+        threads=1,
+    )
     t_md = time.perf_counter() - t
     g = analysis.statistical_inefficiency(md.energies)
     md_ess_per_s = md.n_frames / g / t_md
 
-    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, "
-          f"load average {os.getloadavg()[0]:.1f}; torch {torch.__version__}, device {device}")
+    print(
+        f"# {platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, "
+        f"load average {os.getloadavg()[0]:.1f}; torch {torch.__version__}, device {device}"
+    )
     print(f"# alanine dipeptide ({args.solvent}), shipped flow")
     print(f"{'batch':>7} {'flow draws/s':>14} {'energy/s':>12} {'OpenMM energy/s':>16} {'energy ours/theirs':>19}")
     for r in rows:
-        print(f"{r['batch']:>7} {r['flow_per_s']:>14.0f} {r['energy_per_s']:>12.0f} "
-              f"{r['openmm_energy_per_s']:>16.0f} {r['energy_ratio_ours_theirs']:>19.3f}")
-    print(f"importance sampling, {n_is} draws: {t_is:.2f} s = flow {t_flow / t_is:.0%} + energy "
-          f"{t_energy / t_is:.0%}; ESS {ess:.0f} ({ess / n_is:.1%}) -> {ess / t_is:.0f} effective samples/s")
-    print(f"OpenMM MD ({args.md_ps:g} ps, 1 thread): {md.n_frames} frames in {t_md:.1f} s, statistical "
-          f"inefficiency {g:.1f} -> {md_ess_per_s:.0f} effective samples/s; time per effective "
-          f"sample ours/theirs {md_ess_per_s / (ess / t_is):.3f}")
-    print(json.dumps({"system": f"alanine_dipeptide_{args.solvent}", "device": str(device), "rows": rows,
-                      "is": {"draws": n_is, "seconds": t_is, "flow_fraction": t_flow / t_is,
-                             "energy_fraction": t_energy / t_is, "ess": ess},
-                      "md": {"ps": args.md_ps, "frames": md.n_frames, "seconds": t_md,
-                             "statistical_inefficiency": g, "ess_per_s": md_ess_per_s}}))
+        print(
+            f"{r['batch']:>7} {r['flow_per_s']:>14.0f} {r['energy_per_s']:>12.0f} "
+            f"{r['openmm_energy_per_s']:>16.0f} {r['energy_ratio_ours_theirs']:>19.3f}"
+        )
+    print(
+        f"importance sampling, {n_is} draws: {t_is:.2f} s = flow {t_flow / t_is:.0%} + energy "
+        f"{t_energy / t_is:.0%}; ESS {ess:.0f} ({ess / n_is:.1%}) -> {ess / t_is:.0f} effective samples/s"
+    )
+    print(
+        f"OpenMM MD ({args.md_ps:g} ps, 1 thread): {md.n_frames} frames in {t_md:.1f} s, statistical "
+        f"inefficiency {g:.1f} -> {md_ess_per_s:.0f} effective samples/s; time per effective "
+        f"sample ours/theirs {md_ess_per_s / (ess / t_is):.3f}"
+    )
+    print(
+        json.dumps(
+            {
+                "system": f"alanine_dipeptide_{args.solvent}",
+                "device": str(device),
+                "rows": rows,
+                "is": {
+                    "draws": n_is,
+                    "seconds": t_is,
+                    "flow_fraction": t_flow / t_is,
+                    "energy_fraction": t_energy / t_is,
+                    "ess": ess,
+                },
+                "md": {
+                    "ps": args.md_ps,
+                    "frames": md.n_frames,
+                    "seconds": t_md,
+                    "statistical_inefficiency": g,
+                    "ess_per_s": md_ess_per_s,
+                },
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -36,8 +36,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import mcsample as mc  # noqa: E402
 from importance import bare, gaussian_pair  # noqa: E402
+
+import mcsample as mc  # noqa: E402
 from mcsample.systems.analytic import GaussianMixture  # noqa: E402
 
 SCHEMES = ["multinomial", "stratified", "systematic", "residual", "ssp"]
@@ -66,11 +67,20 @@ def resampling(ns: list[int], cpu_max: int) -> list[dict]:
         for scheme in SCHEMES:
             gpu = timed(lambda: mc.resample(lw_gpu, scheme=scheme, generator=g_gpu), "cuda")
             cpu = timed(lambda: mc.resample(lw, scheme=scheme, generator=g_cpu), "cpu") if n <= cpu_max else None
-            rows.append({"n": n, "scheme": scheme, "gpu_ms": 1e3 * gpu,
-                         "cpu_ms": None if cpu is None else 1e3 * cpu,
-                         "cpu_over_gpu": None if cpu is None else cpu / gpu})
-            print(f"{n:9.0e} {scheme:12s} gpu {1e3 * gpu:9.3f} ms   cpu "
-                  + ("     –" if cpu is None else f"{1e3 * cpu:9.3f} ms   cpu/gpu {cpu / gpu:7.1f}"), flush=True)
+            rows.append(
+                {
+                    "n": n,
+                    "scheme": scheme,
+                    "gpu_ms": 1e3 * gpu,
+                    "cpu_ms": None if cpu is None else 1e3 * cpu,
+                    "cpu_over_gpu": None if cpu is None else cpu / gpu,
+                }
+            )
+            print(
+                f"{n:9.0e} {scheme:12s} gpu {1e3 * gpu:9.3f} ms   cpu "
+                + ("     –" if cpu is None else f"{1e3 * cpu:9.3f} ms   cpu/gpu {cpu / gpu:7.1f}"),
+                flush=True,
+            )
     return rows
 
 
@@ -82,25 +92,44 @@ def importance(num: int, batches: list[int]) -> list[dict]:
     for b in batches:
         t_bare = timed(lambda: bare(target, proposal, num, b), "cuda")
         t_eng = timed(lambda: mc.importance_sample(target, proposal, num, batch_size=b), "cuda")
-        t_str = timed(lambda: mc.importance_sample(target, proposal, num, batch_size=b, keep_samples=False,
-                                                   statistics={"x": lambda x: x}), "cuda")
-        rows.append({"num": num, "batch": b, "bare_s": t_bare, "engine_s": t_eng, "stream_s": t_str,
-                     "engine_over_bare": t_eng / t_bare, "stream_over_bare": t_str / t_bare})
-        print(f"IS {num:.0e} batch {b:.0e}: bare {t_bare * 1e3:8.1f} ms  engine {t_eng * 1e3:8.1f} ms "
-              f"({t_eng / t_bare:.2f}x)  stream {t_str * 1e3:8.1f} ms ({t_str / t_bare:.2f}x)", flush=True)
+        t_str = timed(
+            lambda: mc.importance_sample(
+                target, proposal, num, batch_size=b, keep_samples=False, statistics={"x": lambda x: x}
+            ),
+            "cuda",
+        )
+        rows.append(
+            {
+                "num": num,
+                "batch": b,
+                "bare_s": t_bare,
+                "engine_s": t_eng,
+                "stream_s": t_str,
+                "engine_over_bare": t_eng / t_bare,
+                "stream_over_bare": t_str / t_bare,
+            }
+        )
+        print(
+            f"IS {num:.0e} batch {b:.0e}: bare {t_bare * 1e3:8.1f} ms  engine {t_eng * 1e3:8.1f} ms "
+            f"({t_eng / t_bare:.2f}x)  stream {t_str * 1e3:8.1f} ms ({t_str / t_bare:.2f}x)",
+            flush=True,
+        )
     return rows
 
 
 def smc(particles: list[int]) -> list[dict]:
-    cpu_target = GaussianMixture.separated(dim=10, num_modes=3, spread=4.0, std=1.0, log_scale=-1.5,
-                                           generator=torch.Generator().manual_seed(123))
+    cpu_target = GaussianMixture.separated(
+        dim=10, num_modes=3, spread=4.0, std=1.0, log_scale=-1.5, generator=torch.Generator().manual_seed(123)
+    )
     rows = []
     for device in ("cuda", "cpu"):
         dev = torch.device(device)
-        target = GaussianMixture(cpu_target.weights.to(dev), cpu_target.means.to(dev),
-                                 cpu_target.covariances.to(dev), cpu_target.log_scale)
-        initial = torch.distributions.MultivariateNormal(torch.zeros(10, dtype=torch.float64, device=dev),
-                                                         16.0 * torch.eye(10, dtype=torch.float64, device=dev))
+        target = GaussianMixture(
+            cpu_target.weights.to(dev), cpu_target.means.to(dev), cpu_target.covariances.to(dev), cpu_target.log_scale
+        )
+        initial = torch.distributions.MultivariateNormal(
+            torch.zeros(10, dtype=torch.float64, device=dev), 16.0 * torch.eye(10, dtype=torch.float64, device=dev)
+        )
         for n in particles:
             g = torch.Generator(device).manual_seed(0)
             mc.smc(target, initial, 100, kernel=mc.kernels.MALA(num_steps=4), generator=g)  # warm-up
@@ -110,12 +139,22 @@ def smc(particles: list[int]) -> list[dict]:
             r = mc.smc(target, initial, n, kernel=mc.kernels.MALA(num_steps=4), generator=g)
             sync()
             t = time.perf_counter() - t0
-            rows.append({"device": device, "particles": n, "seconds": t, "steps": len(r.betas) - 1,
-                         "log_z": float(r.log_evidence), "log_z_stderr": float(r.log_evidence_stderr),
-                         "exact": cpu_target.log_scale})
-            print(f"SMC {device:4s} N={n:.0e}: {t:7.2f} s, {len(r.betas) - 1} steps, log Z "
-                  f"{float(r.log_evidence):.3f} ± {float(r.log_evidence_stderr):.3f} (exact {cpu_target.log_scale})",
-                  flush=True)
+            rows.append(
+                {
+                    "device": device,
+                    "particles": n,
+                    "seconds": t,
+                    "steps": len(r.betas) - 1,
+                    "log_z": float(r.log_evidence),
+                    "log_z_stderr": float(r.log_evidence_stderr),
+                    "exact": cpu_target.log_scale,
+                }
+            )
+            print(
+                f"SMC {device:4s} N={n:.0e}: {t:7.2f} s, {len(r.betas) - 1} steps, log Z "
+                f"{float(r.log_evidence):.3f} ± {float(r.log_evidence_stderr):.3f} (exact {cpu_target.log_scale})",
+                flush=True,
+            )
     return rows
 
 
@@ -131,9 +170,12 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit("benchmarks/gpu.py needs a CUDA device (torch.cuda.is_available() is False)")
     torch.set_num_threads(1)  # the CPU contenders: numba kernels and torch on one thread
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
-    out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-           "resampling": resampling([int(n) for n in args.ns], int(args.cpu_max)),
-           "importance": importance(int(args.is_num), [int(b) for b in args.is_batches])}
+    out = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "resampling": resampling([int(n) for n in args.ns], int(args.cpu_max)),
+        "importance": importance(int(args.is_num), [int(b) for b in args.is_batches]),
+    }
     torch.set_num_threads(os.cpu_count() or 1)  # SMC on the CPU gets every core
     out["smc"] = smc([int(n) for n in args.smc_particles])
     print(json.dumps(out))

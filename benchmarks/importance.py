@@ -37,12 +37,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import torch  # noqa: E402
+from _particles_env import timed_calls  # noqa: E402
 from resampling import interleaved  # noqa: E402
 
-import torch  # noqa: E402
-
 import mcsample as mc  # noqa: E402
-from _particles_env import timed_calls  # noqa: E402
 
 
 def gaussian_pair(dim: int = 10, seed: int = 0):
@@ -52,8 +51,7 @@ def gaussian_pair(dim: int = 10, seed: int = 0):
     cov = a @ a.T + 0.5 * torch.eye(dim)
     mean = torch.randn(dim, generator=g)
     target = torch.distributions.MultivariateNormal(mean, covariance_matrix=cov)
-    proposal = torch.distributions.MultivariateNormal(
-        mean + 0.3, covariance_matrix=1.5**2 * cov + 0.5 * torch.eye(dim))
+    proposal = torch.distributions.MultivariateNormal(mean + 0.3, covariance_matrix=1.5**2 * cov + 0.5 * torch.eye(dim))
     return target, proposal
 
 
@@ -81,9 +79,11 @@ def contenders(target, proposal, num: int, batch: int) -> dict:
     return {
         "bare": t(lambda: bare(target, proposal, num, batch)),
         "engine": t(engine()),
-        "engine+gen": t(lambda: mc.importance_sample(
-            target, proposal, num, batch_size=batch,
-            generator=torch.Generator().manual_seed(1))),
+        "engine+gen": t(
+            lambda: mc.importance_sample(
+                target, proposal, num, batch_size=batch, generator=torch.Generator().manual_seed(1)
+            )
+        ),
         "stream": t(engine(keep_samples=False, statistics={"x": lambda x: x})),
     }
 
@@ -98,26 +98,32 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--clock", choices=["cpu", "wall"], default="cpu")
-    parser.add_argument("--profile", action="store_true",
-                        help="also print torch's profiler table for one engine call per batch")
+    parser.add_argument(
+        "--profile", action="store_true", help="also print torch's profiler table for one engine call per batch"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     num = int(args.num or (1e5 if args.quick else 1e6))
-    batches = [int(b) for b in (args.batches or ([4096, 65536] if args.quick
-                                                 else [4096, 65536, 10**6]))]
+    batches = [int(b) for b in (args.batches or ([4096, 65536] if args.quick else [4096, 65536, 10**6]))]
     batches = [min(b, num) for b in batches]
     min_time = 0.3  # per contender and round: several calls when one is short
     target, proposal = gaussian_pair(args.dim)
     t0 = time.perf_counter()
-    out = {"config": {"num": num, "dim": args.dim, "batches": batches, "clock": args.clock,
-                      "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-                      "rounds": args.rounds},
-           "results": []}
+    out = {
+        "config": {
+            "num": num,
+            "dim": args.dim,
+            "batches": batches,
+            "clock": args.clock,
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "rounds": args.rounds,
+        },
+        "results": [],
+    }
     names = ["bare", "engine", "engine+gen", "stream"]
-    print(f"{args.clock} times in s (median) for {num:.0e} samples, d={args.dim}; "
-          f"ratio = engine / bare (goal <= 1.2)")
-    print(f"{'batch':>8}" + "".join(f"{n:>12}" for n in names)
-          + "".join(f"{n + '/bare':>16}" for n in names[1:]))
+    print(f"{args.clock} times in s (median) for {num:.0e} samples, d={args.dim}; ratio = engine / bare (goal <= 1.2)")
+    print(f"{'batch':>8}" + "".join(f"{n:>12}" for n in names) + "".join(f"{n + '/bare':>16}" for n in names[1:]))
     for batch in batches:
         c = contenders(target, proposal, num, batch)
         for fn in c.values():
@@ -129,8 +135,11 @@ def main(argv: list[str] | None = None) -> dict:
             row[clock].update({f"{k}/bare": t[k][clock] / t["bare"][clock] for k in names[1:]})
         out["results"].append(row)
         r = row[args.clock]
-        print(f"{batch:>8}" + "".join(f"{r[n + '_s']:>12.4g}" for n in names)
-              + "".join(f"{r[n + '/bare']:>16.3f}" for n in names[1:]))
+        print(
+            f"{batch:>8}"
+            + "".join(f"{r[n + '_s']:>12.4g}" for n in names)
+            + "".join(f"{r[n + '/bare']:>16.3f}" for n in names[1:])
+        )
         if args.profile:
             from torch.profiler import ProfilerActivity, profile
 

@@ -33,8 +33,9 @@ SAMPLERS = {
     "tds": lambda m, op, y, n, g, s: P.tds(m, op, y, n, num_steps=s, generator=g),
     "mcgdiff": lambda m, op, y, n, g, s: P.mcgdiff(m, op, y, n, num_steps=s, generator=g),
     "ensemble": lambda m, op, y, n, g, s: P.ensemble_sampler(m, op, y, n, num_steps=s, generator=g),
-    "ensemble-half": lambda m, op, y, n, g, s: P.ensemble_sampler(m, op, y, n, num_steps=s,
-                                                                  likelihood_drift=0.5, generator=g),
+    "ensemble-half": lambda m, op, y, n, g, s: P.ensemble_sampler(
+        m, op, y, n, num_steps=s, likelihood_drift=0.5, generator=g
+    ),
 }
 
 
@@ -59,8 +60,10 @@ def main() -> None:
     torch.set_num_threads(1)
     schedule = VPSchedule("linear", beta_max=40.0)
     rows = []
-    print(f"{'sampler':14s} {'d':>4s} {'N':>5s} {'NFE':>4s} {'seconds':>8s} {'us/eval/particle':>17s} "
-          f"{'ours/uncond':>11s} {'ESS/s':>8s}")
+    print(
+        f"{'sampler':14s} {'d':>4s} {'N':>5s} {'NFE':>4s} {'seconds':>8s} {'us/eval/particle':>17s} "
+        f"{'ours/uncond':>11s} {'ESS/s':>8s}"
+    )
     for d in args.dims:
         g = torch.Generator().manual_seed(d)
         prob = gmm_benchmark_problem(d, args.obs_dim, g)
@@ -73,24 +76,44 @@ def main() -> None:
 
         base, res = best_of(uncond, args.repeats)
         base_nfe = res.nfe
-        print(f"{'unconditional':14s} {d:4d} {args.particles:5d} {base_nfe:4d} {base:8.3f} "
-              f"{1e6 * base / (base_nfe * args.particles):17.2f} {1.0:11.2f} {'':>8s}")
+        print(
+            f"{'unconditional':14s} {d:4d} {args.particles:5d} {base_nfe:4d} {base:8.3f} "
+            f"{1e6 * base / (base_nfe * args.particles):17.2f} {1.0:11.2f} {'':>8s}"
+        )
         for name, run in SAMPLERS.items():
             sec, ws = best_of(lambda: run(model, prob.operator, prob.y, args.particles, g, args.steps), args.repeats)
             nfe = ws.info["nfe"]
             ess = float(ws.ess)
             # the ratio compares equal work: per score evaluation (the baseline makes base_nfe of them)
             ratio = (sec / nfe) / (base / base_nfe)
-            row = {"sampler": name, "d": d, "particles": args.particles, "nfe": nfe, "vjp": ws.info["vjp"],
-                   "seconds": sec, "us_per_eval_particle": 1e6 * sec / (nfe * args.particles),
-                   "ratio_vs_unconditional": ratio, "ess": ess, "ess_per_second": ess / sec}
+            row = {
+                "sampler": name,
+                "d": d,
+                "particles": args.particles,
+                "nfe": nfe,
+                "vjp": ws.info["vjp"],
+                "seconds": sec,
+                "us_per_eval_particle": 1e6 * sec / (nfe * args.particles),
+                "ratio_vs_unconditional": ratio,
+                "ess": ess,
+                "ess_per_second": ess / sec,
+            }
             rows.append(row)
-            print(f"{name:14s} {d:4d} {args.particles:5d} {nfe:4d} {sec:8.3f} "
-                  f"{row['us_per_eval_particle']:17.2f} {ratio:11.2f} {row['ess_per_second']:8.0f}")
-        rows.append({"sampler": "unconditional", "d": d, "particles": args.particles, "nfe": base_nfe,
-                     "seconds": base, "us_per_eval_particle": 1e6 * base / (base_nfe * args.particles)})
-    print(json.dumps({"benchmark": "posterior_samplers", "steps": args.steps, "obs_dim": args.obs_dim,
-                      "rows": rows}))
+            print(
+                f"{name:14s} {d:4d} {args.particles:5d} {nfe:4d} {sec:8.3f} "
+                f"{row['us_per_eval_particle']:17.2f} {ratio:11.2f} {row['ess_per_second']:8.0f}"
+            )
+        rows.append(
+            {
+                "sampler": "unconditional",
+                "d": d,
+                "particles": args.particles,
+                "nfe": base_nfe,
+                "seconds": base,
+                "us_per_eval_particle": 1e6 * base / (base_nfe * args.particles),
+            }
+        )
+    print(json.dumps({"benchmark": "posterior_samplers", "steps": args.steps, "obs_dim": args.obs_dim, "rows": rows}))
 
 
 if __name__ == "__main__":

@@ -55,8 +55,8 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -76,8 +76,10 @@ def median(xs: list[float]) -> float:
 
 
 def interleaved(
-    contenders: dict[str, Callable[[int, float], dict[str, list[float]]]], rounds: int,
-    calls: int, min_time: float,
+    contenders: dict[str, Callable[[int, float], dict[str, list[float]]]],
+    rounds: int,
+    calls: int,
+    min_time: float,
 ) -> dict[str, dict[str, float]]:
     """Median wall and CPU time of each contender, measured in ``rounds`` interleaved rounds.
 
@@ -97,9 +99,20 @@ def interleaved(
 
 
 def run(
-    ns: list[int], schemes: list[str], *, rounds: int, calls: int, min_time: float, seed: int,
-    scale: float, threads: int, use_particles: bool, clock: str = "cpu",
-    ours: Callable | None = None, variants: dict[str, Callable] | None = None, log=print,
+    ns: list[int],
+    schemes: list[str],
+    *,
+    rounds: int,
+    calls: int,
+    min_time: float,
+    seed: int,
+    scale: float,
+    threads: int,
+    use_particles: bool,
+    clock: str = "cpu",
+    ours: Callable | None = None,
+    variants: dict[str, Callable] | None = None,
+    log=print,
 ) -> dict:
     """Time every (N, scheme) for ours, numpy and particles; returns a JSON-able dict.
 
@@ -119,12 +132,21 @@ def run(
     ours = ours or (lambda lw, scheme, gen: mc.resample(lw, scheme=scheme, generator=gen))
     all_lw = np.random.default_rng(seed).normal(size=max(ns)) * scale
     out: dict = {
-        "config": {"ns": ns, "schemes": schemes, "clock": clock, "rounds": rounds, "calls": calls,
-                   "min_time": min_time, "seed": seed, "scale": scale,
-                   "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-                   "numpy": np.__version__,
-                   "thp_mem_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE", "0"),
-                   "cpus": os.cpu_count()},
+        "config": {
+            "ns": ns,
+            "schemes": schemes,
+            "clock": clock,
+            "rounds": rounds,
+            "calls": calls,
+            "min_time": min_time,
+            "seed": seed,
+            "scale": scale,
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "numpy": np.__version__,
+            "thp_mem_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE", "0"),
+            "cpus": os.cpu_count(),
+        },
         "particles_missing": None,
         "results": [],
     }
@@ -155,8 +177,7 @@ def run(
                 for scheme in schemes:
                     contenders = _contenders(n, scheme, lw_np, lw_t, gen, rng, ours, worker)
                     for name, fn in (variants or {}).items():
-                        contenders[name] = _timed(
-                            lambda fn=fn, scheme=scheme: fn(lw_t, scheme, gen))
+                        contenders[name] = _timed(lambda fn=fn, scheme=scheme: fn(lw_t, scheme, gen))
                     for fn in contenders.values():  # warm-up: first-touch, caches
                         fn(1, 0.0)
                     t = interleaved(contenders, rounds, calls, min_time)
@@ -195,14 +216,19 @@ def _contenders(n, scheme, lw_np, lw_t, gen, rng, ours, worker) -> dict:
         c["numpy"] = _timed(lambda: npr.SCHEMES[scheme](lw_np, n, rng))
     if worker is not None:
         for variant in ("W", "lw"):
-            c[f"particles_{variant}"] = (
-                lambda calls, min_time, v=variant: worker.time(scheme, n, v, calls, min_time))
+            c[f"particles_{variant}"] = lambda calls, min_time, v=variant: worker.time(scheme, n, v, calls, min_time)
     return c
 
 
-_COLS = [("ours", "ours_s"), ("numpy", "numpy_s"), ("particles(W)", "particles_W_s"),
-         ("particles(lw)", "particles_lw_s"), ("ours/numpy", "ours/numpy"),
-         ("ours/part(W)", "ours/particles_W"), ("ours/part(lw)", "ours/particles_lw")]
+_COLS = [
+    ("ours", "ours_s"),
+    ("numpy", "numpy_s"),
+    ("particles(W)", "particles_W_s"),
+    ("particles(lw)", "particles_lw_s"),
+    ("ours/numpy", "ours/numpy"),
+    ("ours/part(W)", "ours/particles_W"),
+    ("ours/part(lw)", "ours/particles_lw"),
+]
 
 
 def _columns(with_particles: bool, variants: list[str]) -> list[tuple[str, str]]:
@@ -221,7 +247,7 @@ def _header(log, with_particles: bool, variants: list[str], clock: str) -> None:
 def _print_row(log, row: dict, with_particles: bool, variants: list[str]) -> None:
     cols = _columns(with_particles, variants)
     cells = []
-    for name, key in cols:
+    for _name, key in cols:
         v = row.get(key)
         if v is None:
             cells.append(f"{'-':>14}")
@@ -240,8 +266,7 @@ def summary(out: dict, log=print) -> None:
         if ratios:
             gm = math.exp(sum(map(math.log, ratios)) / len(ratios))
             wins = sum(r < 1 for r in ratios)
-            log(f"ours/{other} at N >= 1e5: geometric mean {gm:.2f}, "
-                f"ours faster in {wins} of {len(ratios)}")
+            log(f"ours/{other} at N >= 1e5: geometric mean {gm:.2f}, ours faster in {wins} of {len(ratios)}")
 
 
 def torch_path(log_w, scheme: str, generator):
@@ -265,15 +290,20 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=1, help="torch threads for ours")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--scale", type=float, default=1.0,
-                        help="log-weights ~ N(0, scale^2); ESS/N = exp(-scale^2)")
+    parser.add_argument("--scale", type=float, default=1.0, help="log-weights ~ N(0, scale^2); ESS/N = exp(-scale^2)")
     parser.add_argument("--no-particles", action="store_true")
-    parser.add_argument("--torch-path", action="store_true",
-                        help="also time mcsample's torch code on the CPU (CPU_BACKEND='torch')")
-    parser.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
-                        help="which time the table shows (the JSON has both); see the docstring")
-    parser.add_argument("--thp", action="store_true",
-                        help="set THP_MEM_ALLOC_ENABLE=1 (torch huge pages) before importing torch")
+    parser.add_argument(
+        "--torch-path", action="store_true", help="also time mcsample's torch code on the CPU (CPU_BACKEND='torch')"
+    )
+    parser.add_argument(
+        "--clock",
+        choices=["cpu", "wall"],
+        default="cpu",
+        help="which time the table shows (the JSON has both); see the docstring",
+    )
+    parser.add_argument(
+        "--thp", action="store_true", help="set THP_MEM_ALLOC_ENABLE=1 (torch huge pages) before importing torch"
+    )
     args = parser.parse_args(argv)
     if args.thp:
         if "torch" in sys.modules:
@@ -283,10 +313,19 @@ def main(argv: list[str] | None = None) -> dict:
     # per round and contender: at least `calls` calls and `min_time` seconds
     calls, min_time = (1, 0.02) if args.quick else (1, 0.15)
     t0 = time.perf_counter()
-    out = run(ns, args.schemes, rounds=args.rounds, calls=calls, min_time=min_time,
-              seed=args.seed, scale=args.scale, threads=args.threads,
-              use_particles=not args.no_particles, clock=args.clock,
-              variants={"torch": torch_path} if args.torch_path else None)
+    out = run(
+        ns,
+        args.schemes,
+        rounds=args.rounds,
+        calls=calls,
+        min_time=min_time,
+        seed=args.seed,
+        scale=args.scale,
+        threads=args.threads,
+        use_particles=not args.no_particles,
+        clock=args.clock,
+        variants={"torch": torch_path} if args.torch_path else None,
+    )
     out["wall_s"] = time.perf_counter() - t0
     summary(out)
     print(f"wall time {out['wall_s']:.0f} s")

@@ -92,15 +92,28 @@ def main(argv=None) -> None:
     ]
     cores = os.cpu_count()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"{args.sequence}: {pep.n_atoms} atoms, batch {n}, device {args.device}, "
-          f"{platform.processor() or platform.machine()}, {cores} cores, load {load:.1f}, "
-          f"torch threads {torch.get_num_threads()}, trained weights: {path.exists()}")
+    print(
+        f"{args.sequence}: {pep.n_atoms} atoms, batch {n}, device {args.device}, "
+        f"{platform.processor() or platform.machine()}, {cores} cores, load {load:.1f}, "
+        f"torch threads {torch.get_num_threads()}, trained weights: {path.exists()}"
+    )
     print(f"{'':40s} {'s/batch':>9s} {'per s':>10s}")
     for name, t in rows:
         print(f"{name:40s} {t:9.3f} {n / t:10.0f}")
     print(f"ratio transferable / single-molecule (time per proposal): {t_sample / t_single:.2f}")
-    print(json.dumps({"sequence": args.sequence, "batch": n, "device": args.device, "cores": cores,
-                      "load": load, "seconds": dict(rows), "ratio_transferable_over_single": t_sample / t_single}))
+    print(
+        json.dumps(
+            {
+                "sequence": args.sequence,
+                "batch": n,
+                "device": args.device,
+                "cores": cores,
+                "load": load,
+                "seconds": dict(rows),
+                "ratio_transferable_over_single": t_sample / t_single,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

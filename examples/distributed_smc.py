@@ -28,10 +28,14 @@ from mcsample.systems.analytic import GaussianMixture
 
 def mixture(dim: int, device) -> GaussianMixture:
     """4 separated unit Gaussians, weights 0.1 0.2 0.3 0.4, exact log Z = 3 (as in the README)."""
-    target = GaussianMixture.separated(dim=dim, num_modes=4, spread=6.0, log_scale=3.0,
-                                       generator=torch.Generator().manual_seed(0))
-    return target if device.type == "cpu" else GaussianMixture(
-        target.weights.to(device), target.means.to(device), target.covariances.to(device), 3.0)
+    target = GaussianMixture.separated(
+        dim=dim, num_modes=4, spread=6.0, log_scale=3.0, generator=torch.Generator().manual_seed(0)
+    )
+    return (
+        target
+        if device.type == "cpu"
+        else GaussianMixture(target.weights.to(device), target.means.to(device), target.covariances.to(device), 3.0)
+    )
 
 
 def main() -> None:
@@ -45,11 +49,19 @@ def main() -> None:
     rank = 0 if shard is None else shard.rank
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     target = mixture(10, device)
-    initial = torch.distributions.MultivariateNormal(torch.zeros(10, dtype=torch.float64, device=device),
-                                                     64.0 * torch.eye(10, dtype=torch.float64, device=device))
-    result = mc.smc(target, initial, num_particles=args.num_particles, kernel=mc.kernels.MALA(),
-                    generator=torch.Generator(device=device).manual_seed(2), checkpoint=args.checkpoint,
-                    progress=True, group=distributed.islands() if args.islands else None)
+    initial = torch.distributions.MultivariateNormal(
+        torch.zeros(10, dtype=torch.float64, device=device), 64.0 * torch.eye(10, dtype=torch.float64, device=device)
+    )
+    result = mc.smc(
+        target,
+        initial,
+        num_particles=args.num_particles,
+        kernel=mc.kernels.MALA(),
+        generator=torch.Generator(device=device).manual_seed(2),
+        checkpoint=args.checkpoint,
+        progress=True,
+        group=distributed.islands() if args.islands else None,
+    )
     modes = result.particles.expectation(target.responsibilities)  # collective: every rank calls it
     if rank == 0:
         print(result)

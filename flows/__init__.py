@@ -13,8 +13,10 @@ __all__ = ["pretrained", "CHECKPOINTS"]
 #: folder of the shipped checkpoints (each described in its README)
 CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"
 
-_BOLTZMANN = {("alanine_dipeptide", "obc1"): "alanine_dipeptide_obc1.pt",
-              ("alanine_dipeptide", "vacuum"): "alanine_dipeptide_vacuum.pt"}
+_BOLTZMANN = {
+    ("alanine_dipeptide", "obc1"): "alanine_dipeptide_obc1.pt",
+    ("alanine_dipeptide", "vacuum"): "alanine_dipeptide_vacuum.pt",
+}
 
 
 def pretrained(name="alanine_dipeptide", solvent: str = "obc1", **kwargs):
@@ -40,8 +42,10 @@ def pretrained(name="alanine_dipeptide", solvent: str = "obc1", **kwargs):
     if name == "transferable":
         path = CHECKPOINTS / "transferable.pt"
         if not path.exists():
-            raise FileNotFoundError(f"{path} is missing; make it with `python examples/peptides/transferable_data.py` "
-                                    "then `python examples/peptides/transferable.py train`")
+            raise FileNotFoundError(
+                f"{path} is missing; make it with `python examples/peptides/transferable_data.py` "
+                "then `python examples/peptides/transferable.py train`"
+            )
         from mcsample.flows.training import load_flow
 
         return load_flow(path, **kwargs)
@@ -49,22 +53,27 @@ def pretrained(name="alanine_dipeptide", solvent: str = "obc1", **kwargs):
     if not isinstance(name, str):
         peptide = name
         pname = str(getattr(peptide, "name", ""))
-        for (n, s) in _BOLTZMANN:
+        for n, s in _BOLTZMANN:
             if pname == f"{n}_{s}":
                 name, solvent = n, s
                 break
         else:
-            raise ValueError(f"no shipped Boltzmann generator for the peptide {pname!r}; shipped: "
-                             f"{sorted(f'{n}_{s}' for n, s in _BOLTZMANN)}. Train one with "
-                             "mcsample.flows.training (see examples/peptides/alanine_dipeptide.py)")
+            raise ValueError(
+                f"no shipped Boltzmann generator for the peptide {pname!r}; shipped: "
+                f"{sorted(f'{n}_{s}' for n, s in _BOLTZMANN)}. Train one with "
+                "mcsample.flows.training (see examples/peptides/alanine_dipeptide.py)"
+            )
     key = (name, solvent)
     if key not in _BOLTZMANN:
-        raise ValueError(f"no shipped model {name!r} with solvent={solvent!r}; shipped: "
-                         f"{sorted(set(_BOLTZMANN) | {('von_mises', None), ('transferable', None)})}")
+        raise ValueError(
+            f"no shipped model {name!r} with solvent={solvent!r}; shipped: "
+            f"{sorted(set(_BOLTZMANN) | {('von_mises', None), ('transferable', None)})}"
+        )
     path = CHECKPOINTS / _BOLTZMANN[key]
     if not path.exists():
-        raise FileNotFoundError(f"{path} is missing; make it with "
-                                f"`python examples/peptides/alanine_dipeptide.py --solvent {solvent}`")
+        raise FileNotFoundError(
+            f"{path} is missing; make it with `python examples/peptides/alanine_dipeptide.py --solvent {solvent}`"
+        )
     from mcsample.flows.training import load_flow
 
     return load_flow(path, system=peptide, **kwargs)

@@ -70,25 +70,35 @@ class BoltzmannGenerator(nn.Module):
 
         self.ic = InternalCoordinates(np.asarray(zmatrix))
         if flow.config.features != self.ic.dim - 6:
-            raise ValueError(f"the flow has {flow.config.features} coordinates; "
-                             f"{self.ic.n_atoms} atoms have {self.ic.dim - 6} internal coordinates")
+            raise ValueError(
+                f"the flow has {flow.config.features} coordinates; "
+                f"{self.ic.n_atoms} atoms have {self.ic.dim - 6} internal coordinates"
+            )
         self.flow = flow
         self.identity = dict(identity or {})
         self.register_buffer("_device_probe", torch.zeros(()), persistent=False)
 
     # -------------------------------------------------------------------------- construction
     @classmethod
-    def from_data(cls, peptide, x: Tensor, *, layers: int = 8, hidden: int = 256, depth: int = 2,
-                  bins: int = 8, bound: float = 5.0, seed: int = 0) -> "BoltzmannGenerator":
+    def from_data(
+        cls,
+        peptide,
+        x: Tensor,
+        *,
+        layers: int = 8,
+        hidden: int = 256,
+        depth: int = 2,
+        bins: int = 8,
+        bound: float = 5.0,
+        seed: int = 0,
+    ) -> BoltzmannGenerator:
         """A flow for ``peptide`` whose standardization of bonds and angles comes from frames ``x``.
 
         ``x``: ``(F, n, 3)`` nm (MD frames). The flow starts as the identity on standardized
         coordinates (Gaussian bonds and angles with the data's means and deviations, uniform
         torsions); train it with :mod:`mcsample.flows.training`.
         """
-        from mcsample.systems.coordinates import zmatrix_from_topology
-
-        from mcsample.systems.coordinates import InternalCoordinates
+        from mcsample.systems.coordinates import InternalCoordinates, zmatrix_from_topology
 
         zmatrix = zmatrix_from_topology(peptide.topology)
         ic = InternalCoordinates(zmatrix)
@@ -98,8 +108,9 @@ class BoltzmannGenerator(nn.Module):
         circular = ic.circular_mask[6:]
         loc = z.mean(0)
         scale = z.std(0).clamp_min(1e-4)
-        cfg = CouplingConfig(circular=circular.tolist(), layers=layers, hidden=hidden, depth=depth,
-                             bins=bins, bound=bound, seed=seed)
+        cfg = CouplingConfig(
+            circular=circular.tolist(), layers=layers, hidden=hidden, depth=depth, bins=bins, bound=bound, seed=seed
+        )
         flow = CouplingSplineFlow(cfg, loc.float(), scale.float())
         return cls(zmatrix, flow, peptide.identity())
 
@@ -161,8 +172,10 @@ class BoltzmannGenerator(nn.Module):
         polar = torch.acos((1 - 2 * u[:, 0]).clamp(-1, 1))
         azimuth = wrap_angle((2 * u[:, 1] - 1) * math.pi)
         spin = wrap_angle((2 * u[:, 2] - 1) * math.pi)
-        return torch.cat([torch.zeros(n, 3, dtype=torch.float64, device=self.device),
-                          torch.stack([polar, azimuth, spin], dim=-1)], dim=-1)
+        return torch.cat(
+            [torch.zeros(n, 3, dtype=torch.float64, device=self.device), torch.stack([polar, azimuth, spin], dim=-1)],
+            dim=-1,
+        )
 
     # -------------------------------------------------------------------------- identity
     def check_identity(self, peptide) -> None:
@@ -171,15 +184,19 @@ class BoltzmannGenerator(nn.Module):
 
     def config(self) -> dict:
         """Everything needed to rebuild the module (stored in checkpoints)."""
-        return {"kind": "BoltzmannGenerator", "zmatrix": self.ic.zmatrix.tolist(),
-                "flow": asdict(self.flow.config), "identity": dict(self.identity)}
+        return {
+            "kind": "BoltzmannGenerator",
+            "zmatrix": self.ic.zmatrix.tolist(),
+            "flow": asdict(self.flow.config),
+            "identity": dict(self.identity),
+        }
 
     @classmethod
-    def from_config(cls, config: dict) -> "BoltzmannGenerator":
+    def from_config(cls, config: dict) -> BoltzmannGenerator:
         flow = CouplingSplineFlow(CouplingConfig(**config["flow"]))
         return cls(np.asarray(config["zmatrix"]), flow, config.get("identity"))
 
-    def proposal(self, peptide) -> "BoltzmannGenerator":
+    def proposal(self, peptide) -> BoltzmannGenerator:
         """This flow as the proposal for ``peptide`` after checking that it was trained for it."""
         self.check_identity(peptide)
         return self
@@ -189,12 +206,13 @@ def check_identity(expected: dict, found: dict, what: str) -> None:
     """Compare two :meth:`Peptide.identity` records; raise ``ValueError`` naming the differences."""
     if not expected:
         return
-    diff = [f"{k}: trained for {expected.get(k)!r}, got {found.get(k)!r}"
-            for k in ("name", "sequence", "temperature_K", "n_atoms", "topology_sha256", "system_sha256")
-            if k in expected and expected.get(k) != found.get(k)]
+    diff = [
+        f"{k}: trained for {expected.get(k)!r}, got {found.get(k)!r}"
+        for k in ("name", "sequence", "temperature_K", "n_atoms", "topology_sha256", "system_sha256")
+        if k in expected and expected.get(k) != found.get(k)
+    ]
     if diff:
-        raise ValueError(f"{what} was trained for another system ({expected.get('name')}); "
-                         + "; ".join(diff))
+        raise ValueError(f"{what} was trained for another system ({expected.get('name')}); " + "; ".join(diff))
 
 
 def _check_positions(x: Tensor, n_atoms: int) -> None:

@@ -97,7 +97,7 @@ class _Coupling(nn.Module):
     def _splines(self, xc: Tensor) -> tuple[MonotonicRQSTransform, MonotonicRQSTransform]:
         p = self.net(self._features(xc)).unflatten(-1, (self.index_t.numel(), 3 * self.bins - 1))
         K = self.bins
-        w, h, d = p[..., :K], p[..., K:2 * K], p[..., 2 * K:]
+        w, h, d = p[..., :K], p[..., K : 2 * K], p[..., 2 * K :]
         ct = self.circ_t
         real = MonotonicRQSTransform(w[:, ~ct], h[:, ~ct], d[:, ~ct], bound=self.bound, slope=self.slope)
         circ = MonotonicRQSTransform(w[:, ct], h[:, ct], d[:, ct], bound=math.pi, slope=self.slope)

@@ -33,8 +33,8 @@ import copy
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import Tensor
@@ -68,9 +68,13 @@ class TrainingHistory:
     seconds: float = 0.0
 
     def to_dict(self) -> dict:
-        return {"loss": list(self.loss), "valid_step": list(self.valid_step),
-                "valid_metric": list(self.valid_metric), "beta": list(self.beta),
-                "seconds": float(self.seconds)}
+        return {
+            "loss": list(self.loss),
+            "valid_step": list(self.valid_step),
+            "valid_metric": list(self.valid_metric),
+            "beta": list(self.beta),
+            "seconds": float(self.seconds),
+        }
 
 
 # ------------------------------------------------------------------------------ checkpoints
@@ -100,8 +104,7 @@ def _plain(obj):
 class _Run:
     """Checkpoint/resume of one training stage (model, optimizer, step, generator, history)."""
 
-    def __init__(self, path, stage: str, fingerprint: dict, model, optimizer, generator, history,
-                 scheduler=None):
+    def __init__(self, path, stage: str, fingerprint: dict, model, optimizer, generator, history, scheduler=None):
         self.path = None if path is None else os.fspath(path)
         self.stage = stage
         self.fingerprint = {"stage": stage, "model": _model_fingerprint(model), **_plain(fingerprint)}
@@ -140,10 +143,16 @@ class _Run:
         self.tick()
         if self.path is None:
             return
-        blob = {"kind": "flow-training", "fingerprint": self.fingerprint, "step": int(step),
-                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "generator": self.generator.get_state(), "history": self.history.to_dict(),
-                "extra": self.extra}
+        blob = {
+            "kind": "flow-training",
+            "fingerprint": self.fingerprint,
+            "step": int(step),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "generator": self.generator.get_state(),
+            "history": self.history.to_dict(),
+            "extra": self.extra,
+        }
         if self.scheduler is not None:
             blob["scheduler"] = self.scheduler.state_dict()
         save_atomic(blob, self.path)
@@ -152,8 +161,11 @@ class _Run:
 def _refuse_mismatch(saved: dict, current: dict, path) -> None:
     diffs = differences(saved, current)
     if diffs:
-        raise ValueError(f"{path} belongs to another training run; refusing to resume it ("
-                         + "; ".join(diffs) + "). Choose another checkpoint path.")
+        raise ValueError(
+            f"{path} belongs to another training run; refusing to resume it ("
+            + "; ".join(diffs)
+            + "). Choose another checkpoint path."
+        )
 
 
 def _generator(generator: torch.Generator | None, device) -> torch.Generator:
@@ -178,7 +190,7 @@ def _check_positive(**kwargs) -> None:
             raise ValueError(f"{name} must be positive, got {value}")
 
 
-def _descend(loss: Tensor, model, opt, sched, clip_norm: float, history: "TrainingHistory") -> None:
+def _descend(loss: Tensor, model, opt, sched, clip_norm: float, history: TrainingHistory) -> None:
     """One optimizer step on ``loss`` with gradient-norm clipping; records the loss."""
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -192,8 +204,13 @@ def _descend(loss: Tensor, model, opt, sched, clip_norm: float, history: "Traini
 # ------------------------------------------------------------------------------ diagnostics
 
 
-def importance_ess(model, target_log_prob: Callable[[Tensor], Tensor], num_samples: int,
-                   generator: torch.Generator | None = None, batch_size: int = 4096) -> float:
+def importance_ess(
+    model,
+    target_log_prob: Callable[[Tensor], Tensor],
+    num_samples: int,
+    generator: torch.Generator | None = None,
+    batch_size: int = 4096,
+) -> float:
     r"""Normalized Kish ESS :math:`(\sum w)^2 / (N\sum w^2)` of ``num_samples`` importance draws."""
     log_w = []
     with torch.no_grad():
@@ -238,8 +255,9 @@ def fit_maximum_likelihood(
     Returns:
         :class:`TrainingHistory` (loss per step, validation NLL).
     """
-    _check_positive(steps=steps, batch_size=batch_size, lr=lr, valid_every=valid_every,
-                    checkpoint_every=checkpoint_every)
+    _check_positive(
+        steps=steps, batch_size=batch_size, lr=lr, valid_every=valid_every, checkpoint_every=checkpoint_every
+    )
     data = torch.as_tensor(data)
     if data.dim() < 2 or data.shape[0] < 1:
         raise ValueError(f"data must be (N, ...) samples with N >= 1, got shape {tuple(data.shape)}")
@@ -250,9 +268,16 @@ def fit_maximum_likelihood(
     opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     history = TrainingHistory()
-    fp = {"objective": "maximum_likelihood", "n_data": int(data.shape[0]), "steps": steps,
-          "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "clip_norm": clip_norm,
-          "valid_every": valid_every}
+    fp = {
+        "objective": "maximum_likelihood",
+        "n_data": int(data.shape[0]),
+        "steps": steps,
+        "batch_size": batch_size,
+        "lr": lr,
+        "weight_decay": weight_decay,
+        "clip_norm": clip_norm,
+        "valid_every": valid_every,
+    }
     run = _Run(checkpoint, "maximum_likelihood", fp, model, opt, gen, history, sched)
     start = run.resume()
     bar = tqdm(total=steps, initial=start, disable=not progress, desc="maximum likelihood")
@@ -283,7 +308,7 @@ def validation_nll(model, data: Tensor, batch_size: int = 4096) -> float:
     total = 0.0
     with torch.no_grad():
         for i in range(0, data.shape[0], batch_size):
-            total += float(-model.log_prob(data[i:i + batch_size].to(device)).to(torch.float64).sum())
+            total += float(-model.log_prob(data[i : i + batch_size].to(device)).to(torch.float64).sum())
     return total / data.shape[0]
 
 
@@ -319,8 +344,14 @@ def fit_reverse_kl(
     the same) in the validation ESS. Needs ``model.rsample_and_log_prob``. Adam with a cosine
     learning-rate decay over ``steps``.
     """
-    _check_positive(steps=steps, batch_size=batch_size, lr=lr, valid_every=valid_every,
-                    valid_samples=valid_samples, checkpoint_every=checkpoint_every)
+    _check_positive(
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        valid_every=valid_every,
+        valid_samples=valid_samples,
+        checkpoint_every=checkpoint_every,
+    )
     eval_log_prob = eval_log_prob or target_log_prob
     gen = _generator(generator, _device(model))
     if data is not None:
@@ -330,9 +361,17 @@ def fit_reverse_kl(
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     history = TrainingHistory()
-    fp = {"objective": "reverse_kl", "steps": steps, "batch_size": batch_size, "lr": lr,
-          "clip_norm": clip_norm, "valid_every": valid_every, "valid_samples": valid_samples,
-          "n_data": 0 if data is None else int(data.shape[0]), "data_weight": float(data_weight)}
+    fp = {
+        "objective": "reverse_kl",
+        "steps": steps,
+        "batch_size": batch_size,
+        "lr": lr,
+        "clip_norm": clip_norm,
+        "valid_every": valid_every,
+        "valid_samples": valid_samples,
+        "n_data": 0 if data is None else int(data.shape[0]),
+        "data_weight": float(data_weight),
+    }
     run = _Run(checkpoint, "reverse_kl", fp, model, opt, gen, history, sched)
     start = run.resume()
     bar = tqdm(total=steps, initial=start, disable=not progress, desc="reverse KL")
@@ -402,8 +441,14 @@ def fit_snis(
     betas = [float(b) for b in betas]
     if not betas or any(not (0 < b <= 1) for b in betas):
         raise ValueError(f"betas must lie in (0, 1], got {betas}")
-    _check_positive(rounds_per_beta=rounds_per_beta, num_samples=num_samples, buffer_size=buffer_size,
-                    steps_per_round=steps_per_round, batch_size=batch_size, lr=lr)
+    _check_positive(
+        rounds_per_beta=rounds_per_beta,
+        num_samples=num_samples,
+        buffer_size=buffer_size,
+        steps_per_round=steps_per_round,
+        batch_size=batch_size,
+        lr=lr,
+    )
     if not 0 <= truncate < 1:
         raise ValueError(f"truncate must lie in [0, 1), got {truncate}")
     if regularization < 0:
@@ -415,10 +460,21 @@ def fit_snis(
     total_rounds = len(betas) * rounds_per_beta
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_rounds * steps_per_round)
     history = TrainingHistory()
-    fp = {"objective": "snis", "lr_schedule": "cosine", "betas": betas, "rounds_per_beta": rounds_per_beta,
-          "num_samples": num_samples, "buffer_size": buffer_size, "steps_per_round": steps_per_round,
-          "batch_size": batch_size, "lr": lr, "regularization": regularization, "truncate": truncate,
-          "clip_norm": clip_norm, "valid_samples": valid_samples}
+    fp = {
+        "objective": "snis",
+        "lr_schedule": "cosine",
+        "betas": betas,
+        "rounds_per_beta": rounds_per_beta,
+        "num_samples": num_samples,
+        "buffer_size": buffer_size,
+        "steps_per_round": steps_per_round,
+        "batch_size": batch_size,
+        "lr": lr,
+        "regularization": regularization,
+        "truncate": truncate,
+        "clip_norm": clip_norm,
+        "valid_samples": valid_samples,
+    }
     run = _Run(checkpoint, "snis", fp, model, opt, gen, history, sched)
     start = run.resume()
     schedule = [b for b in betas for _ in range(rounds_per_beta)]
@@ -436,8 +492,10 @@ def fit_snis(
         else:
             valid = importance_ess(model, target_log_prob, valid_samples, gen)
         if not bool(torch.isfinite(log_w).any()):
-            raise ValueError("every importance weight is zero (the target is -inf at all draws); "
-                             "the flow is too far from the target for SNIS refits")
+            raise ValueError(
+                "every importance weight is zero (the target is -inf at all draws); "
+                "the flow is too far from the target for SNIS refits"
+            )
         if truncate > 0:
             finite = log_w[torch.isfinite(log_w)]
             cap = torch.quantile(finite, 1 - truncate) if finite.numel() > 1 else finite.max()
@@ -446,7 +504,7 @@ def fit_snis(
         buffer = x[idx]
         frozen.load_state_dict(model.state_dict())
         with torch.no_grad():
-            lq_frozen = torch.cat([frozen.log_prob(buffer[i:i + 4096]) for i in range(0, buffer_size, 4096)])
+            lq_frozen = torch.cat([frozen.log_prob(buffer[i : i + 4096]) for i in range(0, buffer_size, 4096)])
         model.train()
         for _ in range(steps_per_round):
             j = torch.randint(0, buffer_size, (batch_size,), generator=gen, device=buffer.device)
@@ -490,9 +548,12 @@ def save_flow(model, path, meta: dict | None = None) -> None:
 
     Loadable with ``torch.load(path, weights_only=True)``; ``meta`` holds the provenance (data,
     settings, seed, measured quality)."""
-    blob = {"format": "mcsample-flow-1", "config": _plain(model.config()),
-            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-            "meta": _plain(dict(meta or {}))}
+    blob = {
+        "format": "mcsample-flow-1",
+        "config": _plain(model.config()),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "meta": _plain(dict(meta or {})),
+    }
     save_atomic(blob, path)
 
 

@@ -69,8 +69,14 @@ class PTState:
     swap_tries: Tensor = None
 
 
-def pt_init(target, num_chains: int, num_replicas: int = 6, max_temperature_ratio: float = 5.0,
-            generator: torch.Generator | None = None, device=None) -> PTState:
+def pt_init(
+    target,
+    num_chains: int,
+    num_replicas: int = 6,
+    max_temperature_ratio: float = 5.0,
+    generator: torch.Generator | None = None,
+    device=None,
+) -> PTState:
     """Chains started uniformly on the torus; temperatures :math:`T_0\\rho^r` up to
     ``max_temperature_ratio`` times the target's."""
     device = device or torch.device("cpu")
@@ -80,22 +86,28 @@ def pt_init(target, num_chains: int, num_replicas: int = 6, max_temperature_rati
     with torch.no_grad():
         lp = target.log_prob(theta.reshape(R * C, T)).reshape(R, C).to(torch.float64)
     ratio = max_temperature_ratio ** (1.0 / max(R - 1, 1))
-    betas = torch.tensor([ratio ** -r for r in range(R)], dtype=torch.float64, device=device)
-    return PTState(theta, lp, betas, torch.full((R,), 0.5, dtype=torch.float64, device=device),
-                   local_accept=torch.zeros(R, dtype=torch.float64, device=device),
-                   swap_accept=torch.zeros(max(R - 1, 0), dtype=torch.float64, device=device),
-                   swap_tries=torch.zeros(max(R - 1, 0), dtype=torch.float64, device=device))
+    betas = torch.tensor([ratio**-r for r in range(R)], dtype=torch.float64, device=device)
+    return PTState(
+        theta,
+        lp,
+        betas,
+        torch.full((R,), 0.5, dtype=torch.float64, device=device),
+        local_accept=torch.zeros(R, dtype=torch.float64, device=device),
+        swap_accept=torch.zeros(max(R - 1, 0), dtype=torch.float64, device=device),
+        swap_tries=torch.zeros(max(R - 1, 0), dtype=torch.float64, device=device),
+    )
 
 
-def pt_step(state: PTState, target, generator: torch.Generator | None = None,
-            adapt: bool = False) -> PTState:
+def pt_step(state: PTState, target, generator: torch.Generator | None = None, adapt: bool = False) -> PTState:
     """One local Metropolis move of every chain, then one round of replica swaps."""
     R, C, T = state.theta.shape
     dev = state.theta.device
     g = generator
     # local move: random walk on all torsions, or a uniform redraw of one torsion
     rw = torch.rand(R, C, 1, generator=g, device=dev, dtype=torch.float64) < 0.5
-    step = state.theta + state.step_size[:, None, None] * torch.randn(R, C, T, generator=g, device=dev, dtype=torch.float64)
+    step = state.theta + state.step_size[:, None, None] * torch.randn(
+        R, C, T, generator=g, device=dev, dtype=torch.float64
+    )
     which = torch.randint(0, T, (R, C, 1), generator=g, device=dev)
     fresh = (torch.rand(R, C, 1, generator=g, device=dev, dtype=torch.float64) * 2 - 1) * math.pi
     redraw = state.theta.scatter(-1, which, fresh)
@@ -124,15 +136,30 @@ def pt_step(state: PTState, target, generator: torch.Generator | None = None,
         logp[r + 1] = torch.where(s, la, lb)
         swap_acc[r] += s.to(torch.float64).mean()
         swap_tries[r] += 1
-    return PTState(theta, logp, state.betas, step_size, state.iteration + 1,
-                   state.local_accept + acc.to(torch.float64).mean(1), state.local_tries + 1,
-                   swap_acc, swap_tries)
+    return PTState(
+        theta,
+        logp,
+        state.betas,
+        step_size,
+        state.iteration + 1,
+        state.local_accept + acc.to(torch.float64).mean(1),
+        state.local_tries + 1,
+        swap_acc,
+        swap_tries,
+    )
 
 
-def parallel_tempering(target, num_samples: int = 4000, num_chains: int = 16, num_replicas: int = 6,
-                       max_temperature_ratio: float = 5.0, burn_in: int = 1000, thin: int = 4,
-                       generator: torch.Generator | None = None, progress: bool = False
-                       ) -> tuple[Tensor, dict]:
+def parallel_tempering(
+    target,
+    num_samples: int = 4000,
+    num_chains: int = 16,
+    num_replicas: int = 6,
+    max_temperature_ratio: float = 5.0,
+    burn_in: int = 1000,
+    thin: int = 4,
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+) -> tuple[Tensor, dict]:
     """Reference torsion samples ``(num_samples, T)`` of ``target`` (at its temperature) by
     replica-exchange Metropolis; returns them and diagnostics (acceptance rates, step sizes).
 
@@ -169,6 +196,7 @@ def parallel_tempering(target, num_samples: int = 4000, num_chains: int = 16, nu
 
 
 # -- maximum likelihood -------------------------------------------------------------------
+
 
 @dataclass
 class TrainingSet:
@@ -216,13 +244,13 @@ def negative_log_likelihood(net, graphs, samples, batch: int, generator) -> Tens
     start = 0
     for m, (g, x, T) in enumerate(zip(graphs, samples, sizes)):
         if T:
-            E[m, :T] = emb[start:start + T]
+            E[m, :T] = emb[start : start + T]
             prox[m, :T, :T] = g.proximity
             idx = torch.randint(0, x.shape[0], (min(B, x.shape[0]),), generator=generator)
             theta[m, : len(idx), :T] = x[idx].to(emb.dtype)
             valid[m, : len(idx), :T] = True
         start += T
-    gates = net.gates(E, prox)                              # (M, Tm, Tm, H)
+    gates = net.gates(E, prox)  # (M, Tm, Tm, H)
     ctx = torch.einsum("mtsh,mbsh->mbth", gates, net.values(E, theta))
     params = net.mixture_params(E[:, None], ctx)  # each (M, B, Tm, K)
     lp = torsion_log_density(params, _wrap(theta), net.config.uniform_weight)
@@ -235,8 +263,11 @@ def _generator(generator, seed, who: str) -> torch.Generator:
     if seed is not None:
         if generator is not None:
             raise TypeError(f"{who}: pass generator= or the deprecated seed=, not both")
-        warnings.warn(f"{who}(seed=...) is deprecated; pass generator=torch.Generator().manual_seed(seed)",
-                      DeprecationWarning, stacklevel=3)
+        warnings.warn(
+            f"{who}(seed=...) is deprecated; pass generator=torch.Generator().manual_seed(seed)",
+            DeprecationWarning,
+            stacklevel=3,
+        )
         return torch.Generator().manual_seed(int(seed))
     if generator is None:
         return torch.Generator().manual_seed(int(torch.randint(0, 2**62, ())))
@@ -245,11 +276,21 @@ def _generator(generator, seed, who: str) -> torch.Generator:
     return generator
 
 
-def fit_maximum_likelihood(net, train: TrainingSet, steps: int = 600, lr: float = 2e-3,
-                           batch: int = 64, mirror: bool = True, generator: torch.Generator | None = None,
-                           valid: TrainingSet | None = None, weight_decay: float = 1e-4,
-                           progress: bool = False, log_every: int = 50, *,
-                           seed: int | None = None) -> list[dict]:
+def fit_maximum_likelihood(
+    net,
+    train: TrainingSet,
+    steps: int = 600,
+    lr: float = 2e-3,
+    batch: int = 64,
+    mirror: bool = True,
+    generator: torch.Generator | None = None,
+    valid: TrainingSet | None = None,
+    weight_decay: float = 1e-4,
+    progress: bool = False,
+    log_every: int = 50,
+    *,
+    seed: int | None = None,
+) -> list[dict]:
     """AdamW on the mean NLL per torsion (nats) of the reference samples, cosine-decayed
     learning rate; each step uses every training molecule (and its mirror image) with
     ``batch`` random samples. With ``valid`` (molecules held back from the fit, never the test
@@ -265,13 +306,15 @@ def fit_maximum_likelihood(net, train: TrainingSet, steps: int = 600, lr: float 
     device = next((p.device for p in net.parameters()), torch.device("cpu"))
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(dropout_seed)  # dropout masks
-        log = _fit_ml_loop(net, train, steps, lr, batch, mirror, gen, valid, weight_decay, progress,
-                           log_every, valid_seed)
+        log = _fit_ml_loop(
+            net, train, steps, lr, batch, mirror, gen, valid, weight_decay, progress, log_every, valid_seed
+        )
     return log
 
 
-def _fit_ml_loop(net, train, steps, lr, batch, mirror, gen, valid, weight_decay, progress, log_every,
-                 valid_seed) -> list[dict]:
+def _fit_ml_loop(
+    net, train, steps, lr, batch, mirror, gen, valid, weight_decay, progress, log_every, valid_seed
+) -> list[dict]:
     graphs, samples = list(train.graphs), [s.to(torch.float32) for s in train.samples]
     if mirror:
         graphs += [g.mirrored() for g in train.graphs]
@@ -293,8 +336,15 @@ def _fit_ml_loop(net, train, steps, lr, batch, mirror, gen, valid, weight_decay,
             if valid is not None and len(valid):
                 net.eval()
                 with torch.no_grad():
-                    v = float(negative_log_likelihood(net, valid.graphs, [s.float() for s in valid.samples], 512,
-                                   torch.Generator().manual_seed(valid_seed)))
+                    v = float(
+                        negative_log_likelihood(
+                            net,
+                            valid.graphs,
+                            [s.float() for s in valid.samples],
+                            512,
+                            torch.Generator().manual_seed(valid_seed),
+                        )
+                    )
                 entry["valid_nll"] = v
                 if v < best[0]:
                     best = (v, copy.deepcopy(net.state_dict()), step)
@@ -307,9 +357,18 @@ def _fit_ml_loop(net, train, steps, lr, batch, mirror, gen, valid, weight_decay,
     return log
 
 
-def fine_tune_snis(net, targets: list, steps: int = 200, num_samples: int = 256, lr: float = 2e-4,
-                   penalty: float = 0.5, generator: torch.Generator | None = None, progress: bool = False,
-                   *, seed: int | None = None) -> list[dict]:
+def fine_tune_snis(
+    net,
+    targets: list,
+    steps: int = 200,
+    num_samples: int = 256,
+    lr: float = 2e-4,
+    penalty: float = 0.5,
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+    *,
+    seed: int | None = None,
+) -> list[dict]:
     r"""Self-normalized importance-weighted maximum likelihood on the targets themselves.
 
     Each step and molecule: :math:`\theta_i\sim q`, :math:`\bar w_i \propto p(\theta_i)/q(\theta_i)`

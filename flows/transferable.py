@@ -114,13 +114,17 @@ def _harmonic_terms(system) -> tuple[dict, dict]:
         if isinstance(force, openmm.HarmonicBondForce):
             for b in range(force.getNumBonds()):
                 i, j, r0, k = force.getBondParameters(b)
-                bonds[(min(i, j), max(i, j))] = (r0.value_in_unit(openmm.unit.nanometer),
-                                                 k.value_in_unit(openmm.unit.kilojoule_per_mole / openmm.unit.nanometer**2))
+                bonds[(min(i, j), max(i, j))] = (
+                    r0.value_in_unit(openmm.unit.nanometer),
+                    k.value_in_unit(openmm.unit.kilojoule_per_mole / openmm.unit.nanometer**2),
+                )
         elif isinstance(force, openmm.HarmonicAngleForce):
             for a in range(force.getNumAngles()):
                 i, j, k, t0, kt = force.getAngleParameters(a)
-                angles[(min(i, k), j, max(i, k))] = (t0.value_in_unit(openmm.unit.radian),
-                                                     kt.value_in_unit(openmm.unit.kilojoule_per_mole / openmm.unit.radian**2))
+                angles[(min(i, k), j, max(i, k))] = (
+                    t0.value_in_unit(openmm.unit.radian),
+                    kt.value_in_unit(openmm.unit.kilojoule_per_mole / openmm.unit.radian**2),
+                )
     return bonds, angles
 
 
@@ -152,8 +156,12 @@ def tokenize(peptide, zmatrix=None) -> PeptideTokens:
             return [0, 0, 0, 0]
         atom = atoms[index]
         element = atom.element.symbol if atom.element is not None else "?"
-        return [_bucket(element, _ELEMENT_BUCKETS), _bucket(atom.name, _NAME_BUCKETS),
-                _bucket(atom.residue.name, _RESIDUE_BUCKETS), atom.residue.index + 1]
+        return [
+            _bucket(element, _ELEMENT_BUCKETS),
+            _bucket(atom.name, _NAME_BUCKETS),
+            _bucket(atom.residue.name, _RESIDUE_BUCKETS),
+            atom.residue.index + 1,
+        ]
 
     P = n - 1
     feats, positions = [], []
@@ -179,8 +187,9 @@ def tokenize(peptide, zmatrix=None) -> PeptideTokens:
         if p >= 3:
             valid[t, 2] = True
     flat = torch.cat([torch.arange(0, P) * 3, torch.arange(1, P) * 3 + 1, torch.arange(2, P) * 3 + 2])
-    return PeptideTokens(torch.tensor(feats, dtype=torch.long), loc, scale, valid,
-                         torch.tensor(positions, dtype=torch.long), flat)
+    return PeptideTokens(
+        torch.tensor(feats, dtype=torch.long), loc, scale, valid, torch.tensor(positions, dtype=torch.long), flat
+    )
 
 
 @dataclass
@@ -212,8 +221,13 @@ class _Embedding(nn.Module):
         h = self.length(f[..., 0]) + self.position(f[..., 1])
         for r in range(_ROLES):
             base = 2 + 4 * r
-            h = h + self.element[r](f[..., base]) + self.name[r](f[..., base + 1]) \
-                + self.residue[r](f[..., base + 2]) + self.index[r](f[..., base + 3].clamp(max=15))
+            h = (
+                h
+                + self.element[r](f[..., base])
+                + self.name[r](f[..., base + 1])
+                + self.residue[r](f[..., base + 2])
+                + self.index[r](f[..., base + 3].clamp(max=15))
+            )
         return h
 
 
@@ -224,8 +238,7 @@ class _Conditioner(nn.Module):
         super().__init__()
         w = cfg.width
         self.values = nn.Linear(7, w)  # bond, angle: (value, transformed); torsion: (cos, sin, transformed)
-        layer = nn.TransformerEncoderLayer(w, cfg.heads, 2 * w, dropout=0.0, batch_first=True,
-                                           norm_first=True)
+        layer = nn.TransformerEncoderLayer(w, cfg.heads, 2 * w, dropout=0.0, batch_first=True, norm_first=True)
         self.encoder = nn.TransformerEncoder(layer, cfg.depth, enable_nested_tensor=False)
         self.bins = cfg.bins
         self.out = nn.Linear(w, 3 * (3 * cfg.bins - 1))
@@ -235,8 +248,18 @@ class _Conditioner(nn.Module):
     def forward(self, chem: Tensor, u: Tensor, valid: Tensor, transformed: Tensor) -> Tensor:
         vis = (valid & ~transformed).to(u.dtype)
         tr = transformed.to(u.dtype)
-        v = torch.stack([u[..., 0] * vis[..., 0], tr[..., 0], u[..., 1] * vis[..., 1], tr[..., 1],
-                         torch.cos(u[..., 2]) * vis[..., 2], torch.sin(u[..., 2]) * vis[..., 2], tr[..., 2]], -1)
+        v = torch.stack(
+            [
+                u[..., 0] * vis[..., 0],
+                tr[..., 0],
+                u[..., 1] * vis[..., 1],
+                tr[..., 1],
+                torch.cos(u[..., 2]) * vis[..., 2],
+                torch.sin(u[..., 2]) * vis[..., 2],
+                tr[..., 2],
+            ],
+            -1,
+        )
         h = self.encoder(chem + self.values(v), src_key_padding_mask=~valid.any(-1))
         return self.out(h).unflatten(-1, (3, 3 * self.bins - 1))
 
@@ -307,7 +330,7 @@ class TransferableFlow(nn.Module):
         t = _partition(valid, b["position"], layer)
         p = self.conditioners[layer](chem, u, valid, t)
         K = self.architecture.bins
-        w, h, d = p[..., :K], p[..., K:2 * K], p[..., 2 * K:]
+        w, h, d = p[..., :K], p[..., K : 2 * K], p[..., 2 * K :]
         # one spline on [-B, B] for every cell: torsions are shifted by π (the circular spline of
         # Rezende et al. 2020) and scaled by B/π in and π/B out, which leaves log h' unchanged
         cfg = self.architecture
@@ -325,7 +348,7 @@ class TransferableFlow(nn.Module):
         return y, torch.where(t, ladj, torch.zeros_like(ladj)).flatten(1).sum(-1)
 
     def standardize(self, z: Tensor, b: dict) -> tuple[Tensor, Tensor]:
-        """Physical cells ``z`` ``(B, P, 3)`` to standardized ``u`` and
+        r"""Physical cells ``z`` ``(B, P, 3)`` to standardized ``u`` and
         :math:`\log|\det\partial u/\partial z|` (missing cells are 0)."""
         valid = b["valid"]
         circular = _torsion_mask(valid)
@@ -355,7 +378,7 @@ class TransferableFlow(nn.Module):
         return (-0.5 * uf**2 * real).sum(-1) - 0.5 * _LOG_2PI * real.sum(-1) - _LOG_2PI * circ.sum(-1)
 
     def log_prob(self, z: Tensor, b: dict) -> Tensor:
-        """Exact :math:`\log q(z)` of padded cells ``(B, P, 3)``, shape ``(B,)``."""
+        r"""Exact :math:`\log q(z)` of padded cells ``(B, P, 3)``, shape ``(B,)``."""
         b = self._to(b)
         u, ladj = self.transform(z, b)
         return self.base_log_prob(u, b) + ladj
@@ -383,7 +406,7 @@ class TransferableFlow(nn.Module):
         return torch.where(b["valid"], u, torch.zeros_like(u))
 
     # -- one peptide ------------------------------------------------------------------------
-    def bind(self, peptide) -> "BoundFlow":
+    def bind(self, peptide) -> BoundFlow:
         """This flow restricted to ``peptide``'s internal coordinates (the interface of
         :class:`~mcsample.flows.coupling.CouplingSplineFlow`)."""
         return BoundFlow(self, tokenize(peptide))
@@ -401,11 +424,14 @@ class TransferableFlow(nn.Module):
     def config(self) -> dict:
         """Everything needed to rebuild the module (stored in checkpoints by
         :func:`mcsample.flows.training.save_flow`), with the training set's identity."""
-        return {"kind": "TransferableFlow", "architecture": asdict(self.architecture),
-                "training_set": list(self.training_set)}
+        return {
+            "kind": "TransferableFlow",
+            "architecture": asdict(self.architecture),
+            "training_set": list(self.training_set),
+        }
 
     @classmethod
-    def from_config(cls, config: dict) -> "TransferableFlow":
+    def from_config(cls, config: dict) -> TransferableFlow:
         flow = cls(TransferableConfig(**config["architecture"]))
         flow.training_set = list(config.get("training_set", []))
         return flow
@@ -429,7 +455,7 @@ class PackedFlow(nn.Module):
         ids = rows[:, 0].round().long().cpu()
         b = {k: v[ids] for k, v in self._table.items()}
         P = b["valid"].shape[1]
-        return self.flow.log_prob(rows[:, 1:1 + 3 * P].reshape(rows.shape[0], P, 3), b)
+        return self.flow.log_prob(rows[:, 1 : 1 + 3 * P].reshape(rows.shape[0], P, 3), b)
 
 
 def pack(tokens: list[PeptideTokens], internal: list[Tensor]) -> Tensor:
@@ -440,7 +466,7 @@ def pack(tokens: list[PeptideTokens], internal: list[Tensor]) -> Tensor:
     for i, (t, z) in enumerate(zip(tokens, internal)):
         r = torch.zeros(z.shape[0], 1 + 3 * P, dtype=internal[0].dtype)
         r[:, 0] = i
-        r[:, 1:1 + 3 * t.num_tokens] = t.to_cells(z).flatten(1)
+        r[:, 1 : 1 + 3 * t.num_tokens] = t.to_cells(z).flatten(1)
         rows.append(r)
     return torch.cat(rows)
 
@@ -471,8 +497,9 @@ class BoundFlow(nn.Module):
 
     def _check(self, z: Tensor) -> None:
         if z.dim() != 2 or z.shape[1] != self.tokens.num_coordinates:
-            raise ValueError(f"expected internal coordinates of shape (B, {self.tokens.num_coordinates}); "
-                             f"got {tuple(z.shape)}")
+            raise ValueError(
+                f"expected internal coordinates of shape (B, {self.tokens.num_coordinates}); got {tuple(z.shape)}"
+            )
 
     def transform(self, z: Tensor) -> tuple[Tensor, Tensor]:
         self._check(z)

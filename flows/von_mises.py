@@ -147,14 +147,14 @@ class MolGraph:
     def num_torsions(self) -> int:
         return self.torsions.shape[0]
 
-    def mirrored(self) -> "MolGraph":
+    def mirrored(self) -> MolGraph:
         """The enantiomer's graph: the same, with every side offset :math:`\\sin\\delta`
         negated. Its torsion density is :math:`q(-\\theta)`."""
         ang = self.side_angle.clone()
         ang[:, 1] = -ang[:, 1]
         return MolGraph(**{**self.__dict__, "side_angle": ang})
 
-    def to(self, device) -> "MolGraph":
+    def to(self, device) -> MolGraph:
         return MolGraph(**{k: v.to(device) for k, v in self.__dict__.items()})
 
 
@@ -263,7 +263,7 @@ def batch_graphs(graphs: list[MolGraph]) -> tuple[MolGraph, list[int]]:
         parts["side_atom"].append(g.side_atom + offs_a)
         parts["side_angle"].append(g.side_angle)
         T = g.num_torsions
-        prox[offs_t:offs_t + T, offs_t:offs_t + T] = g.proximity
+        prox[offs_t : offs_t + T, offs_t : offs_t + T] = g.proximity
         sizes.append(T)
         offs_a += g.num_atoms
         offs_t += T
@@ -304,8 +304,11 @@ class _Layer(nn.Module):
         src, dst = edges
         m = self.msg(torch.cat([h[src], eattr], -1))
         agg = torch.zeros_like(h).index_add_(0, dst, m)
-        deg = torch.zeros(h.shape[0], device=h.device, dtype=h.dtype).index_add_(
-            0, dst, torch.ones_like(dst, dtype=h.dtype)).clamp_min(1.0)
+        deg = (
+            torch.zeros(h.shape[0], device=h.device, dtype=h.dtype)
+            .index_add_(0, dst, torch.ones_like(dst, dtype=h.dtype))
+            .clamp_min(1.0)
+        )
         return self.norm(h + self.upd(torch.cat([h, agg / deg[:, None]], -1)))
 
 
@@ -373,7 +376,7 @@ class VonMisesNet(nn.Module):
         feats = torch.cat([torch.cos(ang), torch.sin(ang)], -1)
         return self.value(torch.cat([emb.unsqueeze(-3).expand(theta.shape + emb.shape[-1:]), feats], -1))
 
-    def proposal(self, target_or_graph) -> "VonMisesProposal":
+    def proposal(self, target_or_graph) -> VonMisesProposal:
         """The proposal for one molecule (a TorsionTarget or a featurized MolGraph)."""
         g = target_or_graph if isinstance(target_or_graph, MolGraph) else featurize(target_or_graph)
         return VonMisesProposal(self, g)
@@ -394,8 +397,9 @@ def torsion_log_density(params: tuple[Tensor, Tensor, Tensor], theta: Tensor, un
     lp = _mixture(*params).log_prob(theta)
     if uniform_weight <= 0:
         return lp
-    return torch.logaddexp(lp + math.log1p(-uniform_weight),
-                           torch.full_like(lp, math.log(uniform_weight) - math.log(2 * math.pi)))
+    return torch.logaddexp(
+        lp + math.log1p(-uniform_weight), torch.full_like(lp, math.log(uniform_weight) - math.log(2 * math.pi))
+    )
 
 
 def _sample_mixture(logits: Tensor, loc: Tensor, conc: Tensor, n: int | None) -> Tensor:
@@ -461,8 +465,9 @@ class VonMisesProposal:
         """Draw ``sample_shape + (T,)`` torsions; reproducible with ``generator``."""
         return self.sample_and_log_prob(sample_shape, generator)[0]
 
-    def sample_and_log_prob(self, sample_shape=torch.Size(), generator: torch.Generator | None = None
-                            ) -> tuple[Tensor, Tensor]:
+    def sample_and_log_prob(
+        self, sample_shape=torch.Size(), generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
         """Samples and their log-densities in one pass."""
         shape = torch.Size(sample_shape) if not isinstance(sample_shape, int) else torch.Size([sample_shape])
         n = int(math.prod(shape))
@@ -494,11 +499,12 @@ class VonMisesProposal:
             th = _wrap(_defend(_sample_mixture(*params, None), self.uniform_weight))
             lq = lq + torsion_log_density(params, th, self.uniform_weight)
             theta[:, t] = th
-            vals[:, t] = self.net.values(self.emb[t:t + 1], th[:, None])[:, 0]
+            vals[:, t] = self.net.values(self.emb[t : t + 1], th[:, None])[:, 0]
         return theta, lq
 
 
 # -- checkpoints --------------------------------------------------------------------------
+
 
 def save_checkpoint(net: VonMisesNet, path: str | Path, meta: dict | None = None, half: bool = True) -> None:
     """Save config + weights (float16 by default, halving the size) atomically; loadable with
@@ -525,7 +531,6 @@ def load_default() -> VonMisesNet:
     """The shipped checkpoint (``flows/checkpoints/von_mises_default.pt``; see its README)."""
     if not DEFAULT_CHECKPOINT.exists():
         raise FileNotFoundError(
-            f"no default checkpoint at {DEFAULT_CHECKPOINT}; train one with "
-            "`python examples/molecules/train.py`"
+            f"no default checkpoint at {DEFAULT_CHECKPOINT}; train one with `python examples/molecules/train.py`"
         )
     return load_checkpoint(DEFAULT_CHECKPOINT)

@@ -82,8 +82,11 @@ def __getattr__(name: str):
 
 
 def __dir__():
-    loaded = {k for k, v in globals().items()
-              if not k.startswith("_") and getattr(v, "__name__", "").startswith(f"{__name__}.")}
+    loaded = {
+        k
+        for k, v in globals().items()
+        if not k.startswith("_") and getattr(v, "__name__", "").startswith(f"{__name__}.")
+    }
     return sorted(set(__all__) | {k for k in globals() if k.startswith("__")} | loaded)
 
 

@@ -74,8 +74,13 @@ def _count_below(y_bits, start, x_bits):
     non-negative doubles their order as int64 is their numeric order, and an integer compare
     is quicker on this loop's critical path (each particle starts where the last one ended)."""
     p = np.uint64(start)
-    e = (start + (y_bits[p] < x_bits) + (y_bits[p + np.uint64(1)] < x_bits)
-         + (y_bits[p + np.uint64(2)] < x_bits) + (y_bits[p + np.uint64(3)] < x_bits))
+    e = (
+        start
+        + (y_bits[p] < x_bits)
+        + (y_bits[p + np.uint64(1)] < x_bits)
+        + (y_bits[p + np.uint64(2)] < x_bits)
+        + (y_bits[p + np.uint64(3)] < x_bits)
+    )
     if e == start + 4:
         while y_bits[e] < x_bits:
             e += 1
@@ -120,7 +125,7 @@ def _spacings(y, num):
     for n in range(num + 1):
         s -= max(y[n], _LOG_TINY)
         y[n] = s
-    y[num + 1:] = np.inf
+    y[num + 1 :] = np.inf
 
 
 @njit(cache=True)

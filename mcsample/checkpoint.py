@@ -25,8 +25,16 @@ import sys
 
 import torch
 
-__all__ = ["save_atomic", "save_state", "load_state", "default_generator", "fingerprint",
-           "describe", "probe_identity", "differences"]
+__all__ = [
+    "save_atomic",
+    "save_state",
+    "load_state",
+    "default_generator",
+    "fingerprint",
+    "describe",
+    "probe_identity",
+    "differences",
+]
 
 
 def save_atomic(obj: dict, path: str | os.PathLike) -> None:
@@ -44,8 +52,11 @@ def _sha(data: bytes) -> str:
 
 def _tensor_id(t: torch.Tensor) -> dict:
     t = t.detach()
-    return {"shape": list(t.shape), "dtype": str(t.dtype),
-            "sha256": _sha(t.to("cpu").contiguous().view(torch.uint8).numpy().tobytes()) if t.numel() else ""}
+    return {
+        "shape": list(t.shape),
+        "dtype": str(t.dtype),
+        "sha256": _sha(t.to("cpu").contiguous().view(torch.uint8).numpy().tobytes()) if t.numel() else "",
+    }
 
 
 def describe(value, depth: int = 2):
@@ -68,15 +79,23 @@ def describe(value, depth: int = 2):
         return str(value)
     name = f"{type(value).__module__}.{type(value).__qualname__}"
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {"type": name, **{f.name: describe(getattr(value, f.name), depth - 1) if depth > 0 else None
-                                 for f in dataclasses.fields(value)}}
+        return {
+            "type": name,
+            **{
+                f.name: describe(getattr(value, f.name), depth - 1) if depth > 0 else None
+                for f in dataclasses.fields(value)
+            },
+        }
     if isinstance(value, torch.nn.Module):
         blob = b"".join(_tensor_id(t)["sha256"].encode() for t in value.state_dict().values())
         return {"type": name, "state_sha256": _sha(blob)}
     if depth <= 0 or not hasattr(value, "__dict__"):
         return {"type": name}
-    attrs = {k: describe(v, depth - 1) for k, v in sorted(vars(value).items())
-             if not k.startswith("_") and isinstance(v, (bool, int, float, str, torch.Tensor))}
+    attrs = {
+        k: describe(v, depth - 1)
+        for k, v in sorted(vars(value).items())
+        if not k.startswith("_") and isinstance(v, (bool, int, float, str, torch.Tensor))
+    }
     return {"type": name, **attrs}
 
 
@@ -126,17 +145,22 @@ def _short(v) -> str:
     return s if len(s) <= 70 else s[:67] + "..."
 
 
-def save_state(path: str | os.PathLike, state: dict, generator: torch.Generator, kind: str,
-               run: dict | None = None) -> None:
+def save_state(
+    path: str | os.PathLike, state: dict, generator: torch.Generator, kind: str, run: dict | None = None
+) -> None:
     """Write ``state`` (a dataclass's ``to_dict``), the generator state and the run's
     :func:`fingerprint`, tagged with ``kind``."""
-    save_atomic({"kind": kind, "state": state, "generator": generator.get_state(),
-                 "fingerprint": run}, path)
+    save_atomic({"kind": kind, "state": state, "generator": generator.get_state(), "fingerprint": run}, path)
 
 
-def load_state(path: str | os.PathLike | None, kind: str, generator: torch.Generator | None,
-               device=None, run: dict | None = None, progress_of=None
-               ) -> tuple[dict | None, torch.Generator | None]:
+def load_state(
+    path: str | os.PathLike | None,
+    kind: str,
+    generator: torch.Generator | None,
+    device=None,
+    run: dict | None = None,
+    progress_of=None,
+) -> tuple[dict | None, torch.Generator | None]:
     """``(state_dict, generator)`` from ``path`` if it exists, else ``(None, generator)``.
 
     The generator (created on ``device``, or that of the saved particles ``x``, when ``None``) is
@@ -154,13 +178,18 @@ def load_state(path: str | os.PathLike | None, kind: str, generator: torch.Gener
     if run is not None:
         previous = saved.get("fingerprint")
         if previous is None:
-            raise ValueError(f"checkpoint {os.fspath(path)} carries no run fingerprint (written by an "
-                             "older version); it cannot be matched to this run: delete it or choose "
-                             "another path")
+            raise ValueError(
+                f"checkpoint {os.fspath(path)} carries no run fingerprint (written by an "
+                "older version); it cannot be matched to this run: delete it or choose "
+                "another path"
+            )
         diff = differences(previous, run)
         if diff:
-            raise ValueError(f"checkpoint {os.fspath(path)} belongs to another run: " + "; ".join(diff)
-                             + ". Delete it or choose another path.")
+            raise ValueError(
+                f"checkpoint {os.fspath(path)} belongs to another run: "
+                + "; ".join(diff)
+                + ". Delete it or choose another path."
+            )
     if generator is None:
         x = saved["state"].get("x")
         if device is None:

@@ -77,8 +77,8 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -120,8 +120,7 @@ class ScoreProduct:
         models = list(models)
         exponents = [float(b) for b in exponents]
         if not models or len(models) != len(exponents):
-            raise ValueError(f"need one exponent per model, got {len(models)} models and "
-                             f"{len(exponents)} exponents")
+            raise ValueError(f"need one exponent per model, got {len(models)} models and {len(exponents)} exponents")
         for m in models:
             if not callable(getattr(m, "score", None)) or getattr(m, "schedule", None) is None:
                 raise TypeError(f"{type(m).__name__} is not a DiffusionModel: needs .schedule and .score(x, t)")
@@ -154,8 +153,9 @@ class ScoreProduct:
         for m, b in zip(self.models, self.exponents):
             s = m.score(x, t)
             if s.shape != x.shape:
-                raise ValueError(f"{type(m).__name__}.score returned shape {tuple(s.shape)} for x "
-                                 f"of shape {tuple(x.shape)}")
+                raise ValueError(
+                    f"{type(m).__name__}.score returned shape {tuple(s.shape)} for x of shape {tuple(x.shape)}"
+                )
             S = b * s if S is None else S + b * s
             weighted_sq = weighted_sq + b * s.flatten(1).to(torch.float64).pow(2).sum(-1)
         S_sq = S.flatten(1).to(torch.float64).pow(2).sum(-1)
@@ -267,8 +267,9 @@ def _check_same_schedule(target: ScoreProduct, grid: Tensor) -> None:
     for m in target.models[1:]:
         a, s = m.schedule.alpha(g), m.schedule.sigma(g)
         if not (torch.allclose(a, ref_a, rtol=1e-6, atol=1e-9) and torch.allclose(s, ref_s, rtol=1e-6, atol=1e-9)):
-            raise ValueError(f"models must share one noise schedule; {m.schedule!r} differs from "
-                             f"{target.schedule!r} on the grid")
+            raise ValueError(
+                f"models must share one noise schedule; {m.schedule!r} differs from {target.schedule!r} on the grid"
+            )
 
 
 def _noise_scale(variant, total_exponent: float) -> float:
@@ -348,8 +349,23 @@ class FKCorrector:
     name = "fk_corrector"
     description = "Feynman-Kac corrector"
 
-    def __init__(self, target: ScoreProduct, num_particles: int, event_shape, co: dict, *, noise_scale,
-                 correct, resample_threshold, resample_every, scheme, steering, exact_start, dtype, device):
+    def __init__(
+        self,
+        target: ScoreProduct,
+        num_particles: int,
+        event_shape,
+        co: dict,
+        *,
+        noise_scale,
+        correct,
+        resample_threshold,
+        resample_every,
+        scheme,
+        steering,
+        exact_start,
+        dtype,
+        device,
+    ):
         self.target, self.num_particles, self.event_shape, self.co = target, num_particles, event_shape, co
         self.noise_scale, self.correct = noise_scale, correct
         self.resample_threshold, self.resample_every, self.scheme = resample_threshold, resample_every, scheme
@@ -370,21 +386,31 @@ class FKCorrector:
         if self.correct:
             if self.exact_start:
                 t0 = torch.full((num_particles,), co["t"][0], dtype=dtype, device=device)
-                log_ref = (-0.5 * x.flatten(1).to(torch.float64).pow(2).sum(-1) / sig**2
-                           - 0.5 * d * math.log(2 * math.pi * sig**2))
+                log_ref = -0.5 * x.flatten(1).to(torch.float64).pow(2).sum(-1) / sig**2 - 0.5 * d * math.log(
+                    2 * math.pi * sig**2
+                )
                 log_w = target.log_prob(x, t0) - log_ref
             else:
                 # ∫ Π_i N(x; 0, σ²)^{β_i} dx: the start's normalizer under the Gaussian stand-in
                 s2 = co["sigma"][0] ** 2
-                log_scale = (-0.5 * d * B * math.log(2 * math.pi * s2) + 0.5 * d * math.log(2 * math.pi * s2 / B))
+                log_scale = -0.5 * d * B * math.log(2 * math.pi * s2) + 0.5 * d * math.log(2 * math.pi * s2 / B)
         state = fk.start(x, log_w, log_scale, counters={"nfe": 0})
         fk.check_log_weights(state.log_w, "Feynman-Kac corrector start")
         return state
 
     def step(self, state: FKCState, generator) -> FKCState:
-        return fkc_step(state, self.target, self.co, noise_scale=self.noise_scale, correct=self.correct,
-                        resample_threshold=self.resample_threshold, resample_every=self.resample_every,
-                        scheme=self.scheme, steering=self.steering, generator=generator)
+        return fkc_step(
+            state,
+            self.target,
+            self.co,
+            noise_scale=self.noise_scale,
+            correct=self.correct,
+            resample_threshold=self.resample_threshold,
+            resample_every=self.resample_every,
+            scheme=self.scheme,
+            steering=self.steering,
+            generator=generator,
+        )
 
     def done(self, state: FKCState) -> bool:
         return state.index >= self.num_steps
@@ -394,8 +420,9 @@ class FKCorrector:
 
     def check(self, state: FKCState) -> None:
         if tuple(state.x.shape[1:]) != tuple(self.event_shape):
-            raise ValueError(f"checkpoint holds particles of event shape {tuple(state.x.shape[1:])}, "
-                             f"not {tuple(self.event_shape)}")
+            raise ValueError(
+                f"checkpoint holds particles of event shape {tuple(state.x.shape[1:])}, not {tuple(self.event_shape)}"
+            )
 
     def describe_position(self, saved: dict) -> str:
         return f"step {int(saved['index'])} of {self.num_steps}"
@@ -468,19 +495,51 @@ def fk_corrector(
         raise ValueError("exact_start needs every model to offer log_prob(x, t)")
     run = None
     if checkpoint is not None:
-        run = fingerprint("fk_corrector", generator, num_particles=num_particles,
-                          event_shape=list(event_shape), grid=grid, target=target, variant=variant,
-                          correct=correct, resample_threshold=resample_threshold,
-                          resample_every=resample_every, scheme=scheme, steering=steering,
-                          exact_start=exact_start, dtype=dtype,
-                          device=None if device is None else torch.device(device).type)
+        run = fingerprint(
+            "fk_corrector",
+            generator,
+            num_particles=num_particles,
+            event_shape=list(event_shape),
+            grid=grid,
+            target=target,
+            variant=variant,
+            correct=correct,
+            resample_threshold=resample_threshold,
+            resample_every=resample_every,
+            scheme=scheme,
+            steering=steering,
+            exact_start=exact_start,
+            dtype=dtype,
+            device=None if device is None else torch.device(device).type,
+        )
     generator = distributed.split_generator(generator, device)  # this rank's stream when sharded
-    model = FKCorrector(target, distributed.local_size(num_particles), event_shape, co, noise_scale=c, correct=correct,
-                        resample_threshold=resample_threshold, resample_every=resample_every, scheme=scheme,
-                        steering=steering, exact_start=exact_start, dtype=dtype, device=device)
+    model = FKCorrector(
+        target,
+        distributed.local_size(num_particles),
+        event_shape,
+        co,
+        noise_scale=c,
+        correct=correct,
+        resample_threshold=resample_threshold,
+        resample_every=resample_every,
+        scheme=scheme,
+        steering=steering,
+        exact_start=exact_start,
+        dtype=dtype,
+        device=device,
+    )
     with torch.no_grad():
-        state = fk.run(model, num_particles, generator=generator, progress=progress, checkpoint=checkpoint,
-                       checkpoint_every=checkpoint_every, resume=resume, fingerprint=run, device=device)
+        state = fk.run(
+            model,
+            num_particles,
+            generator=generator,
+            progress=progress,
+            checkpoint=checkpoint,
+            checkpoint_every=checkpoint_every,
+            resume=resume,
+            fingerprint=run,
+            device=device,
+        )
         log_w = state.log_w
         if steering is not None:
             # final potential: λ r(x_N) over the lineage's product of intermediate potentials
@@ -489,5 +548,4 @@ def fk_corrector(
             if lp is not None:
                 final = final - lp
             log_w = log_w + final
-    return fk.to_weighted_samples(state, log_w=log_w, grid=torch.as_tensor(grid), noise_scale=c,
-                                  corrected=correct)
+    return fk.to_weighted_samples(state, log_w=log_w, grid=torch.as_tensor(grid), noise_scale=c, corrected=correct)

@@ -33,8 +33,11 @@ def _generator(generator, seed, who: str) -> torch.Generator:
     if seed is not None:
         if generator is not None:
             raise TypeError(f"{who}: pass generator= or the deprecated seed=, not both")
-        warnings.warn(f"{who}(seed=...) is deprecated; pass generator=torch.Generator().manual_seed(seed)",
-                      DeprecationWarning, stacklevel=3)
+        warnings.warn(
+            f"{who}(seed=...) is deprecated; pass generator=torch.Generator().manual_seed(seed)",
+            DeprecationWarning,
+            stacklevel=3,
+        )
         return torch.Generator().manual_seed(int(seed))
     if generator is None:
         return torch.Generator().manual_seed(0)
@@ -43,8 +46,15 @@ def _generator(generator, seed, who: str) -> torch.Generator:
     return generator
 
 
-def run(out_dir: str = "outputs/demo", num_particles: int = 4096, generator: torch.Generator | None = None,
-        dim: int = 10, progress: bool = True, *, seed: int | None = None) -> dict:
+def run(
+    out_dir: str = "outputs/demo",
+    num_particles: int = 4096,
+    generator: torch.Generator | None = None,
+    dim: int = 10,
+    progress: bool = True,
+    *,
+    seed: int | None = None,
+) -> dict:
     """Run the demo; returns the numbers it printed and writes ``summary.json`` and ``marginals.png``.
 
     ``generator`` (``torch.Generator``; default seeded with 0) draws the mixture and the SMC
@@ -52,13 +62,20 @@ def run(out_dir: str = "outputs/demo", num_particles: int = 4096, generator: tor
     from mcsample.systems.analytic import GaussianMixture
 
     g = _generator(generator, seed, "run")
-    target = GaussianMixture.separated(dim=dim, num_modes=4, spread=6.0, std=1.0,
-                                       log_scale=3.0, generator=g)
+    target = GaussianMixture.separated(dim=dim, num_modes=4, spread=6.0, std=1.0, log_scale=3.0, generator=g)
     initial = torch.distributions.MultivariateNormal(
-        torch.zeros(dim, dtype=torch.float64), 64.0 * torch.eye(dim, dtype=torch.float64))
+        torch.zeros(dim, dtype=torch.float64), 64.0 * torch.eye(dim, dtype=torch.float64)
+    )
     t0 = time.perf_counter()
-    result = mc.smc(target, initial, num_particles, kernel=mc.kernels.MALA(num_steps=8),
-                    schedule=mc.AdaptiveSchedule(cess=0.9), generator=g, progress=progress)
+    result = mc.smc(
+        target,
+        initial,
+        num_particles,
+        kernel=mc.kernels.MALA(num_steps=8),
+        schedule=mc.AdaptiveSchedule(cess=0.9),
+        generator=g,
+        progress=progress,
+    )
     seconds = time.perf_counter() - t0
     p = result.particles
     mode_weights = p.expectation(lambda x: target.responsibilities(x))
@@ -78,13 +95,14 @@ def run(out_dir: str = "outputs/demo", num_particles: int = 4096, generator: tor
         "max_abs_mean_error": float((mean.value - target.mean).abs().max()),
         "seconds": round(seconds, 2),
     }
+    z_score = (summary["log_evidence"] - summary["log_evidence_exact"]) / max(summary["log_evidence_stderr"], 1e-12)
     rows = [
         ("SMC steps (beta schedule length)", f"{summary['steps']}"),
         ("resampling events", f"{summary['resamplings']}"),
         ("final ESS", f"{summary['final_ess']:.0f} / {num_particles}"),
         ("log Z (SMC)", f"{summary['log_evidence']:.4f} ± {summary['log_evidence_stderr']:.4f}"),
         ("log Z (exact)", f"{summary['log_evidence_exact']:.4f}"),
-        ("z-score", f"{(summary['log_evidence'] - summary['log_evidence_exact']) / max(summary['log_evidence_stderr'], 1e-12):+.2f}"),
+        ("z-score", f"{z_score:+.2f}"),
         ("mode weights (SMC)", " ".join(f"{v:.3f}" for v in summary["mode_weights"])),
         ("mode weights (exact)", " ".join(f"{v:.3f}" for v in summary["mode_weights_exact"])),
         ("max |mean error|", f"{summary['max_abs_mean_error']:.3f}"),
@@ -101,9 +119,15 @@ def run(out_dir: str = "outputs/demo", num_particles: int = 4096, generator: tor
     return summary
 
 
-def run_peptide(out_dir: str = "outputs/demo", num_samples: int = 20_000, num_particles: int = 2000,
-                generator: torch.Generator | None = None, progress: bool = True, *,
-                seed: int | None = None) -> dict | None:
+def run_peptide(
+    out_dir: str = "outputs/demo",
+    num_samples: int = 20_000,
+    num_particles: int = 2000,
+    generator: torch.Generator | None = None,
+    progress: bool = True,
+    *,
+    seed: int | None = None,
+) -> dict | None:
     """Alanine dipeptide (OBC1, 300 K) from the shipped flow by IS (``num_samples`` draws) and
     SMC (``num_particles``); prints the summary table and writes ``peptide_summary.json``.
     Returns ``None`` (with a printed reason) when OpenMM or the shipped checkpoint is missing.
@@ -117,14 +141,24 @@ def run_peptide(out_dir: str = "outputs/demo", num_samples: int = 20_000, num_pa
     except ImportError as err:
         print(f"\n(peptide demo skipped: {err})")
         return None
-    print(f"\nmcsample demo: alanine dipeptide (AMBER ff96 + OBC1, 300 K) from the shipped "
-          f"Boltzmann generator, {num_samples} IS draws and {num_particles} SMC particles")
-    ens = {"IS": sample_peptide(peptide, num_samples, "is", generator=g, progress=progress),
-           "SMC": sample_peptide(peptide, num_particles, "smc", generator=g, progress=progress)}
+    print(
+        f"\nmcsample demo: alanine dipeptide (AMBER ff96 + OBC1, 300 K) from the shipped "
+        f"Boltzmann generator, {num_samples} IS draws and {num_particles} SMC particles"
+    )
+    ens = {
+        "IS": sample_peptide(peptide, num_samples, "is", generator=g, progress=progress),
+        "SMC": sample_peptide(peptide, num_particles, "smc", generator=g, progress=progress),
+    }
     print(summary_table(ens))
     khat = ens["IS"].diagnostics.khat
-    print(f"  IS k-hat {khat:.2f}: " + ("below 0.7, the importance weights are reliable" if khat < 0.7
-                                      else "above 0.7, do not trust IS alone; use SMC"))
+    print(
+        f"  IS k-hat {khat:.2f}: "
+        + (
+            "below 0.7, the importance weights are reliable"
+            if khat < 0.7
+            else "above 0.7, do not trust IS alone; use SMC"
+        )
+    )
     out = {name: e.summary() for name, e in ens.items()}
     os.makedirs(out_dir, exist_ok=True)
     _write_json(out, os.path.join(out_dir, "peptide_summary.json"))
@@ -153,10 +187,21 @@ def _plot_marginals(target, particles, path: str, generator=None, num_dims: int 
         grid = torch.linspace(lo, hi, 400, dtype=torch.float64)
         # exact marginal of a Gaussian mixture: mixture of the 1-d marginals
         sd = target.covariances[:, i, i].sqrt()
-        dens = (target.weights[:, None] * torch.exp(-0.5 * ((grid[None] - target.means[:, i, None]) / sd[:, None]) ** 2)
-                / (sd[:, None] * math.sqrt(2 * math.pi))).sum(0)
-        ax.hist(x[:, i].numpy(), bins=80, range=(lo, hi), weights=W.numpy(), density=True,
-                alpha=0.5, color="tab:blue", label="SMC (weighted)")
+        dens = (
+            target.weights[:, None]
+            * torch.exp(-0.5 * ((grid[None] - target.means[:, i, None]) / sd[:, None]) ** 2)
+            / (sd[:, None] * math.sqrt(2 * math.pi))
+        ).sum(0)
+        ax.hist(
+            x[:, i].numpy(),
+            bins=80,
+            range=(lo, hi),
+            weights=W.numpy(),
+            density=True,
+            alpha=0.5,
+            color="tab:blue",
+            label="SMC (weighted)",
+        )
         ax.plot(grid.numpy(), dens.numpy(), color="black", lw=1.2, label="exact")
         ax.set_xlabel(f"x[{i}]")
         ax.set_yticks([])

@@ -84,9 +84,7 @@ def conditional_ess(log_w: Tensor, log_incr: Tensor) -> Tensor:
     log_W = normalized_log_weights(log_w)
     log_incr = torch.as_tensor(log_incr, device=log_W.device).to(torch.float64)
     if log_incr.shape != log_W.shape:
-        raise ValueError(
-            f"log_incr has shape {tuple(log_incr.shape)}; expected {tuple(log_W.shape)} like log_w"
-        )
+        raise ValueError(f"log_incr has shape {tuple(log_incr.shape)}; expected {tuple(log_W.shape)} like log_w")
     if bool(torch.isnan(log_incr).any()):
         raise ValueError(f"log_incr has NaN for {int(torch.isnan(log_incr).sum())} particles")
     a = torch.logsumexp(log_W + log_incr, 0)
@@ -160,7 +158,7 @@ def psis(log_w: Tensor) -> tuple[Tensor, Tensor]:
     if bool(sorted_lw[-1] <= cutoff):  # the M+1 largest weights are equal: no tail at all
         return lw, -inf
     tail = tail[tail > cutoff]
-    tail_idx = tail_idx[-tail.numel():] if tail.numel() > 0 else tail_idx[:0]
+    tail_idx = tail_idx[-tail.numel() :] if tail.numel() > 0 else tail_idx[:0]
     if tail.numel() < 5:
         return lw, inf
     exp_cut = torch.exp(cutoff)

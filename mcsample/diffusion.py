@@ -102,14 +102,17 @@ def time_grid(
     if not bool(torch.isfinite(lam).all()):
         raise ValueError(f"log-SNR is not finite at t_max={t_max} or t_min={t_min}: {lam.tolist()}")
     if not float(lam[0]) < float(lam[1]):
-        raise ValueError(f"log-SNR must decrease in t, got lambda(t_max)={float(lam[0])} >= "
-                         f"lambda(t_min)={float(lam[1])}")
+        raise ValueError(
+            f"log-SNR must decrease in t, got lambda(t_max)={float(lam[0])} >= lambda(t_min)={float(lam[1])}"
+        )
     lams = torch.linspace(float(lam[0]), float(lam[1]), num_steps + 1, dtype=torch.float64)
     grid = schedule.t_of_log_snr(lams).to(torch.float64)
     grid[0], grid[-1] = t_max, t_min  # remove round-off at the ends
     if not bool((grid[1:] < grid[:-1]).all()):
-        raise ValueError(f"the log-SNR grid with {num_steps} steps is not strictly decreasing in t "
-                         "(too many steps for float64, or t_of_log_snr is not the inverse of log_snr)")
+        raise ValueError(
+            f"the log-SNR grid with {num_steps} steps is not strictly decreasing in t "
+            "(too many steps for float64, or t_of_log_snr is not the inverse of log_snr)"
+        )
     return grid.to(dtype=dtype, device=device)
 
 
@@ -123,8 +126,9 @@ def _derivatives(schedule, g: Tensor) -> tuple[Tensor, Tensor]:
         log_a = torch.log(schedule.alpha(t))
         var = schedule.sigma(t) ** 2
         if not (log_a.requires_grad and var.requires_grad):
-            raise TypeError(f"{type(schedule).__name__} has no f/g2 and its alpha/sigma are not "
-                            "differentiable by autograd")
+            raise TypeError(
+                f"{type(schedule).__name__} has no f/g2 and its alpha/sigma are not differentiable by autograd"
+            )
         (f,) = torch.autograd.grad(log_a.sum(), t, retain_graph=True)
         (dvar,) = torch.autograd.grad(var.sum(), t)
     return f.detach(), (dvar - 2.0 * f * var).detach()
@@ -170,8 +174,9 @@ def tweedie_x0(x: Tensor, score: Tensor, alpha: float, sigma: float) -> Tensor:
     return (x + sigma**2 * score) / alpha
 
 
-def ddim_scales(alpha_from: float, sigma_from: float, alpha_to: float, sigma_to: float,
-                eta: float) -> tuple[float, float]:
+def ddim_scales(
+    alpha_from: float, sigma_from: float, alpha_to: float, sigma_to: float, eta: float
+) -> tuple[float, float]:
     r"""The DDIM-:math:`\eta` kernel's noise scales from the noisier time ``from`` (:math:`t`) to
     ``to`` (:math:`s < t`), Song, Meng & Ermon (2021, eq. 16):
 
@@ -188,8 +193,16 @@ def ddim_scales(alpha_from: float, sigma_from: float, alpha_to: float, sigma_to:
     return r, c
 
 
-def ddim_kernel(x: Tensor, score: Tensor, alpha_from: float, sigma_from: float, alpha_to: float,
-                sigma_to: float, eta: float, x0: Tensor | None = None) -> tuple[Tensor, float, float]:
+def ddim_kernel(
+    x: Tensor,
+    score: Tensor,
+    alpha_from: float,
+    sigma_from: float,
+    alpha_to: float,
+    sigma_to: float,
+    eta: float,
+    x0: Tensor | None = None,
+) -> tuple[Tensor, float, float]:
     r"""Mean, standard deviation and score sensitivity of the DDIM-:math:`\eta` kernel
     (Song, Meng & Ermon 2021) from :math:`t` (``from``) to :math:`s < t` (``to``) given the score
     :math:`s_\theta` at :math:`x_t`:
@@ -212,8 +225,17 @@ def ddim_kernel(x: Tensor, score: Tensor, alpha_from: float, sigma_from: float, 
     return mean, c, kappa
 
 
-def ddim_update(x: Tensor, x0: Tensor, alpha_from: float, sigma_from: float, alpha_to: float,
-                sigma_to: float, *, eta: float = 0.0, noise: Tensor | None = None) -> Tensor:
+def ddim_update(
+    x: Tensor,
+    x0: Tensor,
+    alpha_from: float,
+    sigma_from: float,
+    alpha_to: float,
+    sigma_to: float,
+    *,
+    eta: float = 0.0,
+    noise: Tensor | None = None,
+) -> Tensor:
     r"""One DDIM-:math:`\eta` step given a data prediction :math:`\hat x_0` (Song, Meng & Ermon
     2021): with :math:`\hat\varepsilon = (x_t - \alpha_t\hat x_0)/\sigma_t` and :math:`(r, c)` from
     :func:`ddim_scales`,

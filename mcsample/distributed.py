@@ -96,10 +96,34 @@ from mcsample.diagnostics import _gpd_fit
 from mcsample.resampling import resample as _resample
 from mcsample.weighted import Estimate, Genealogy, RunningMoments, WeightedSamples
 
-__all__ = ["Shard", "Islands", "ShardedSamples", "ShardedRunError", "SCHEMES", "islands", "use",
-           "shardable", "sharded", "active", "init", "local_size", "count", "split_generator",
-           "ess", "conditional_ess", "mean", "weighted_moments", "check_log_weights", "offspring",
-           "exchange", "resample_state", "gather", "balanced_sizes", "last_exchange", "comm"]
+__all__ = [
+    "Shard",
+    "Islands",
+    "ShardedSamples",
+    "ShardedRunError",
+    "SCHEMES",
+    "islands",
+    "use",
+    "shardable",
+    "sharded",
+    "active",
+    "init",
+    "local_size",
+    "count",
+    "split_generator",
+    "ess",
+    "conditional_ess",
+    "mean",
+    "weighted_moments",
+    "check_log_weights",
+    "offspring",
+    "exchange",
+    "resample_state",
+    "gather",
+    "balanced_sizes",
+    "last_exchange",
+    "comm",
+]
 
 #: the schemes that resample a sharded population exactly
 SCHEMES = ("systematic", "stratified", "multinomial")
@@ -180,8 +204,7 @@ class Shard:
         store = self._store()
         try:
             if store is not None:
-                store.set(self._failure_key, f"rank {self.rank} of {self.world_size}: "
-                                             f"{type(exc).__name__}: {exc}")
+                store.set(self._failure_key, f"rank {self.rank} of {self.world_size}: {type(exc).__name__}: {exc}")
         except Exception:
             pass
         try:
@@ -257,7 +280,7 @@ class Shard:
         parts = []
         for s in range(R):
             start = int(sizes[s, : self.rank].sum())
-            parts.append(bufs[s][start:start + recv[s]])
+            parts.append(bufs[s][start : start + recv[s]])
         return torch.cat(parts).to(rows.device), recv
 
     # -- layout -------------------------------------------------------------------------------
@@ -290,9 +313,11 @@ def _resolve(group) -> Shard | None:
         return None
     if not (dist.is_available() and dist.is_initialized()):
         if group is not None or isl:
-            raise RuntimeError("a process group was given but torch.distributed is not initialized: "
-                               "call torch.distributed.init_process_group (or mcsample.distributed.init) "
-                               "first, e.g. under torchrun")
+            raise RuntimeError(
+                "a process group was given but torch.distributed is not initialized: "
+                "call torch.distributed.init_process_group (or mcsample.distributed.init) "
+                "first, e.g. under torchrun"
+            )
         return None
     if dist.get_world_size(group) < 2:
         return None
@@ -406,8 +431,10 @@ def local_size(num_particles: int) -> int:
     if s is None:
         return int(num_particles)
     if num_particles < s.world_size:
-        raise ValueError(f"num_particles={num_particles} cannot be sharded over {s.world_size} processes "
-                         "(each needs at least one particle)")
+        raise ValueError(
+            f"num_particles={num_particles} cannot be sharded over {s.world_size} processes "
+            "(each needs at least one particle)"
+        )
     return balanced_sizes(num_particles, s.world_size)[s.rank]
 
 
@@ -484,15 +511,20 @@ def _combine(parts: Tensor) -> Tensor:
 
 def _stats(shard: Shard, rows: list[Tensor], extras: list[float] = ()) -> _Stats:
     n = rows[0].numel()
-    stack = torch.stack([r.to(torch.float64).reshape(-1) for r in rows]) if n else \
-        torch.zeros((len(rows), 0), dtype=torch.float64)
-    local = torch.cat([_lse_parts(stack).reshape(-1).cpu(),
-                       torch.tensor([float(n), *map(float, extras)], dtype=torch.float64)])
+    stack = (
+        torch.stack([r.to(torch.float64).reshape(-1) for r in rows])
+        if n
+        else torch.zeros((len(rows), 0), dtype=torch.float64)
+    )
+    local = torch.cat(
+        [_lse_parts(stack).reshape(-1).cpu(), torch.tensor([float(n), *map(float, extras)], dtype=torch.float64)]
+    )
     g = shard.all_gather(local)
     k = len(rows)
     parts = g[:, : 2 * k].reshape(-1, k, 2)
-    return _Stats(lse=_combine(parts).tolist(), parts=parts, sizes=[int(v) for v in g[:, 2 * k]],
-                  extras=g[:, 2 * k + 1:])
+    return _Stats(
+        lse=_combine(parts).tolist(), parts=parts, sizes=[int(v) for v in g[:, 2 * k]], extras=g[:, 2 * k + 1 :]
+    )
 
 
 def _collective_error(msg: str) -> ValueError:
@@ -511,14 +543,19 @@ def _weight_stats(shard: Shard, log_w: Tensor, where: str) -> _Stats:
     nans = st.extras[:, 0].tolist()
     if sum(nans) > 0:
         ranks = {r: int(v) for r, v in enumerate(nans) if v > 0}
-        here = (f"; here (rank {shard.rank}) first at indices {torch.nonzero(nan).flatten()[:5].tolist()}"
-                if n_nan else "")
-        raise _collective_error(f"{where}: the log-weight is NaN for {int(sum(nans))} of {st.num} particles "
-                                f"(per rank: {ranks}{here}); the target, score or potential returned NaN")
+        here = (
+            f"; here (rank {shard.rank}) first at indices {torch.nonzero(nan).flatten()[:5].tolist()}" if n_nan else ""
+        )
+        raise _collective_error(
+            f"{where}: the log-weight is NaN for {int(sum(nans))} of {st.num} particles "
+            f"(per rank: {ranks}{here}); the target, score or potential returned NaN"
+        )
     if st.lse[0] == -math.inf:
-        raise _collective_error(f"{where}: all {st.num} particles (on {shard.world_size} processes) have zero "
-                                "weight (the target is zero wherever the particles are; check the initial "
-                                "distribution's support)")
+        raise _collective_error(
+            f"{where}: all {st.num} particles (on {shard.world_size} processes) have zero "
+            "weight (the target is zero wherever the particles are; check the initial "
+            "distribution's support)"
+        )
     return st
 
 
@@ -632,12 +669,12 @@ def _keyed_uniforms(key: int, start: int, stop: int, device="cpu") -> Tensor:
     return torch.cat(out)
 
 
-def _ends_from_x(x: Tensor, x0: float, x1: float, num: int, scheme: str, U: float,
-                 key: int) -> tuple[Tensor, int, int]:
+def _ends_from_x(x: Tensor, x0: float, x1: float, num: int, scheme: str, U: float, key: int) -> tuple[Tensor, int, int]:
     """End positions of the offspring of particles at scaled cumulative weights ``x`` in
     ``[x0, x1]``, clamped between the ends at ``x0`` and ``x1`` (which every rank computes alike),
     the last one at ``x1``'s."""
     if scheme == "systematic":
+
         def end(v):
             return torch.ceil(v - U).clamp(min=0, max=num)
 
@@ -680,8 +717,13 @@ def _shared_draws(shard: Shard, generator, scheme: str) -> tuple[float, int]:
     return float(t[0]), (int(t[1]) << 31) | int(t[2])
 
 
-def offspring(log_w: Tensor, scheme: str = "systematic", generator: torch.Generator | None = None,
-              group=None, num: int | None = None) -> Tensor:
+def offspring(
+    log_w: Tensor,
+    scheme: str = "systematic",
+    generator: torch.Generator | None = None,
+    group=None,
+    num: int | None = None,
+) -> Tensor:
     r"""Offspring count of each local particle when the whole sharded population is resampled
     into ``num`` (default :math:`N`) draws with ``scheme`` (see the module docstring); the
     counts of all ranks sum to ``num``. Collective."""
@@ -695,8 +737,10 @@ def offspring(log_w: Tensor, scheme: str = "systematic", generator: torch.Genera
 
 def _offspring(shard: Shard, log_w: Tensor, st: _Stats, scheme: str, generator, num: int | None) -> Tensor:
     if scheme not in SCHEMES:
-        raise _collective_error(f"resampling scheme {scheme!r} is not available for a population sharded "
-                                f"over processes; use one of {list(SCHEMES)}")
+        raise _collective_error(
+            f"resampling scheme {scheme!r} is not available for a population sharded "
+            f"over processes; use one of {list(SCHEMES)}"
+        )
     num = st.num if num is None else int(num)
     U, key = _shared_draws(shard, generator, scheme)
     lw = log_w.to(torch.float64)
@@ -723,8 +767,7 @@ def _offspring(shard: Shard, log_w: Tensor, st: _Stats, scheme: str, generator, 
     if n == 0:
         return torch.zeros(0, dtype=torch.long, device=log_w.device)
     c = torch.cumsum(torch.exp(lw - (m[r] if math.isfinite(m[r]) else 0.0)), 0)
-    x = (c.mul_(scale[r]).add_(prefix[r])).div_(S).mul_(num) if scale[r] > 0 else \
-        torch.full_like(c, x0)
+    x = (c.mul_(scale[r]).add_(prefix[r])).div_(S).mul_(num) if scale[r] > 0 else torch.full_like(c, x0)
     ends, e0, _ = _ends_from_x(x, x0, x1, num, scheme, U, key)
     return torch.diff(ends, prepend=ends.new_tensor([e0]))
 
@@ -743,9 +786,13 @@ def _rank_draws(totals: list[float], num: int, key: int) -> list[int]:
         elif p <= 0.0 or left == 0.0:
             k = 0.0
         else:
-            k = float(torch.binomial(torch.tensor(left, dtype=torch.float64),
-                                     torch.tensor(min(p / rest, 1.0) if rest > 0 else 1.0, dtype=torch.float64),
-                                     generator=g))
+            k = float(
+                torch.binomial(
+                    torch.tensor(left, dtype=torch.float64),
+                    torch.tensor(min(p / rest, 1.0) if rest > 0 else 1.0, dtype=torch.float64),
+                    generator=g,
+                )
+            )
         draws.append(int(k))
         left -= k
         rest -= p
@@ -789,9 +836,10 @@ def _unpack(rows: Tensor, specs) -> list[Tensor]:
     for dtype, shape in specs:
         width = int(math.prod(shape))
         nb = width * torch.empty((), dtype=dtype).element_size()
-        col = rows[:, at:at + nb].contiguous()
-        out.append(col.view(dtype).reshape(n, *shape) if width else
-                   torch.zeros((n, *shape), dtype=dtype, device=rows.device))
+        col = rows[:, at : at + nb].contiguous()
+        out.append(
+            col.view(dtype).reshape(n, *shape) if width else torch.zeros((n, *shape), dtype=dtype, device=rows.device)
+        )
         at += nb
     return out
 
@@ -805,8 +853,10 @@ def exchange(tensors: list[Tensor], counts: Tensor, group=None) -> list[Tensor]:
     ``repeat_interleave``."""
     with use(group) as s:
         if s is None or s.islands:
-            return [t[torch.repeat_interleave(torch.arange(counts.numel(), device=t.device),
-                                              counts.to(t.device))] for t in tensors]
+            return [
+                t[torch.repeat_interleave(torch.arange(counts.numel(), device=t.device), counts.to(t.device))]
+                for t in tensors
+            ]
         return _exchange(s, tensors, counts)
 
 
@@ -823,8 +873,7 @@ def _exchange(shard: Shard, tensors: list[Tensor], counts: Tensor) -> list[Tenso
     kept = order[:keep]
     surplus = order[keep:]
     amounts = T[r]
-    dest = torch.repeat_interleave(torch.arange(R, device=dev),
-                                   torch.tensor(amounts, dtype=torch.long, device=dev))
+    dest = torch.repeat_interleave(torch.arange(R, device=dev), torch.tensor(amounts, dtype=torch.long, device=dev))
     # one row per (destination, particle), with its number of offspring there
     pair = dest * max(n, 1) + surplus
     uniq, per = torch.unique_consecutive(pair, return_counts=True)
@@ -842,9 +891,13 @@ def _exchange(shard: Shard, tensors: list[Tensor], counts: Tensor) -> list[Tenso
         out.append(new.to(t.device))
     row_bytes = int(rows.shape[1])
     moved_rows = sum(send) - send[r]
-    last_exchange.update(rows=moved_rows, offspring=int(sum(amounts) - amounts[r]), row_bytes=row_bytes,
-                         bytes=moved_rows * row_bytes,
-                         lower_bound_offspring=sum(max(0, h - w) for h, w in zip(have, want)))
+    last_exchange.update(
+        rows=moved_rows,
+        offspring=int(sum(amounts) - amounts[r]),
+        row_bytes=row_bytes,
+        bytes=moved_rows * row_bytes,
+        lower_bound_offspring=sum(max(0, h - w) for h, w in zip(have, want)),
+    )
     return out
 
 
@@ -859,10 +912,13 @@ def resample_state(state, scheme: str, generator, stats: _Stats | None = None):
     counts = _offspring(s, state.log_w, st, scheme, generator, None)
     keys = [k for k, v in state.cache.items() if isinstance(v, Tensor) and v.ndim > 0 and v.shape[0] == n]
     for k, v in state.cache.items():
-        if k not in keys and not (v is None or isinstance(v, (int, float, str, bool))
-                                  or (isinstance(v, Tensor) and v.ndim == 0)):
-            raise TypeError(f"cache entries must be per-particle tensors with leading dimension {n}, got "
-                            f"{type(v).__name__} of shape {getattr(v, 'shape', None)}")
+        if k not in keys and not (
+            v is None or isinstance(v, (int, float, str, bool)) or (isinstance(v, Tensor) and v.ndim == 0)
+        ):
+            raise TypeError(
+                f"cache entries must be per-particle tensors with leading dimension {n}, got "
+                f"{type(v).__name__} of shape {getattr(v, 'shape', None)}"
+            )
     moved = _exchange(s, [state.x.detach(), *[state.cache[k] for k in keys], state.genealogy.eves], counts)
     x, eves = moved[0], moved[-1]
     cache = dict(state.cache)
@@ -870,8 +926,13 @@ def resample_state(state, scheme: str, generator, stats: _Stats | None = None):
     m = x.shape[0]
     log_scale = state.log_scale + (st.lse[0] - math.log(st.num))
     genealogy = Genealogy.from_ancestors(eves, state.genealogy.generations + 1)
-    return state.replace(x=x, log_w=torch.zeros(m, dtype=torch.float64, device=state.log_w.device),
-                         log_scale=log_scale, genealogy=genealogy, cache=cache)
+    return state.replace(
+        x=x,
+        log_w=torch.zeros(m, dtype=torch.float64, device=state.log_w.device),
+        log_scale=log_scale,
+        genealogy=genealogy,
+        cache=cache,
+    )
 
 
 def start_genealogy(n: int, device=None) -> Genealogy | None:
@@ -886,8 +947,10 @@ def start_genealogy(n: int, device=None) -> Genealogy | None:
 def check_scheme(scheme: str) -> None:
     """Refuse, up front, a resampling scheme a sharded run cannot use."""
     if sharded() is not None and scheme not in SCHEMES:
-        raise ValueError(f"resampling scheme {scheme!r} is not available for a population sharded over "
-                         f"processes; use one of {list(SCHEMES)}")
+        raise ValueError(
+            f"resampling scheme {scheme!r} is not available for a population sharded over "
+            f"processes; use one of {list(SCHEMES)}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -906,9 +969,16 @@ class ShardedSamples(WeightedSamples):
     """
 
     def __init__(self, ws: WeightedSamples, shard: Shard):
-        super().__init__(ws.samples, ws.log_weights, log_scale=ws.log_scale, genealogy=ws.genealogy,
-                         generations=ws.generations, ess_history=ws.ess_history, statistics=ws.statistics,
-                         info=dict(ws.info))
+        super().__init__(
+            ws.samples,
+            ws.log_weights,
+            log_scale=ws.log_scale,
+            genealogy=ws.genealogy,
+            generations=ws.generations,
+            ess_history=ws.ess_history,
+            statistics=ws.statistics,
+            info=dict(ws.info),
+        )
         self._shard = shard
         self._summarize()
 
@@ -919,16 +989,24 @@ class ShardedSamples(WeightedSamples):
         n = lw.numel()
         g = self.generations
         if s.islands:
-            var = float(self.genealogy.log_evidence_variance(lw)) if self.genealogy is not None and n > 1 \
+            var = (
+                float(self.genealogy.log_evidence_variance(lw))
+                if self.genealogy is not None and n > 1
                 else float(_local_relative_variance(lw, g))
+            )
             st = _stats(s, [lw, 2 * lw], [float(self.log_scale), var, float(g)])
         else:
             st = _stats(s, [lw, 2 * lw], [float(g)])
         self.num_particles = st.num
         self._lse = st.lse[0]
         self._ess = torch.tensor(_ess_of(st) if math.isfinite(st.lse[0]) else 0.0, dtype=torch.float64)
-        info = {"mode": "islands" if s.islands else "sharded", "rank": s.rank, "world_size": s.world_size,
-                "num_particles": st.num, "local_particles": n}
+        info = {
+            "mode": "islands" if s.islands else "sharded",
+            "rank": s.rank,
+            "world_size": s.world_size,
+            "num_particles": st.num,
+            "local_particles": n,
+        }
         if s.islands:
             # island r: log Z_r = c_r + lse_r - log n_r. Its particles carry w_i e^{c_r}, so that the
             # whole population's lse - log N is log(sum_r n_r Z_r / N), and island r's share of the
@@ -987,9 +1065,11 @@ class ShardedSamples(WeightedSamples):
 
     def __repr__(self) -> str:
         d = self.info["distributed"]
-        return (f"ShardedSamples(N={self.num_particles} on {d['world_size']} processes ({d['mode']}), "
-                f"local={len(self)}, ess={float(self.ess):.1f}, log_evidence={float(self.log_evidence):.4f}"
-                f" ± {float(self.log_evidence_stderr):.2g})")
+        return (
+            f"ShardedSamples(N={self.num_particles} on {d['world_size']} processes ({d['mode']}), "
+            f"local={len(self)}, ess={float(self.ess):.1f}, log_evidence={float(self.log_evidence):.4f}"
+            f" ± {float(self.log_evidence_stderr):.2g})"
+        )
 
     # -- collective operations -------------------------------------------------------------------
     def expectation(self, fn=None) -> Estimate:
@@ -1000,8 +1080,9 @@ class ShardedSamples(WeightedSamples):
         if isinstance(fn, str):
             return self._streamed(fn)
         if self.samples is None:
-            raise ValueError("these weighted samples kept no samples (keep_samples=False); ask for the "
-                             "statistic by name")
+            raise ValueError(
+                "these weighted samples kept no samples (keep_samples=False); ask for the statistic by name"
+            )
         values = self.samples if fn is None else fn(self.samples)
         n = values.shape[0]
         if n != self.log_weights.numel():
@@ -1023,8 +1104,9 @@ class ShardedSamples(WeightedSamples):
         elif self.genealogy is None or g <= 1:
             var = s.all_gather((dev * dev).sum(0).cpu()).sum(0)
         else:
-            var = _grouped_square_sum(s, dev, self.genealogy.eves.to(dev.device), N) \
-                * math.exp(g * math.log1p(1.0 / (N - 1)))
+            var = _grouped_square_sum(s, dev, self.genealogy.eves.to(dev.device), N) * math.exp(
+                g * math.log1p(1.0 / (N - 1))
+            )
         return Estimate(mu.reshape(shape), var.sqrt().to(mu.device).reshape(shape))
 
     def _streamed(self, name: str) -> Estimate:
@@ -1040,12 +1122,13 @@ class ShardedSamples(WeightedSamples):
         sums, at = [], 1
         for k, size in enumerate(sizes):
             power = f if k in (0, 1) else f * f
-            sums.append((g[:, at:at + size] * power[:, None]).sum(0).to(moments.sums[k].device))
+            sums.append((g[:, at : at + size] * power[:, None]).sum(0).to(moments.sums[k].device))
             at += size
         return RunningMoments(max_log_w=torch.tensor(M, dtype=torch.float64), sums=sums).estimate(shape)
 
-    def resample(self, num: int | None = None, scheme: str = "systematic",
-                 generator: torch.Generator | None = None) -> Tensor:
+    def resample(
+        self, num: int | None = None, scheme: str = "systematic", generator: torch.Generator | None = None
+    ) -> Tensor:
         """This rank's balanced share of ``num`` (default :math:`N`) equally weighted draws from
         the whole population (``generator``: rank 0's draws the shared uniforms). Collective."""
         if self.samples is None:
@@ -1082,11 +1165,19 @@ class ShardedSamples(WeightedSamples):
         parts = _unpack(torch.cat([gr[:k] for gr, k in zip(got, sizes)]), specs)
         info = dict(self.info)
         info["log_evidence_stderr"] = float(self.log_evidence_stderr)
-        genealogy = None if self.generations <= 1 and self.ancestors is None else \
-            Genealogy.from_ancestors(parts[1], self.generations)
-        return WeightedSamples(parts[2] if self.samples is not None else None, parts[0],
-                               log_scale=self.log_scale.cpu(), genealogy=genealogy, ess_history=self.ess_history,
-                               info=info)
+        genealogy = (
+            None
+            if self.generations <= 1 and self.ancestors is None
+            else Genealogy.from_ancestors(parts[1], self.generations)
+        )
+        return WeightedSamples(
+            parts[2] if self.samples is not None else None,
+            parts[0],
+            log_scale=self.log_scale.cpu(),
+            genealogy=genealogy,
+            ess_history=self.ess_history,
+            info=info,
+        )
 
     def __getstate__(self) -> dict:  # saved results keep their numbers, not the process group
         return {**self.__dict__, "_shard": None}
@@ -1174,14 +1265,31 @@ def save_state(path, state: dict, generator: torch.Generator, kind: str, run: di
     path = os.fspath(path)
     index = int(state["index"])
     mine = _rank_file(path, s.rank, s.world_size, index)
-    save_atomic({"kind": kind, "state": state, "generator": generator.get_state(), "fingerprint": run,
-                 "rank": s.rank, "world_size": s.world_size}, mine)
+    save_atomic(
+        {
+            "kind": kind,
+            "state": state,
+            "generator": generator.get_state(),
+            "fingerprint": run,
+            "rank": s.rank,
+            "world_size": s.world_size,
+        },
+        mine,
+    )
     s.barrier()
     if s.rank == 0:
-        save_atomic({"kind": f"{kind} (sharded over {s.world_size} processes)", "manifest": True,
-                     "base_kind": kind, "world_size": s.world_size, "index": index, "fingerprint": run,
-                     "files": [os.path.basename(_rank_file(path, r, s.world_size, index))
-                               for r in range(s.world_size)]}, path)
+        save_atomic(
+            {
+                "kind": f"{kind} (sharded over {s.world_size} processes)",
+                "manifest": True,
+                "base_kind": kind,
+                "world_size": s.world_size,
+                "index": index,
+                "fingerprint": run,
+                "files": [os.path.basename(_rank_file(path, r, s.world_size, index)) for r in range(s.world_size)],
+            },
+            path,
+        )
     s.barrier()
     for old in glob.glob(glob.escape(f"{path}.rank{s.rank}-of-{s.world_size}.step") + "*"):
         if old != mine:
@@ -1189,8 +1297,9 @@ def save_state(path, state: dict, generator: torch.Generator, kind: str, run: di
                 os.remove(old)
 
 
-def load_state(path, kind: str, generator: torch.Generator | None, device=None, run: dict | None = None,
-               progress_of=None) -> tuple[dict | None, torch.Generator | None]:
+def load_state(
+    path, kind: str, generator: torch.Generator | None, device=None, run: dict | None = None, progress_of=None
+) -> tuple[dict | None, torch.Generator | None]:
     """This rank's saved state and generator from the manifest at ``path`` (``(None, generator)``
     when there is none); refuses a checkpoint of another world size, of a single process, of
     another algorithm or of another run."""
@@ -1200,13 +1309,17 @@ def load_state(path, kind: str, generator: torch.Generator | None, device=None, 
     path = os.fspath(path)
     man = torch.load(path, weights_only=True)
     if not (isinstance(man, dict) and man.get("manifest")):
-        raise _collective_error(f"checkpoint {path} was written by a single process; a run sharded over "
-                         f"{s.world_size} processes cannot resume it (resume it in one process, or choose "
-                         "another path)")
+        raise _collective_error(
+            f"checkpoint {path} was written by a single process; a run sharded over "
+            f"{s.world_size} processes cannot resume it (resume it in one process, or choose "
+            "another path)"
+        )
     if man["world_size"] != s.world_size:
-        raise _collective_error(f"checkpoint {path} was written by a run sharded over {man['world_size']} processes; "
-                         f"resume it with {man['world_size']} processes (this run has {s.world_size}), or "
-                         "choose another path")
+        raise _collective_error(
+            f"checkpoint {path} was written by a run sharded over {man['world_size']} processes; "
+            f"resume it with {man['world_size']} processes (this run has {s.world_size}), or "
+            "choose another path"
+        )
     if man.get("base_kind") != kind:
         raise _collective_error(f"checkpoint {path} was written by {man.get('base_kind')!r}, not {kind!r}")
     mine = _rank_file(path, s.rank, s.world_size, int(man["index"]))
@@ -1216,12 +1329,14 @@ def load_state(path, kind: str, generator: torch.Generator | None, device=None, 
     if run is not None:
         diff = differences(saved.get("fingerprint") or {}, run)
         if diff:
-            raise ValueError(f"checkpoint {path} belongs to another run: " + "; ".join(diff)
-                             + ". Delete it or choose another path.")
+            raise ValueError(
+                f"checkpoint {path} belongs to another run: " + "; ".join(diff) + ". Delete it or choose another path."
+            )
     if generator is None:
         x = saved["state"].get("x")
-        generator = torch.Generator(device=device if device is not None else
-                                    (x.device if isinstance(x, Tensor) else "cpu"))
+        generator = torch.Generator(
+            device=device if device is not None else (x.device if isinstance(x, Tensor) else "cpu")
+        )
     generator.set_state(saved["generator"])
     if progress_of is not None and s.rank == 0:
         print(f"{path}: resumed at {progress_of(saved['state'])} ({s.world_size} processes)", file=sys.stderr)

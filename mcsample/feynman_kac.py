@@ -45,8 +45,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -57,8 +58,18 @@ from mcsample.diagnostics import ess as _ess
 from mcsample.resampling import SCHEMES, resample
 from mcsample.weighted import Genealogy, WeightedSamples
 
-__all__ = ["FKState", "FeynmanKacModel", "start", "reweight", "record_ess", "resample_if_needed",
-           "take", "run", "to_weighted_samples", "check_resampling"]
+__all__ = [
+    "FKState",
+    "FeynmanKacModel",
+    "start",
+    "reweight",
+    "record_ess",
+    "resample_if_needed",
+    "take",
+    "run",
+    "to_weighted_samples",
+    "check_resampling",
+]
 
 
 @dataclass(frozen=True)
@@ -102,11 +113,11 @@ class FKState:
         """1 + the number of resampling events."""
         return self.genealogy.generations
 
-    def replace(self, **changes) -> "FKState":
+    def replace(self, **changes) -> FKState:
         """A copy with ``changes`` (the dataclass stays frozen)."""
         return dataclasses.replace(self, **changes)
 
-    def count(self, **increments: int) -> "FKState":
+    def count(self, **increments: int) -> FKState:
         """A copy with ``counters[k] += v``."""
         counters = dict(self.counters)
         for k, v in increments.items():
@@ -122,7 +133,7 @@ class FKState:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "FKState":
+    def from_dict(cls, d: dict) -> FKState:
         d = dict(d)
         d["genealogy"] = Genealogy.from_dict(d["genealogy"])
         d["ess_history"] = tuple(d.get("ess_history", ()))
@@ -144,8 +155,9 @@ class FeynmanKacModel(Protocol):
     def progress(self, state: FKState) -> tuple[float, float, dict]: ...
 
 
-def start(x: Tensor, log_w: Tensor | None = None, log_scale: float | Tensor = 0.0, *,
-          state_class: type = FKState, **fields) -> FKState:
+def start(
+    x: Tensor, log_w: Tensor | None = None, log_scale: float | Tensor = 0.0, *, state_class: type = FKState, **fields
+) -> FKState:
     """A state at step 0: particles ``x``, log-weights ``log_w`` (default 0), folded
     log-evidence ``log_scale``, each particle its own ancestor."""
     n = x.shape[0]
@@ -168,12 +180,16 @@ def check_log_weights(log_w: Tensor, where: str) -> None:
         return distributed.check_log_weights(log_w, where)
     nan = torch.isnan(log_w)
     if bool(nan.any()):
-        raise ValueError(f"{where}: the log-weight is NaN for {int(nan.sum())} of {log_w.numel()} particles "
-                         f"(first at indices {torch.nonzero(nan).flatten()[:5].tolist()}); the "
-                         "target, score or potential returned NaN")
+        raise ValueError(
+            f"{where}: the log-weight is NaN for {int(nan.sum())} of {log_w.numel()} particles "
+            f"(first at indices {torch.nonzero(nan).flatten()[:5].tolist()}); the "
+            "target, score or potential returned NaN"
+        )
     if bool((log_w == -math.inf).all()):
-        raise ValueError(f"{where}: all {log_w.numel()} particles have zero weight (the target is zero "
-                         "wherever the particles are; check the initial distribution's support)")
+        raise ValueError(
+            f"{where}: all {log_w.numel()} particles have zero weight (the target is zero "
+            "wherever the particles are; check the initial distribution's support)"
+        )
 
 
 def reweight(state: FKState, log_incr: Tensor, where: str = "reweight") -> FKState:
@@ -198,9 +214,13 @@ def take(state: FKState, idx: Tensor, scheme: str | None = None) -> FKState:
     genealogy = state.genealogy.resampled(state.log_w, idx, scheme=scheme)
     xi = idx.to(state.x.device)
     cache = {k: _take(v, xi, n) for k, v in state.cache.items()}
-    return state.replace(x=state.x[xi], log_w=torch.zeros(idx.numel(), dtype=torch.float64,
-                                                            device=state.log_w.device),
-                         log_scale=log_scale, genealogy=genealogy, cache=cache)
+    return state.replace(
+        x=state.x[xi],
+        log_w=torch.zeros(idx.numel(), dtype=torch.float64, device=state.log_w.device),
+        log_scale=log_scale,
+        genealogy=genealogy,
+        cache=cache,
+    )
 
 
 def _take(v, idx: Tensor, n: int):
@@ -208,13 +228,22 @@ def _take(v, idx: Tensor, n: int):
         return v[idx.to(v.device)]
     if v is None or isinstance(v, (int, float, str, bool)) or (isinstance(v, Tensor) and v.ndim == 0):
         return v
-    raise TypeError(f"cache entries must be per-particle tensors with leading dimension {n}, got "
-                    f"{type(v).__name__} of shape {getattr(v, 'shape', None)}")
+    raise TypeError(
+        f"cache entries must be per-particle tensors with leading dimension {n}, got "
+        f"{type(v).__name__} of shape {getattr(v, 'shape', None)}"
+    )
 
 
-def resample_if_needed(state: FKState, threshold: float, scheme: str = "systematic",
-                       generator: torch.Generator | None = None, *, force: bool = False,
-                       record: bool = True, group=None) -> FKState:
+def resample_if_needed(
+    state: FKState,
+    threshold: float,
+    scheme: str = "systematic",
+    generator: torch.Generator | None = None,
+    *,
+    force: bool = False,
+    record: bool = True,
+    group=None,
+) -> FKState:
     r"""Resample when ESS < ``threshold``·N (or ``force``), recording the ESS in
     ``ess_history`` (unless ``record=False``): the one reweight-resample-fold-reset sequence of
     every particle algorithm.
@@ -231,7 +260,8 @@ def resample_if_needed(state: FKState, threshold: float, scheme: str = "systemat
                 state = state.replace(ess_history=state.ess_history + (e,))
             if force or e < threshold * stats.num:
                 state = distributed.resample_state(state, scheme, generator, stats).replace(
-                    resampled_at=state.resampled_at + (state.index,))
+                    resampled_at=state.resampled_at + (state.index,)
+                )
             return state
     check_log_weights(state.log_w, f"step {state.index}")
     n = state.log_w.numel()
@@ -259,26 +289,40 @@ def check_num_particles(num_particles) -> int:
     return int(num_particles)
 
 
-def to_weighted_samples(state: FKState, x: Tensor | None = None, log_w: Tensor | None = None,
-                        **info) -> WeightedSamples:
+def to_weighted_samples(
+    state: FKState, x: Tensor | None = None, log_w: Tensor | None = None, **info
+) -> WeightedSamples:
     """The final :class:`~mcsample.WeightedSamples` of a run (``x``/``log_w`` override the
     state's, e.g. after a final potential), with ``info`` (counters, resampling steps, ...); in a
     sharded run a :class:`~mcsample.distributed.ShardedSamples` (collective)."""
-    return distributed.finish(WeightedSamples(
-        (state.x if x is None else x).detach(),
-        state.log_w if log_w is None else log_w,
-        log_scale=state.log_scale,
-        genealogy=state.genealogy,
-        ess_history=torch.tensor(state.ess_history, dtype=torch.float64),
-        info={**state.counters, "resampled_at": list(state.resampled_at), **info},
-    ))
+    return distributed.finish(
+        WeightedSamples(
+            (state.x if x is None else x).detach(),
+            state.log_w if log_w is None else log_w,
+            log_scale=state.log_scale,
+            genealogy=state.genealogy,
+            ess_history=torch.tensor(state.ess_history, dtype=torch.float64),
+            info={**state.counters, "resampled_at": list(state.resampled_at), **info},
+        )
+    )
 
 
-def run(model, num_particles: int, *, generator: torch.Generator | None = None,
-        progress: bool = False, checkpoint: str | os.PathLike | None = None,
-        checkpoint_every: int = 10, resume: bool = True, fingerprint: dict | None = None,
-        device=None, state_class: type = FKState, callback: Callable[[Any], None] | None = None,
-        max_steps: int | None = None, group=None) -> FKState:
+def run(
+    model,
+    num_particles: int,
+    *,
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int = 10,
+    resume: bool = True,
+    fingerprint: dict | None = None,
+    device=None,
+    state_class: type = FKState,
+    callback: Callable[[Any], None] | None = None,
+    max_steps: int | None = None,
+    group=None,
+) -> FKState:
     """Initialize ``model`` and step it until ``model.done(state)``: the one driver.
 
     With ``checkpoint`` the state is written atomically every ``checkpoint_every`` steps and at
@@ -299,22 +343,55 @@ def run(model, num_particles: int, *, generator: torch.Generator | None = None,
     with distributed.use(group) as shard:
         if fresh and shard is not None:
             generator = distributed.split_generator(generator, device)
-        return _drive(model, num_particles, generator, progress, checkpoint, checkpoint_every, resume,
-                      fingerprint, device, state_class, callback, max_steps, shard)
+        return _drive(
+            model,
+            num_particles,
+            generator,
+            progress,
+            checkpoint,
+            checkpoint_every,
+            resume,
+            fingerprint,
+            device,
+            state_class,
+            callback,
+            max_steps,
+            shard,
+        )
 
 
-def _drive(model, num_particles, generator, progress, checkpoint, checkpoint_every, resume, fingerprint,
-           device, state_class, callback, max_steps, shard) -> FKState:
+def _drive(
+    model,
+    num_particles,
+    generator,
+    progress,
+    checkpoint,
+    checkpoint_every,
+    resume,
+    fingerprint,
+    device,
+    state_class,
+    callback,
+    max_steps,
+    shard,
+) -> FKState:
     kind = getattr(model, "kind", model.name)
     load, save = (load_state, save_state) if shard is None else (distributed.load_state, distributed.save_state)
     saved, generator = load(
-        checkpoint if resume else None, kind, generator, device, run=fingerprint,
-        progress_of=lambda st: _where(model, st))
+        checkpoint if resume else None,
+        kind,
+        generator,
+        device,
+        run=fingerprint,
+        progress_of=lambda st: _where(model, st),
+    )
     if saved is not None:
         state = state_class.from_dict(saved)
         if state.num_particles != distributed.local_size(num_particles):
-            raise ValueError(f"checkpoint {os.fspath(checkpoint)} holds {state.num_particles} particles, "
-                             f"not num_particles={num_particles}")
+            raise ValueError(
+                f"checkpoint {os.fspath(checkpoint)} holds {state.num_particles} particles, "
+                f"not num_particles={num_particles}"
+            )
         if hasattr(model, "check"):
             model.check(state)
         if hasattr(model, "prepare"):
@@ -331,8 +408,10 @@ def _drive(model, num_particles, generator, progress, checkpoint, checkpoint_eve
         bar = tqdm(total=total, initial=position, desc=getattr(model, "description", kind))
     while not model.done(state):
         if max_steps is not None and state.index >= max_steps:
-            raise RuntimeError(f"{kind} reached max_steps={max_steps} at {_where(model, state.to_dict())} "
-                               "without finishing (a stalling adaptive schedule?)")
+            raise RuntimeError(
+                f"{kind} reached max_steps={max_steps} at {_where(model, state.to_dict())} "
+                "without finishing (a stalling adaptive schedule?)"
+            )
         state = model.step(state, generator)
         if callback is not None:
             callback(state)

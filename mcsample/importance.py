@@ -12,7 +12,7 @@ log-weight).
 from __future__ import annotations
 
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -64,8 +64,9 @@ def importance_sample(
     if num_samples is not None:
         if num_particles is not None:
             raise TypeError("importance_sample: pass num_particles or the deprecated num_samples, not both")
-        warnings.warn("importance_sample(num_samples=...) is deprecated; use num_particles=",
-                      DeprecationWarning, stacklevel=2)
+        warnings.warn(
+            "importance_sample(num_samples=...) is deprecated; use num_particles=", DeprecationWarning, stacklevel=2
+        )
         num_particles = num_samples
     if num_particles is None:
         raise TypeError("importance_sample() missing the required argument 'num_particles'")
@@ -85,8 +86,9 @@ def importance_sample(
     shapes: dict[str, torch.Size] = {}
     samples = None
     log_ws = torch.empty(0)
-    bar = tqdm(total=num_samples, disable=not (progress and distributed.is_main()), desc="importance sampling",
-               unit="x")
+    bar = tqdm(
+        total=num_samples, disable=not (progress and distributed.is_main()), desc="importance sampling", unit="x"
+    )
     done = 0
     with torch.no_grad():
         while done < num_samples:
@@ -99,10 +101,10 @@ def importance_sample(
                 log_ws = torch.empty(num_samples, dtype=torch.float64, device=log_p.device)
                 if keep_samples:
                     samples = torch.empty((num_samples,) + x.shape[1:], dtype=x.dtype, device=x.device)
-            log_w = log_ws[done:done + b]
+            log_w = log_ws[done : done + b]
             torch.sub(log_p.to(torch.float64), log_q.to(torch.float64), out=log_w)
             if keep_samples:
-                samples[done:done + b] = x
+                samples[done : done + b] = x
             for name, fn in statistics.items():
                 values = fn(x)
                 shapes[name] = values.shape[1:]
@@ -110,8 +112,10 @@ def importance_sample(
             done += b
             bar.update(b)
     bar.close()
-    return distributed.finish(WeightedSamples(
-        samples,
-        log_ws,
-        statistics={name: (moments[name], shapes[name]) for name in statistics},
-    ))
+    return distributed.finish(
+        WeightedSamples(
+            samples,
+            log_ws,
+            statistics={name: (moments[name], shapes[name]) for name in statistics},
+        )
+    )

@@ -33,16 +33,26 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor
 
 from mcsample.protocols import check_log_prob, log_prob_and_grad
 
-__all__ = ["Point", "Kernel", "RandomWalk", "MALA", "HMC", "Independence", "independence_move",
-           "tempered", "evaluator", "run_chain"]
+__all__ = [
+    "Point",
+    "Kernel",
+    "RandomWalk",
+    "MALA",
+    "HMC",
+    "Independence",
+    "independence_move",
+    "tempered",
+    "evaluator",
+    "run_chain",
+]
 
 
 @dataclass
@@ -57,11 +67,12 @@ class Point:
     parts: Tensor
     grads: Tensor | None = None
 
-    def take(self, idx: Tensor) -> "Point":
+    def take(self, idx: Tensor) -> Point:
         return Point(self.x[idx], self.parts[idx], None if self.grads is None else self.grads[idx])
 
-    def where(self, mask: Tensor, other: "Point") -> "Point":
+    def where(self, mask: Tensor, other: Point) -> Point:
         """Elementwise ``other if mask else self`` over particles."""
+
         def pick(a, b):
             if a is None or b is None:
                 return None
@@ -162,7 +173,9 @@ class Kernel(ABC):
         if isinstance(self.num_steps, bool) or int(self.num_steps) != self.num_steps or self.num_steps < 0:
             raise ValueError(f"{type(self).__name__}: num_steps must be an integer >= 0, got {self.num_steps!r}")
         if not 0.0 < self.target_acceptance < 1.0:
-            raise ValueError(f"{type(self).__name__}: target_acceptance must be in (0, 1), got {self.target_acceptance!r}")
+            raise ValueError(
+                f"{type(self).__name__}: target_acceptance must be in (0, 1), got {self.target_acceptance!r}"
+            )
 
     def initial_step_size(self, dim: int) -> float:
         return self.step_size if self.step_size is not None else 2.38 / math.sqrt(dim)
@@ -174,9 +187,15 @@ class Kernel(ABC):
         return (step_size * torch.exp(2.0 * (acceptance - self.target_acceptance))).clamp(1e-8, 1e3)
 
     @abstractmethod
-    def step(self, point: Point, evaluate: Evaluate, beta: float, step_size: Tensor,
-             scale: Tensor | None = None, generator: torch.Generator | None = None
-             ) -> tuple[Point, Tensor]:
+    def step(
+        self,
+        point: Point,
+        evaluate: Evaluate,
+        beta: float,
+        step_size: Tensor,
+        scale: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Point, Tensor]:
         """One move of every particle, leaving :math:`\\pi_\\beta` invariant.
 
         Returns the new points and each particle's acceptance probability.
@@ -216,7 +235,9 @@ class MALA(Kernel):
         if isinstance(self.num_steps, bool) or int(self.num_steps) != self.num_steps or self.num_steps < 0:
             raise ValueError(f"{type(self).__name__}: num_steps must be an integer >= 0, got {self.num_steps!r}")
         if not 0.0 < self.target_acceptance < 1.0:
-            raise ValueError(f"{type(self).__name__}: target_acceptance must be in (0, 1), got {self.target_acceptance!r}")
+            raise ValueError(
+                f"{type(self).__name__}: target_acceptance must be in (0, 1), got {self.target_acceptance!r}"
+            )
 
     def initial_step_size(self, dim: int) -> float:
         return self.step_size if self.step_size is not None else 1.0 / dim ** (1 / 6)
@@ -256,7 +277,9 @@ class HMC(Kernel):
         if isinstance(self.num_steps, bool) or int(self.num_steps) != self.num_steps or self.num_steps < 0:
             raise ValueError(f"{type(self).__name__}: num_steps must be an integer >= 0, got {self.num_steps!r}")
         if not 0.0 < self.target_acceptance < 1.0:
-            raise ValueError(f"{type(self).__name__}: target_acceptance must be in (0, 1), got {self.target_acceptance!r}")
+            raise ValueError(
+                f"{type(self).__name__}: target_acceptance must be in (0, 1), got {self.target_acceptance!r}"
+            )
 
     def initial_step_size(self, dim: int) -> float:
         return self.step_size if self.step_size is not None else 1.0 / dim ** (1 / 4)
@@ -281,8 +304,9 @@ class HMC(Kernel):
         return point.where(accept, cur), prob
 
 
-def independence_move(point: Point, evaluate: Evaluate, beta: float, proposal, need_grad: bool,
-                      generator: torch.Generator | None = None) -> tuple[Point, Tensor]:
+def independence_move(
+    point: Point, evaluate: Evaluate, beta: float, proposal, need_grad: bool, generator: torch.Generator | None = None
+) -> tuple[Point, Tensor]:
     r"""Metropolized independence move :math:`y\sim q_0`, accepted with probability
     :math:`\min\bigl(1, e^{\beta[(\log\tilde\pi-\log q_0)(y) - (\log\tilde\pi-\log q_0)(x)]}\bigr)`.
 
@@ -357,7 +381,8 @@ def run_chain(
     dim = int(math.prod(x.shape[1:]))
     h = torch.tensor(
         step_size if step_size is not None else kernel.initial_step_size(dim),
-        dtype=torch.float64, device=x.device,
+        dtype=torch.float64,
+        device=x.device,
     )
     point = evaluate(x, kernel.needs_grad)
     rates = []

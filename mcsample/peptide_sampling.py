@@ -94,9 +94,11 @@ class PeptideDiagnostics:
         return not self.khat >= 0.7
 
     def __str__(self) -> str:
-        return (f"{self.method}: {self.num_samples} samples, ESS {self.ess:.1f} ({self.ess_fraction:.1%}), "
-                f"k-hat {self.khat:.2f}, log Z {self.log_evidence:.3f} ± {self.log_evidence_stderr:.3f}, "
-                f"{self.energy_evaluations} energy evaluations, {self.seconds:.1f} s")
+        return (
+            f"{self.method}: {self.num_samples} samples, ESS {self.ess:.1f} ({self.ess_fraction:.1%}), "
+            f"k-hat {self.khat:.2f}, log Z {self.log_evidence:.3f} ± {self.log_evidence_stderr:.3f}, "
+            f"{self.energy_evaluations} energy evaluations, {self.seconds:.1f} s"
+        )
 
 
 @dataclass
@@ -162,10 +164,13 @@ class PeptideEnsemble:
 
     def summary(self) -> dict:
         """Every number of the ensemble as a JSON-ready dictionary."""
-        return {"diagnostics": asdict(self.diagnostics), "free_energy_difference_kT": self.free_energy_difference(),
-                "basin_populations": {k: list(v) for k, v in self.basin_populations().items()},
-                "peptide": self.peptide.identity(),
-                "mean_energy_kj_mol": float((self.weights * self.energies.to(torch.float64)).sum())}
+        return {
+            "diagnostics": asdict(self.diagnostics),
+            "free_energy_difference_kT": self.free_energy_difference(),
+            "basin_populations": {k: list(v) for k, v in self.basin_populations().items()},
+            "peptide": self.peptide.identity(),
+            "mean_energy_kj_mol": float((self.weights * self.energies.to(torch.float64)).sum()),
+        }
 
     def save(self, path) -> list[str]:
         """Write the samples: ``.pdb`` / ``.dcd`` / ``.xtc`` (mdtraj; with ``.dcd``/``.xtc`` a
@@ -191,8 +196,11 @@ class PeptideEnsemble:
             top = stem + ".topology.pdb"
             traj[0].save(top)
             written.append(top)
-        meta = {**self.summary(), "weights": self.weights.tolist(),
-                "energies_kj_mol": self.energies.to(torch.float64).tolist()}
+        meta = {
+            **self.summary(),
+            "weights": self.weights.tolist(),
+            "energies_kj_mol": self.energies.to(torch.float64).tolist(),
+        }
         jpath = stem + ".weights.json"
         tmpj = jpath + f".tmp{os.getpid()}"
         with open(tmpj, "w") as fh:
@@ -200,7 +208,6 @@ class PeptideEnsemble:
         os.replace(tmpj, jpath)
         written.append(jpath)
         return written
-
 
     def _write_sdf(self, path: str, traj) -> None:
         from rdkit import Chem
@@ -259,7 +266,6 @@ class _Counted:
         return self.target.log_prob(x)
 
 
-
 def _as_peptide(peptide_or_sequence, solvent: str, temperature: float | None):
     """A Peptide, the name ``"alanine_dipeptide"``, or a one-letter sequence (a zwitterionic
     peptide in the transferable flow's settings: amber14-all + OBC1 implicit solvent, 310 K,
@@ -273,12 +279,13 @@ def _as_peptide(peptide_or_sequence, solvent: str, temperature: float | None):
         if key in ("ALANINEDIPEPTIDE", "ALANINE_DIPEPTIDE", "ACEALANME", "ALDP", "ADP"):
             return alanine_dipeptide(solvent, temperature=300.0 if temperature is None else temperature)
         if len(key) >= 2 and key.isalpha() and not set(key) - set(ONE_LETTER_CODES):
-            return Peptide.from_sequence(key, caps=False, solvent=solvent,
-                                         temperature=310.0 if temperature is None else temperature,
-                                         cutoff=2.0)
+            return Peptide.from_sequence(
+                key, caps=False, solvent=solvent, temperature=310.0 if temperature is None else temperature, cutoff=2.0
+            )
         raise ValueError(
             f"{peptide_or_sequence!r} is not a peptide name or a sequence of at least two one-letter "
-            f"codes ({''.join(sorted(ONE_LETTER_CODES))}); give e.g. 'alanine_dipeptide' or 'AL'")
+            f"codes ({''.join(sorted(ONE_LETTER_CODES))}); give e.g. 'alanine_dipeptide' or 'AL'"
+        )
     raise TypeError(f"expected a Peptide, a name or a sequence, got {type(peptide_or_sequence).__name__}")
 
 
@@ -343,8 +350,9 @@ def sample_peptide(
     if num_samples is not None:
         if num_particles is not None:
             raise TypeError("sample_peptide: pass num_particles or the deprecated num_samples, not both")
-        warnings.warn("sample_peptide(num_samples=...) is deprecated; use num_particles=",
-                      DeprecationWarning, stacklevel=2)
+        warnings.warn(
+            "sample_peptide(num_samples=...) is deprecated; use num_particles=", DeprecationWarning, stacklevel=2
+        )
         num_particles = num_samples
     num_particles = 100_000 if num_particles is None else int(num_particles)
     if num_particles < 2:
@@ -368,13 +376,23 @@ def sample_peptide(
 
         proposal = copy.deepcopy(proposal)
         draws = min(num_particles, 2048)
-        fit_snis(proposal, peptide.log_prob, rounds_per_beta=finetune_rounds, num_samples=draws,
-                 buffer_size=draws, steps_per_round=20, lr=1e-4, progress=progress, generator=generator)
+        fit_snis(
+            proposal,
+            peptide.log_prob,
+            rounds_per_beta=finetune_rounds,
+            num_samples=draws,
+            buffer_size=draws,
+            steps_per_round=20,
+            lr=1e-4,
+            progress=progress,
+            generator=generator,
+        )
         finetune_evaluations = finetune_rounds * draws
     if method == "is":
         target = _Counted(peptide)
-        ws = mc.importance_sample(target, proposal, num_particles, batch_size=batch_size,
-                                  generator=generator, progress=progress)
+        ws = mc.importance_sample(
+            target, proposal, num_particles, batch_size=batch_size, generator=generator, progress=progress
+        )
         evaluations = target.count
     else:
         from mcsample.kernels import MALA, Independence
@@ -388,18 +406,28 @@ def sample_peptide(
         with torch.no_grad():
             x, _ = proposal.place(z.samples, generator)
         # the Cartesian evidence is the internal one times the rigid-body volume (8π² nm³)
-        ws = mc.WeightedSamples(x, z.log_weights, log_scale=z.log_scale + LOG_RIGID_VOLUME,
-                                ancestors=z.ancestors, generations=z.generations,
-                                ess_history=z.ess_history,
-                                info={**z.info, "betas": list(map(float, res.betas))})
+        ws = mc.WeightedSamples(
+            x,
+            z.log_weights,
+            log_scale=z.log_scale + LOG_RIGID_VOLUME,
+            ancestors=z.ancestors,
+            generations=z.generations,
+            ess_history=z.ess_history,
+            info={**z.info, "betas": list(map(float, res.betas))},
+        )
         evaluations = internal.count
     with torch.no_grad():
         energies = peptide.energy(ws.samples)
     khat = float(ws.khat)
     diag = PeptideDiagnostics(
-        ess=float(ws.ess), ess_fraction=float(ws.ess) / len(ws), khat=khat,
-        log_evidence=float(ws.log_evidence), log_evidence_stderr=float(ws.log_evidence_stderr),
-        method=method, num_samples=len(ws), energy_evaluations=int(evaluations) + finetune_evaluations,
+        ess=float(ws.ess),
+        ess_fraction=float(ws.ess) / len(ws),
+        khat=khat,
+        log_evidence=float(ws.log_evidence),
+        log_evidence_stderr=float(ws.log_evidence_stderr),
+        method=method,
+        num_samples=len(ws),
+        energy_evaluations=int(evaluations) + finetune_evaluations,
         seconds=time.perf_counter() - t0,
     )
     return PeptideEnsemble(ws, ws.normalized_weights, energies, diag, peptide)
@@ -408,16 +436,20 @@ def sample_peptide(
 def summary_table(ensembles: dict) -> str:
     """A plain-text table of diagnostics, ΔF and basin populations, one column per ensemble."""
     est = {n: (e, e.free_energy_difference(), e.basin_populations()) for n, e in ensembles.items()}
-    rows = [("ESS (fraction)", lambda e, f, b: f"{e.diagnostics.ess:.0f} ({e.diagnostics.ess_fraction:.1%})"),
-            ("k-hat", lambda e, f, b: f"{e.diagnostics.khat:.2f}"),
-            ("log Z", lambda e, f, b: f"{e.diagnostics.log_evidence:.3f} ± {e.diagnostics.log_evidence_stderr:.3f}"),
-            ("ΔF(φ>0 − φ<0) / kT", lambda e, f, b: "{value:.2f} ± {stderr:.2f}".format(**f)),
-            ("ESS at φ>0 (≥ 20 to trust ΔF)", lambda e, f, b: f"{f['ess_positive']:.1f}"),
-            ("<U> kJ/mol", lambda e, f, b: f"{float((e.weights * e.energies.double()).sum()):.2f}")]
+    rows = [
+        ("ESS (fraction)", lambda e, f, b: f"{e.diagnostics.ess:.0f} ({e.diagnostics.ess_fraction:.1%})"),
+        ("k-hat", lambda e, f, b: f"{e.diagnostics.khat:.2f}"),
+        ("log Z", lambda e, f, b: f"{e.diagnostics.log_evidence:.3f} ± {e.diagnostics.log_evidence_stderr:.3f}"),
+        ("ΔF(φ>0 − φ<0) / kT", lambda e, f, b: "{value:.2f} ± {stderr:.2f}".format(**f)),
+        ("ESS at φ>0 (≥ 20 to trust ΔF)", lambda e, f, b: f"{f['ess_positive']:.1f}"),
+        ("<U> kJ/mol", lambda e, f, b: f"{float((e.weights * e.energies.double()).sum()):.2f}"),
+    ]
     for name in BASINS:
         rows.append((f"P({name})", lambda e, f, b, name=name: "{:.4f} ± {:.4f}".format(*b[name])))
-    rows += [("energy evaluations", lambda e, f, b: f"{e.diagnostics.energy_evaluations}"),
-             ("seconds", lambda e, f, b: f"{e.diagnostics.seconds:.1f}")]
+    rows += [
+        ("energy evaluations", lambda e, f, b: f"{e.diagnostics.energy_evaluations}"),
+        ("seconds", lambda e, f, b: f"{e.diagnostics.seconds:.1f}"),
+    ]
     names = list(ensembles)
     cells = [[label] + [fn(*est[n]) for n in names] for label, fn in rows]
     header = [""] + names
@@ -449,14 +481,18 @@ def _peptide_from_input(text: str, solvent: str):
         residues = [r.name for r in top.residues]
         if residues == ["ACE", "ALA", "NME"]:
             return alanine_dipeptide(solvent)
-        raise ValueError(f"{text} holds {'-'.join(residues) or 'no residues'}: a shipped Boltzmann "
-                         "generator exists only for alanine dipeptide (ACE-ALA-NME)")
+        raise ValueError(
+            f"{text} holds {'-'.join(residues) or 'no residues'}: a shipped Boltzmann "
+            "generator exists only for alanine dipeptide (ACE-ALA-NME)"
+        )
     key = text.strip().replace("-", "").replace("_", "").upper()
     names = ("ALANINEDIPEPTIDE", "ACEALANME", "ALDP", "ADP")
     if key not in names and (not key.isalpha() or set(key) - set(ONE_LETTER_CODES)):
-        raise ValueError(f"no shipped flow for {text!r}: it is not a peptide name or a sequence of the "
-                         f"one-letter codes {''.join(sorted(ONE_LETTER_CODES))}; give 'alanine_dipeptide' "
-                         "or a .pdb file of it")
+        raise ValueError(
+            f"no shipped flow for {text!r}: it is not a peptide name or a sequence of the "
+            f"one-letter codes {''.join(sorted(ONE_LETTER_CODES))}; give 'alanine_dipeptide' "
+            "or a .pdb file of it"
+        )
     return _as_peptide(text, solvent, None)
 
 
@@ -471,21 +507,42 @@ def cli(argv=None) -> int:
         prog="mcsample peptide",
         description="Boltzmann-weighted configurations of a peptide from the shipped normalizing "
         "flow, corrected by importance sampling or SMC. Writes the samples (PDB/DCD/XTC/SDF), their "
-        "weights and a JSON summary, and prints diagnostics, ΔF(φ>0 − φ<0) and basin populations.")
-    ap.add_argument("input", help="'alanine_dipeptide' (or ACE-ALA-NME), a PDB file of it, or a one-letter "
-                    "sequence such as EW (a zwitterionic peptide sampled from the transferable flow)")
-    ap.add_argument("-n", "--num-samples", type=int, default=100_000,
-                    help="importance samples or SMC particles, at least 2 (default: %(default)s)")
-    ap.add_argument("--method", choices=["is", "smc", "finetune+smc"], default="is",
-                    help="estimator; finetune+smc refits a copy of the flow to this peptide first (default: %(default)s)")
-    ap.add_argument("--solvent", choices=["obc1", "vacuum"], default="obc1",
-                    help="OBC1 implicit solvent or vacuum (AMBER ff96 for alanine dipeptide, amber14-all "
-                    "for sequences) (default: %(default)s)")
+        "weights and a JSON summary, and prints diagnostics, ΔF(φ>0 − φ<0) and basin populations.",
+    )
+    ap.add_argument(
+        "input",
+        help="'alanine_dipeptide' (or ACE-ALA-NME), a PDB file of it, or a one-letter "
+        "sequence such as EW (a zwitterionic peptide sampled from the transferable flow)",
+    )
+    ap.add_argument(
+        "-n",
+        "--num-samples",
+        type=int,
+        default=100_000,
+        help="importance samples or SMC particles, at least 2 (default: %(default)s)",
+    )
+    ap.add_argument(
+        "--method",
+        choices=["is", "smc", "finetune+smc"],
+        default="is",
+        help="estimator; finetune+smc refits a copy of the flow to this peptide first (default: %(default)s)",
+    )
+    ap.add_argument(
+        "--solvent",
+        choices=["obc1", "vacuum"],
+        default="obc1",
+        help="OBC1 implicit solvent or vacuum (AMBER ff96 for alanine dipeptide, amber14-all "
+        "for sequences) (default: %(default)s)",
+    )
     ap.add_argument("--seed", type=seed, default=0, help="random seed (default: %(default)s)")
-    ap.add_argument("-o", "--out", default="peptide_samples.pdb",
-                    help="samples file, .pdb/.dcd/.xtc/.sdf; the weights and summary go to "
-                    "<stem>.weights.json, and a .dcd/.xtc gets its topology in <stem>.topology.pdb "
-                    "(default: %(default)s)")
+    ap.add_argument(
+        "-o",
+        "--out",
+        default="peptide_samples.pdb",
+        help="samples file, .pdb/.dcd/.xtc/.sdf; the weights and summary go to "
+        "<stem>.weights.json, and a .dcd/.xtc gets its topology in <stem>.topology.pdb "
+        "(default: %(default)s)",
+    )
     ap.add_argument("--overwrite", action="store_true", help="replace existing output files (default: off)")
     ap.add_argument("--progress", action="store_true", help="show progress bars (default: off)")
     add_debug(ap)
@@ -501,11 +558,19 @@ def cli(argv=None) -> int:
     for path in outputs:
         check_output(path, args.overwrite)
     peptide = _peptide_from_input(args.input, args.solvent)
-    ens = sample_peptide(peptide, args.num_samples, args.method,
-                         generator=torch.Generator().manual_seed(args.seed), progress=args.progress)
+    ens = sample_peptide(
+        peptide,
+        args.num_samples,
+        args.method,
+        generator=torch.Generator().manual_seed(args.seed),
+        progress=args.progress,
+    )
     written = ens.save(args.out)
     print(summary_table({f"{peptide.name} ({args.method})": ens}))
-    print("k-hat > 0.7: do not trust these weights; use --method smc" if not ens.diagnostics.reliable
-          else "k-hat < 0.7: the importance weights are reliable")
+    print(
+        "k-hat > 0.7: do not trust these weights; use --method smc"
+        if not ens.diagnostics.reliable
+        else "k-hat < 0.7: the importance weights are reliable"
+    )
     print("wrote " + ", ".join(written))
     return 0

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Callable, Protocol, runtime_checkable
+from collections.abc import Callable
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -153,9 +154,7 @@ def _seed_from(generator: torch.Generator | None) -> int | None:
     return int(torch.randint(0, 2**62, (), generator=generator, device=generator.device))
 
 
-def draw(
-    proposal, num: int, generator: torch.Generator | None = None
-) -> tuple[Tensor, Tensor]:
+def draw(proposal, num: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
     """Draw ``num`` samples and their log-densities from any proposal.
 
     Uses ``sample_and_log_prob``/``rsample_and_log_prob`` when the proposal has them. If the
@@ -163,9 +162,7 @@ def draw(
     seeded from ``generator`` and restored afterwards, so results are reproducible and the caller's global
     RNG state is untouched.
     """
-    fast = getattr(proposal, "sample_and_log_prob", None) or getattr(
-        proposal, "rsample_and_log_prob", None
-    )
+    fast = getattr(proposal, "sample_and_log_prob", None) or getattr(proposal, "rsample_and_log_prob", None)
     sampler = fast if fast is not None else proposal.sample
     shape = (num,)
     if _accepts_generator(sampler):
@@ -202,8 +199,9 @@ def check_event_shape(target, x: Tensor, who: str = "proposal") -> None:
         return
     shape = tuple(shape)
     if tuple(x.shape[1:]) != shape:
-        raise ValueError(f"the {who} draws samples of event shape {tuple(x.shape[1:])}, but the "
-                         f"target's event shape is {shape}")
+        raise ValueError(
+            f"the {who} draws samples of event shape {tuple(x.shape[1:])}, but the target's event shape is {shape}"
+        )
 
 
 def check_generator(generator) -> None:

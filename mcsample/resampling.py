@@ -184,8 +184,9 @@ def residual(log_w: Tensor, num: int, generator=None) -> Tensor:
         x = r.div_(r[-1].clone()).mul_(rest)
         if rest < SMALL:
             u = _uniform(rest, generator, x.device).mul_(rest).clamp_(max=_below(rest, x))
-            counts += torch.bincount(torch.searchsorted(x, u, right=True).clamp_(max=x.numel() - 1),
-                                     minlength=x.numel())
+            counts += torch.bincount(
+                torch.searchsorted(x, u, right=True).clamp_(max=x.numel() - 1), minlength=x.numel()
+            )
         else:
             ends = _sorted_uniform_ends(x, _sorted_uniforms(rest, generator, x.device))
             counts += torch.diff(ends, prepend=ends.new_zeros(1))
@@ -277,9 +278,7 @@ def resample(
     if num < 1:
         raise ValueError(f"num must be a positive number of draws, got {num}")
     if generator is not None and not _same_device(generator.device, log_w.device):
-        raise ValueError(
-            f"generator is on {generator.device} but the log-weights are on {log_w.device}"
-        )
+        raise ValueError(f"generator is on {generator.device} but the log-weights are on {log_w.device}")
     if log_w.dim() != 1 or log_w.numel() == 0:
         _check(log_w)  # raises: shape or emptiness
     if log_w.device.type == "cpu" and CPU_BACKEND == "numba":

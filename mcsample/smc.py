@@ -84,13 +84,13 @@ class SMCState(fk.FKState):
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "SMCState":
+    def from_dict(cls, d: dict) -> SMCState:
         d = dict(d)
         d["betas"] = tuple(d.get("betas", (0.0,)))
         d["acceptance_history"] = tuple(d.get("acceptance_history", ()))
         return super().from_dict(d)
 
-    def with_point(self, point: Point, **changes) -> "SMCState":
+    def with_point(self, point: Point, **changes) -> SMCState:
         cache = {"parts": point.parts}
         if point.grads is not None:
             cache["grads"] = point.grads
@@ -138,9 +138,11 @@ def init(target, initial, num_particles: int, kernel: Kernel, generator=None) ->
     check_event_shape(target, x, "initial distribution")
     point = evaluator(target, initial)(x, kernel.needs_grad)
     dim = int(math.prod(x.shape[1:]))
-    state = fk.start(point.x, state_class=SMCState,
-                     step_size=torch.tensor(kernel.initial_step_size(dim), dtype=torch.float64,
-                                            device=x.device))
+    state = fk.start(
+        point.x,
+        state_class=SMCState,
+        step_size=torch.tensor(kernel.initial_step_size(dim), dtype=torch.float64, device=x.device),
+    )
     return state.with_point(point)
 
 
@@ -173,16 +175,22 @@ def step(
     state = fk.reweight(state, log_increment(new_beta - state.beta, ell), f"SMC at beta = {new_beta:.4g}")
     state = fk.resample_if_needed(state, resample_threshold, scheme, generator)
     point, h, acc = _move(state, evaluator(target, initial), kernel, new_beta, kernel.num_steps, generator)
-    return state.with_point(point, beta=new_beta, step_size=h, index=state.index + 1,
-                            betas=state.betas + (new_beta,),
-                            acceptance_history=state.acceptance_history + (acc,))
+    return state.with_point(
+        point,
+        beta=new_beta,
+        step_size=h,
+        index=state.index + 1,
+        betas=state.betas + (new_beta,),
+        acceptance_history=state.acceptance_history + (acc,),
+    )
 
 
-def move(state: SMCState, target, initial, kernel: Kernel, num_moves: int,
-         generator: torch.Generator | None = None) -> SMCState:
+def move(
+    state: SMCState, target, initial, kernel: Kernel, num_moves: int, generator: torch.Generator | None = None
+) -> SMCState:
     """``num_moves`` extra MCMC moves at the current beta (e.g. rejuvenation at beta = 1).
 
-    The weights do not change: each move leaves :math:`\pi_\beta` invariant.
+    The weights do not change: each move leaves :math:`\\pi_\beta` invariant.
     """
     point, h, _ = _move(state, evaluator(target, initial), kernel, state.beta, num_moves, generator)
     return state.with_point(point, step_size=h)
@@ -194,8 +202,9 @@ class AnnealedSMC:
     name = "smc"
     description = "SMC beta"
 
-    def __init__(self, target, initial, num_particles: int, kernel: Kernel, schedule,
-                 resample_threshold: float, scheme: str):
+    def __init__(
+        self, target, initial, num_particles: int, kernel: Kernel, schedule, resample_threshold: float, scheme: str
+    ):
         self.target, self.initial, self.num_particles = target, initial, num_particles
         self.kernel, self.schedule = kernel, as_schedule(schedule)
         self.resample_threshold, self.scheme = resample_threshold, scheme
@@ -204,8 +213,16 @@ class AnnealedSMC:
         return init(self.target, self.initial, self.num_particles, self.kernel, generator)
 
     def step(self, state: SMCState, generator) -> SMCState:
-        return step(state, self.target, self.initial, self.kernel, self.schedule,
-                    resample_threshold=self.resample_threshold, scheme=self.scheme, generator=generator)
+        return step(
+            state,
+            self.target,
+            self.initial,
+            self.kernel,
+            self.schedule,
+            resample_threshold=self.resample_threshold,
+            scheme=self.scheme,
+            generator=generator,
+        )
 
     def done(self, state: SMCState) -> bool:
         return state.beta >= 1.0
@@ -282,17 +299,36 @@ def smc(
     num_particles = fk.check_num_particles(num_particles)
     run = None
     if checkpoint is not None:
-        run = fingerprint("smc", generator, num_particles=num_particles, kernel=kernel,
-                          schedule=schedule, resample_threshold=resample_threshold, scheme=scheme,
-                          final_moves=final_moves, identity=probe_identity(target, initial))
+        run = fingerprint(
+            "smc",
+            generator,
+            num_particles=num_particles,
+            kernel=kernel,
+            schedule=schedule,
+            resample_threshold=resample_threshold,
+            scheme=scheme,
+            final_moves=final_moves,
+            identity=probe_identity(target, initial),
+        )
     if generator is None:
         generator = default_generator(torch.as_tensor(draw(initial, 1, None)[0]).device)
     generator = distributed.split_generator(generator)  # this rank's stream when sharded
-    model = AnnealedSMC(target, initial, distributed.local_size(num_particles), kernel, schedule,
-                        resample_threshold, scheme)
-    state = fk.run(model, num_particles, generator=generator, progress=progress, checkpoint=checkpoint,
-                   checkpoint_every=checkpoint_every, resume=resume, fingerprint=run,
-                   state_class=SMCState, callback=callback, max_steps=max_steps)
+    model = AnnealedSMC(
+        target, initial, distributed.local_size(num_particles), kernel, schedule, resample_threshold, scheme
+    )
+    state = fk.run(
+        model,
+        num_particles,
+        generator=generator,
+        progress=progress,
+        checkpoint=checkpoint,
+        checkpoint_every=checkpoint_every,
+        resume=resume,
+        fingerprint=run,
+        state_class=SMCState,
+        callback=callback,
+        max_steps=max_steps,
+    )
     if final_moves > 0:
         state = move(state, target, initial, kernel, final_moves, generator)
     particles = fk.to_weighted_samples(state)

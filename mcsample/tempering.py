@@ -19,9 +19,8 @@ Along the geometric path :math:`\pi_\beta \propto q_0^{1-\beta}\tilde\pi^{\beta}
 
 from __future__ import annotations
 
-import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import Tensor

@@ -132,8 +132,7 @@ class RunningMoments:
             m = torch.tensor(-1e300, dtype=torch.float64, device=log_w.device)
         if self.max_log_w is None:
             self.max_log_w = m
-            self.sums = [torch.zeros(values.shape[1], dtype=torch.float64, device=values.device)
-                         for _ in range(5)]
+            self.sums = [torch.zeros(values.shape[1], dtype=torch.float64, device=values.device) for _ in range(5)]
             self.sums[0] = self.sums[0][:1]
             self.sums[2] = self.sums[2][:1]
         if m > self.max_log_w:
@@ -260,10 +259,16 @@ class Genealogy:
         """Each of ``num_particles`` particles its own Eve, no resampling yet."""
         n = int(num_particles)
         zero = torch.zeros((), dtype=torch.float64, device=device)
-        return cls(eves=torch.arange(n, device=device), generations=1, eve_log_c=zero,
-                   enochs=torch.zeros((0, n), dtype=torch.long, device=device),
-                   lag_log_c=torch.zeros(0, dtype=torch.float64, device=device),
-                   banked=zero.clone(), banked0=zero.clone(), lag=int(lag))
+        return cls(
+            eves=torch.arange(n, device=device),
+            generations=1,
+            eve_log_c=zero,
+            enochs=torch.zeros((0, n), dtype=torch.long, device=device),
+            lag_log_c=torch.zeros(0, dtype=torch.float64, device=device),
+            banked=zero.clone(),
+            banked0=zero.clone(),
+            lag=int(lag),
+        )
 
     @classmethod
     def from_ancestors(cls, ancestors: Tensor, generations: int = 1) -> Genealogy:
@@ -298,14 +303,22 @@ class Genealogy:
             banked = banked + self._window(W, L) - (self._window(W, L - 1) if L > 0 else 0.0)
         # this event's noise for the Eve groups and the windows rooted 0, 1, ... events back
         keep = min(depth, max(L - 1, 0))
-        groups = torch.cat([self.eves.to(W.device)[None], torch.arange(n, device=W.device)[None],
-                            self.enochs[:keep].to(W.device)])
+        groups = torch.cat(
+            [self.eves.to(W.device)[None], torch.arange(n, device=W.device)[None], self.enochs[:keep].to(W.device)]
+        )
         f = _log_offspring_factors(W, i, groups, scheme)
         lag_log_c = (f[1:] + torch.cat([f.new_zeros(1), self.lag_log_c[:keep]]))[:L]
         enochs = torch.cat([idx[None], self.enochs[:keep][:, idx]])[:L]
-        return replace(self, eves=self.eves[idx], generations=self.generations + 1,
-                       eve_log_c=self.eve_log_c + f[0], enochs=enochs, lag_log_c=lag_log_c,
-                       banked=banked, banked0=self.banked0 + self._window(W, 0))
+        return replace(
+            self,
+            eves=self.eves[idx],
+            generations=self.generations + 1,
+            eve_log_c=self.eve_log_c + f[0],
+            enochs=enochs,
+            lag_log_c=lag_log_c,
+            banked=banked,
+            banked0=self.banked0 + self._window(W, 0),
+        )
 
     def _window(self, W: Tensor, j: int) -> Tensor:
         """Relative variance of the last ``j`` events' evidence, grouping the current weights by
@@ -434,8 +447,7 @@ class WeightedSamples:
         if genealogy is None and ancestors is not None:
             genealogy = Genealogy.from_ancestors(ancestors, generations)
         if genealogy is not None and genealogy.eves.shape != log_weights.shape:
-            raise ValueError(f"ancestors must have shape {tuple(log_weights.shape)}, got "
-                             f"{tuple(genealogy.eves.shape)}")
+            raise ValueError(f"ancestors must have shape {tuple(log_weights.shape)}, got {tuple(genealogy.eves.shape)}")
         self.samples = samples
         self.log_weights = log_weights
         self.log_scale = torch.as_tensor(log_scale, dtype=torch.float64, device=log_weights.device)
@@ -491,8 +503,7 @@ class WeightedSamples:
             return torch.tensor(math.inf, dtype=torch.float64, device=self.log_weights.device)
         if self.genealogy is None:
             W = self.normalized_weights
-            return _relative_variance(W, None, self.generations * math.log1p(1.0 / (n - 1))
-                                      ).clamp(min=0.0).sqrt()
+            return _relative_variance(W, None, self.generations * math.log1p(1.0 / (n - 1))).clamp(min=0.0).sqrt()
         return self.genealogy.log_evidence_stderr(self.log_weights)
 
     @property
@@ -511,9 +522,7 @@ class WeightedSamples:
         """
         if isinstance(fn, str):
             if fn not in self.statistics:
-                raise KeyError(
-                    f"no streamed statistic {fn!r}; available: {sorted(self.statistics)}"
-                )
+                raise KeyError(f"no streamed statistic {fn!r}; available: {sorted(self.statistics)}")
             moments, shape = self.statistics[fn]
             return moments.estimate(shape)
         if self.samples is None:

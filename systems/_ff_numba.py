@@ -67,9 +67,14 @@ def _numba_kernel():
         d = 0.0
         if need_grad:
             lp = (1.0 if rms > 0.0 else (-1.0 if rms < 0.0 else 0.0)) if use_d else 0.0
-            d = 0.5 * (-a2 * lp + b2 + 0.25 * (1.0 + s * s * inv_r * inv_r) * (b2 - a2)
-                       + 0.5 * t1 * (a2 * inv_l * lp - b2 * inv_u)
-                       + 0.5 * (inv_l * lp - inv_u) * inv_r - 0.5 * log_lu * inv_r * inv_r)
+            d = 0.5 * (
+                -a2 * lp
+                + b2
+                + 0.25 * (1.0 + s * s * inv_r * inv_r) * (b2 - a2)
+                + 0.5 * t1 * (a2 * inv_l * lp - b2 * inv_u)
+                + 0.5 * (inv_l * lp - inv_u) * inv_r
+                - 0.5 * log_lu * inv_r * inv_r
+            )
             if ins:
                 d += a2 * lp
         return h, d
@@ -97,8 +102,28 @@ def _numba_kernel():
         return lj + coul, dlj + dcoul
 
     @njit(cache=True)
-    def one(x, g, need_grad, floor2, b_idx, b_par, a_idx, a_par, t_idx, t_par,
-            qq_m, sig2_m, eps4_m, nbo, e_idx, e_par, gq, grho, gsr, gbo):
+    def one(
+        x,
+        g,
+        need_grad,
+        floor2,
+        b_idx,
+        b_par,
+        a_idx,
+        a_par,
+        t_idx,
+        t_par,
+        qq_m,
+        sig2_m,
+        eps4_m,
+        nbo,
+        e_idx,
+        e_par,
+        gq,
+        grho,
+        gsr,
+        gbo,
+    ):
         n = x.shape[0]
         energy = 0.0
         if need_grad:
@@ -193,8 +218,7 @@ def _numba_kernel():
             a, b = e_idx[k, 0], e_idx[k, 1]
             dx, dy, dz = x[a, 0] - x[b, 0], x[a, 1] - x[b, 1], x[a, 2] - x[b, 2]
             d2 = dx * dx + dy * dy + dz * dz
-            e, w = lj_coulomb(max(d2, floor2), e_par[k, 0], e_par[k, 1], e_par[k, 2],
-                              False, 0.0, 0.0, False, 0.0, 0.0)
+            e, w = lj_coulomb(max(d2, floor2), e_par[k, 0], e_par[k, 1], e_par[k, 2], False, 0.0, 0.0, False, 0.0, 0.0)
             energy += e
             if need_grad and d2 >= floor2:
                 w *= 2.0
@@ -226,8 +250,7 @@ def _numba_kernel():
                 if has_nb:
                     qq, e4 = qq_m[i, j], eps4_m[i, j]
                     if (qq != 0.0 or e4 != 0.0) and not (has_cut and d2c >= rc2):
-                        e, w = lj_coulomb(d2c, qq, sig2_m[i, j], e4, has_cut, k_rf, c_rf,
-                                          has_sw, r_sw, r_c)
+                        e, w = lj_coulomb(d2c, qq, sig2_m[i, j], e4, has_cut, k_rf, c_rf, has_sw, r_sw, r_c)
                         energy += e
                         if need_grad and d2 >= floor2:
                             w *= 2.0
@@ -247,7 +270,7 @@ def _numba_kernel():
                     live = need_grad and d2 >= floor2
                     h, d = hct(r, inv_r, grho[i], gsr[j], inside, live)
                     integral[i] += h
-                    dh[i, j] = d * inv_r          # dh/dr / r: the factor of (x_i - x_j) later
+                    dh[i, j] = d * inv_r  # dh/dr / r: the factor of (x_i - x_j) later
                     h, d = hct(r, inv_r, grho[j], gsr[i], inside, live)
                     integral[j] += h
                     dh[j, i] = d * inv_r
@@ -261,7 +284,7 @@ def _numba_kernel():
                 th = math.tanh(psi * (alpha + psi * (-beta + gamma * psi)))
                 born[i] = 1.0 / (1.0 / rho - th / radius)
                 dpoly = alpha + psi * (-2.0 * beta + 3.0 * gamma * psi)
-                dborn[i] = born[i] * born[i] * (1.0 - th * th) * dpoly * rho / radius   # dB/dI
+                dborn[i] = born[i] * born[i] * (1.0 - th * th) * dpoly * rho / radius  # dB/dI
             dedb = np.zeros(n)
             shift = 1.0 / grc if gcut else 0.0
             for i in range(n):
@@ -302,7 +325,7 @@ def _numba_kernel():
                         de_du = de_df2 * ex * (1.0 + 0.25 * d2 / u)
                         dedb[i] += de_du * born[j]
                         dedb[j] += de_du * bi
-                        d2s[i, j] = 2.0 * de_df2 * (1.0 - 0.25 * ex)   # reuse: now dE/dd2 * 2
+                        d2s[i, j] = 2.0 * de_df2 * (1.0 - 0.25 * ex)  # reuse: now dE/dd2 * 2
             if need_grad:
                 for i in range(n):
                     dedi_i = dedb[i] * dborn[i]
@@ -322,18 +345,100 @@ def _numba_kernel():
         return energy
 
     @njit(cache=True, parallel=True)
-    def batch_parallel(x, out_e, out_g, need_grad, floor2, b_idx, b_par, a_idx, a_par, t_idx,
-                       t_par, qq_m, sig2_m, eps4_m, nbo, e_idx, e_par, gq, grho, gsr, gbo):
+    def batch_parallel(
+        x,
+        out_e,
+        out_g,
+        need_grad,
+        floor2,
+        b_idx,
+        b_par,
+        a_idx,
+        a_par,
+        t_idx,
+        t_par,
+        qq_m,
+        sig2_m,
+        eps4_m,
+        nbo,
+        e_idx,
+        e_par,
+        gq,
+        grho,
+        gsr,
+        gbo,
+    ):
         for k in prange(x.shape[0]):
-            out_e[k] = one(x[k], out_g[k], need_grad, floor2, b_idx, b_par, a_idx, a_par,
-                           t_idx, t_par, qq_m, sig2_m, eps4_m, nbo, e_idx, e_par, gq, grho, gsr, gbo)
+            out_e[k] = one(
+                x[k],
+                out_g[k],
+                need_grad,
+                floor2,
+                b_idx,
+                b_par,
+                a_idx,
+                a_par,
+                t_idx,
+                t_par,
+                qq_m,
+                sig2_m,
+                eps4_m,
+                nbo,
+                e_idx,
+                e_par,
+                gq,
+                grho,
+                gsr,
+                gbo,
+            )
 
     @njit(cache=True)
-    def batch_serial(x, out_e, out_g, need_grad, floor2, b_idx, b_par, a_idx, a_par, t_idx,
-                     t_par, qq_m, sig2_m, eps4_m, nbo, e_idx, e_par, gq, grho, gsr, gbo):
+    def batch_serial(
+        x,
+        out_e,
+        out_g,
+        need_grad,
+        floor2,
+        b_idx,
+        b_par,
+        a_idx,
+        a_par,
+        t_idx,
+        t_par,
+        qq_m,
+        sig2_m,
+        eps4_m,
+        nbo,
+        e_idx,
+        e_par,
+        gq,
+        grho,
+        gsr,
+        gbo,
+    ):
         for k in range(x.shape[0]):
-            out_e[k] = one(x[k], out_g[k], need_grad, floor2, b_idx, b_par, a_idx, a_par,
-                           t_idx, t_par, qq_m, sig2_m, eps4_m, nbo, e_idx, e_par, gq, grho, gsr, gbo)
+            out_e[k] = one(
+                x[k],
+                out_g[k],
+                need_grad,
+                floor2,
+                b_idx,
+                b_par,
+                a_idx,
+                a_par,
+                t_idx,
+                t_par,
+                qq_m,
+                sig2_m,
+                eps4_m,
+                nbo,
+                e_idx,
+                e_par,
+                gq,
+                grho,
+                gsr,
+                gbo,
+            )
 
     _NUMBA_KERNEL = (batch_serial, batch_parallel)
     return _NUMBA_KERNEL
@@ -342,7 +447,7 @@ def _numba_kernel():
 class _NumbaParams:
     """The force field's parameters as float64/int64 numpy arrays for the compiled kernel."""
 
-    def __init__(self, ff: "TorchForceField"):
+    def __init__(self, ff: TorchForceField):
         n = ff.n_atoms
 
         def arr(t, shape=None, dtype=np.float64):
@@ -373,24 +478,64 @@ class _NumbaParams:
             self.qq_m, self.sig2_m, self.eps4_m = arr(nb.qq_m), arr(nb.sig2_m), arr(nb.eps4_m)
             cut = nb.cutoff is not None
             sw = nb.switch
-            self.nbo = np.array([1.0, float(cut), nb.cutoff**2 if cut else 0.0,
-                                 nb.k_rf or 0.0, nb.c_rf or 0.0, float(sw is not None),
-                                 sw[0] if sw else 0.0, sw[1] if sw else 0.0])
+            self.nbo = np.array(
+                [
+                    1.0,
+                    float(cut),
+                    nb.cutoff**2 if cut else 0.0,
+                    nb.k_rf or 0.0,
+                    nb.c_rf or 0.0,
+                    float(sw is not None),
+                    sw[0] if sw else 0.0,
+                    sw[1] if sw else 0.0,
+                ]
+            )
             self.e_idx = arr(nb.ex_pairs, (-1, 2), np.int64)
             self.e_par = np.stack([arr(nb.ex_qq), arr(nb.ex_sig2), arr(nb.ex_eps4)], 1).reshape(-1, 3)
         self.gq = self.grho = self.gsr = np.ones(n)
         self.gbo = np.zeros(16)
         if gb is not None:
             self.gq, self.grho, self.gsr = arr(gb.q), arr(gb.rho), arr(gb.sr)
-            self.gbo = np.array([1.0, gb.offset, gb.alpha, gb.beta, gb.gamma, gb.ke, gb.inv_eps_in,
-                                 gb.inv_eps_out, gb.prefactor, float(gb.ace is not None),
-                                 gb.ace or 0.0, gb.probe, float(gb.cutoff is not None),
-                                 gb.cutoff or 0.0, gb.kappa, float(gb.inside_term)])
+            self.gbo = np.array(
+                [
+                    1.0,
+                    gb.offset,
+                    gb.alpha,
+                    gb.beta,
+                    gb.gamma,
+                    gb.ke,
+                    gb.inv_eps_in,
+                    gb.inv_eps_out,
+                    gb.prefactor,
+                    float(gb.ace is not None),
+                    gb.ace or 0.0,
+                    gb.probe,
+                    float(gb.cutoff is not None),
+                    gb.cutoff or 0.0,
+                    gb.kappa,
+                    float(gb.inside_term),
+                ]
+            )
 
     def args(self):
-        return (self.b_idx, self.b_par, self.a_idx, self.a_par, self.t_idx, self.t_par,
-                self.qq_m, self.sig2_m, self.eps4_m, self.nbo, self.e_idx, self.e_par,
-                self.gq, self.grho, self.gsr, self.gbo)
+        return (
+            self.b_idx,
+            self.b_par,
+            self.a_idx,
+            self.a_par,
+            self.t_idx,
+            self.t_par,
+            self.qq_m,
+            self.sig2_m,
+            self.eps4_m,
+            self.nbo,
+            self.e_idx,
+            self.e_par,
+            self.gq,
+            self.grho,
+            self.gsr,
+            self.gbo,
+        )
 
 
 class _NumbaEnergy(torch.autograd.Function):
@@ -406,10 +551,10 @@ class _NumbaEnergy(torch.autograd.Function):
 
         threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
         serial, parallel = kernel
-        if threads == 1 or xn.shape[0] < 8 * threads:     # no thread-pool launch for small work
+        if threads == 1 or xn.shape[0] < 8 * threads:  # no thread-pool launch for small work
             serial(xn, out_e, out_g, need, floor * floor, *params.args())
         else:
-            with _NUMBA_LOCK:   # numba's default threading layer is not re-entrant
+            with _NUMBA_LOCK:  # numba's default threading layer is not re-entrant
                 numba.set_num_threads(threads)
                 parallel(xn, out_e, out_g, need, floor * floor, *params.args())
         if need:

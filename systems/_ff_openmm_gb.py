@@ -32,18 +32,21 @@ def _split_expression(expr: str) -> tuple[str, dict[str, str]]:
 
 
 _NUM = r"([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)"
-_I_EXPR = ("select(step(r+sr2-or1),0.5*(1/L-1/U+0.25*(r-sr2^2/r)*(1/(U^2)-1/(L^2))"
-           "+0.5*log(L/U)/r),0)")
+_I_EXPR = "select(step(r+sr2-or1),0.5*(1/L-1/U+0.25*(r-sr2^2/r)*(1/(U^2)-1/(L^2))+0.5*log(L/U)/r),0)"
 _I_DEFS = {"U": "r+sr2", "L": "max(or1,D)", "D": "abs(r-sr2)"}
 _B_RE = re.compile(r"1/\(1/or-tanh\((.+)\)/radius\)")
 _POLYS = {  # tanh argument -> (alpha, beta, gamma), OBC1 (igb=2) and OBC2 (igb=5)
     "0.8*psi+2.909125*psi^3": (0.8, 0.0, 2.909125),
     "psi-0.8*psi^2+4.85*psi^3": (1.0, 0.8, 4.85),
 }
-_SELF_RE = re.compile(r"-0\.5\*" + _NUM + r"\*\(1/soluteDielectric-(1|exp\(-kappa\*B\))/solventDielectric\)\*charge\^2/B")
+_SELF_RE = re.compile(
+    r"-0\.5\*" + _NUM + r"\*\(1/soluteDielectric-(1|exp\(-kappa\*B\))/solventDielectric\)\*charge\^2/B"
+)
 _ACE_RE = re.compile(_NUM + r"\*\(radius\+" + _NUM + r"\)\^2\*\(radius/B\)\^6")
-_PAIR_RE = re.compile(r"-" + _NUM + r"\*\(1/soluteDielectric-(1|exp\(-kappa\*f\))/solventDielectric\)"
-                      r"\*charge1\*charge2(/f|\*\(1/f-" + _NUM + r"\))")
+_PAIR_RE = re.compile(
+    r"-" + _NUM + r"\*\(1/soluteDielectric-(1|exp\(-kappa\*f\))/solventDielectric\)"
+    r"\*charge1\*charge2(/f|\*\(1/f-" + _NUM + r"\))"
+)
 _F_EXPR = "sqrt(r^2+B1*B2*exp(-r^2/(4*B1*B2)))"
 
 
@@ -63,21 +66,32 @@ def _obc_from_custom_gb(force) -> OBCGeneralizedBorn:
         fail(f"per-particle parameters {names}, expected ['charge', 'or', 'sr']")
     if force.getNumTabulatedFunctions() > 0:
         fail("it uses tabulated functions")
-    globals_ = {force.getGlobalParameterName(i): force.getGlobalParameterDefaultValue(i)
-                for i in range(force.getNumGlobalParameters())}
+    globals_ = {
+        force.getGlobalParameterName(i): force.getGlobalParameterDefaultValue(i)
+        for i in range(force.getNumGlobalParameters())
+    }
     if force.getNumComputedValues() != 2:
         fail(f"{force.getNumComputedValues()} computed values, expected 2 (I and B)")
     name_i, expr_i, type_i = force.getComputedValueParameters(0)
     name_b, expr_b, type_b = force.getComputedValueParameters(1)
     main_i, defs_i = _split_expression(expr_i)
-    if (name_i != "I" or type_i != openmm.CustomGBForce.ParticlePairNoExclusions
-            or main_i != _I_EXPR or defs_i != _I_DEFS):
+    if (
+        name_i != "I"
+        or type_i != openmm.CustomGBForce.ParticlePairNoExclusions
+        or main_i != _I_EXPR
+        or defs_i != _I_DEFS
+    ):
         fail(f"computed value {name_i!r} = {expr_i!r} is not the OBC descreening integral")
     main_b, defs_b = _split_expression(expr_b)
     m = _B_RE.fullmatch(main_b)
-    if (name_b != "B" or type_b != openmm.CustomGBForce.SingleParticle or m is None
-            or m.group(1) not in _POLYS or defs_b.get("psi") != "I*or"
-            or defs_b.get("radius") != "or+offset"):
+    if (
+        name_b != "B"
+        or type_b != openmm.CustomGBForce.SingleParticle
+        or m is None
+        or m.group(1) not in _POLYS
+        or defs_b.get("psi") != "I*or"
+        or defs_b.get("radius") != "or+offset"
+    ):
         fail(f"computed value {name_b!r} = {expr_b!r} is not an OBC Born radius")
     alpha, beta, gamma = _POLYS[m.group(1)]
     offset = float(defs_b.get("offset", globals_.get("offset", "nan")))
@@ -130,10 +144,21 @@ def _obc_from_custom_gb(force) -> OBCGeneralizedBorn:
     n = force.getNumParticles()
     params = np.array([force.getParticleParameters(i) for i in range(n)], dtype=np.float64).reshape(n, 3)
     gb = OBCGeneralizedBorn(
-        charge=params[:, 0], offset_radius=params[:, 1], scaled_radius=params[:, 2],
-        offset=offset, alpha=alpha, beta=beta, gamma=gamma, ke=self_k,
-        solute_dielectric=eps_in, solvent_dielectric=eps_out, ace=ace,
-        probe=0.14 if probe is None else probe, cutoff=cutoff, kappa=kappa, inside_term=False,
+        charge=params[:, 0],
+        offset_radius=params[:, 1],
+        scaled_radius=params[:, 2],
+        offset=offset,
+        alpha=alpha,
+        beta=beta,
+        gamma=gamma,
+        ke=self_k,
+        solute_dielectric=eps_in,
+        solvent_dielectric=eps_out,
+        ace=ace,
+        probe=0.14 if probe is None else probe,
+        cutoff=cutoff,
+        kappa=kappa,
+        inside_term=False,
         name="CustomGBForce",
     )
     gb.model = "OBC2" if beta else "OBC1"
@@ -160,11 +185,22 @@ def _obc_from_gbsaobc(force) -> OBCGeneralizedBorn:
     eps_in, eps_out = float(force.getSoluteDielectric()), float(force.getSolventDielectric())
     sa = float(force.getSurfaceAreaEnergy()._value)
     gb = OBCGeneralizedBorn(
-        charge=q, offset_radius=radius - offset, scaled_radius=(radius - offset) * scale,
-        offset=offset, alpha=1.0, beta=0.8, gamma=4.85, ke=ONE_4PI_EPS0,
-        solute_dielectric=eps_in, solvent_dielectric=eps_out,
-        ace=4.0 * math.pi * sa if sa != 0.0 else None, probe=0.14, cutoff=cutoff, kappa=0.0,
-        inside_term=True, name="GBSAOBCForce",
+        charge=q,
+        offset_radius=radius - offset,
+        scaled_radius=(radius - offset) * scale,
+        offset=offset,
+        alpha=1.0,
+        beta=0.8,
+        gamma=4.85,
+        ke=ONE_4PI_EPS0,
+        solute_dielectric=eps_in,
+        solvent_dielectric=eps_out,
+        ace=4.0 * math.pi * sa if sa != 0.0 else None,
+        probe=0.14,
+        cutoff=cutoff,
+        kappa=0.0,
+        inside_term=True,
+        name="GBSAOBCForce",
     )
     gb.model = "OBC2"
     return gb

@@ -49,8 +49,7 @@ def _safe_sqrt(v: Tensor, floor2: float) -> Tensor:
 def _safe_atan2(y: Tensor, x: Tensor) -> Tensor:
     """``atan2`` whose gradient is 0 instead of NaN at the singular point (0, 0) (double where)."""
     bad = (x.abs() + y.abs()) < 1e-30
-    return torch.atan2(torch.where(bad, torch.zeros_like(y), y),
-                       torch.where(bad, torch.ones_like(x), x))
+    return torch.atan2(torch.where(bad, torch.zeros_like(y), y), torch.where(bad, torch.ones_like(x), x))
 
 
 def _gather(x: Tensor, idx: Tensor) -> Tensor:
@@ -183,9 +182,18 @@ class _Pairs:
 # nonbonded
 
 
-def _lj_coulomb(d2: Tensor, inv2: Tensor, inv_r: Tensor, sig2: Tensor, eps4: Tensor, qq: Tensor,
-                k_rf: float | None, c_rf: float | None, switch: tuple[float, float] | None,
-                need_grad: bool):
+def _lj_coulomb(
+    d2: Tensor,
+    inv2: Tensor,
+    inv_r: Tensor,
+    sig2: Tensor,
+    eps4: Tensor,
+    qq: Tensor,
+    k_rf: float | None,
+    c_rf: float | None,
+    switch: tuple[float, float] | None,
+    need_grad: bool,
+):
     """LJ + Coulomb (or reaction field) energies of pairs and, if asked, ``dE/d(r^2)``."""
     s6 = (sig2 * inv2) ** 3
     lj = eps4 * s6 * (s6 - 1.0)
@@ -196,7 +204,7 @@ def _lj_coulomb(d2: Tensor, inv2: Tensor, inv_r: Tensor, sig2: Tensor, eps4: Ten
         dcoul = -0.5 * qq * inv_r * inv2
         if k_rf is not None:
             dcoul = dcoul + qq * k_rf
-    if switch is not None:   # OpenMM's LJ switch S(t) = 1 - 10t^3 + 15t^4 - 6t^5
+    if switch is not None:  # OpenMM's LJ switch S(t) = 1 - 10t^3 + 15t^4 - 6t^5
         r_sw, r_c = switch
         r = d2 * inv_r
         t = torch.clamp((r - r_sw) / (r_c - r_sw), 0.0, 1.0)
@@ -227,16 +235,14 @@ class Nonbonded(nn.Module):
 
         method = force.getNonbondedMethod()
         if method not in (openmm.NonbondedForce.NoCutoff, openmm.NonbondedForce.CutoffNonPeriodic):
-            names = {0: "NoCutoff", 1: "CutoffNonPeriodic", 2: "CutoffPeriodic", 3: "Ewald",
-                     4: "PME", 5: "LJPME"}
+            names = {0: "NoCutoff", 1: "CutoffNonPeriodic", 2: "CutoffPeriodic", 3: "Ewald", 4: "PME", 5: "LJPME"}
             raise UnsupportedForceError(
                 f"NonbondedForce with nonbonded method {names.get(method, method)} is not "
                 "supported: use NoCutoff or CutoffNonPeriodic (non-periodic peptides)"
             )
         if force.getNumParticleParameterOffsets() or force.getNumExceptionParameterOffsets():
             raise UnsupportedForceError(
-                "NonbondedForce with parameter offsets (global-parameter-dependent charges or "
-                "LJ) is not supported"
+                "NonbondedForce with parameter offsets (global-parameter-dependent charges or LJ) is not supported"
             )
         n = force.getNumParticles()
         q, sig, eps = np.zeros(n), np.zeros(n), np.zeros(n)
@@ -284,17 +290,28 @@ class Nonbonded(nn.Module):
     def forward(self, x: Tensor, floor2: float) -> Tensor:
         """Reference path: pair lists, autograd."""
         out = x.new_zeros(x.shape[0])
-        for pairs, qq, sig2, eps4, regular in ((self.pairs, self.qq, self.sig2, self.eps4, True),
-                                               (self.ex_pairs, self.ex_qq, self.ex_sig2, self.ex_eps4, False)):
+        for pairs, qq, sig2, eps4, regular in (
+            (self.pairs, self.qq, self.sig2, self.eps4, True),
+            (self.ex_pairs, self.ex_qq, self.ex_sig2, self.ex_eps4, False),
+        ):
             if pairs.numel() == 0:
                 continue
             p = _gather(x, pairs)
             d2 = torch.clamp((p[:, :, 1] - p[:, :, 0]).square().sum(-1), min=floor2)
             inv2 = 1.0 / d2
             cut = regular and self.cutoff is not None
-            e, _ = _lj_coulomb(d2, inv2, torch.sqrt(inv2), sig2.to(x), eps4.to(x), qq.to(x),
-                               self.k_rf if cut else None, self.c_rf if cut else None,
-                               self.switch if cut else None, False)
+            e, _ = _lj_coulomb(
+                d2,
+                inv2,
+                torch.sqrt(inv2),
+                sig2.to(x),
+                eps4.to(x),
+                qq.to(x),
+                self.k_rf if cut else None,
+                self.c_rf if cut else None,
+                self.switch if cut else None,
+                False,
+            )
             if cut:
                 e = torch.where(d2 < self.cutoff**2, e, torch.zeros_like(e))
             out = out + e.sum(-1)
@@ -308,8 +325,18 @@ class Nonbonded(nn.Module):
         x = g.x
         inv2 = g.inv_r.square()
         cut = self.cutoff is not None
-        e, w = _lj_coulomb(g.d2c, inv2, g.inv_r, self.sig2_m.to(x), self.eps4_m.to(x),
-                           self.qq_m.to(x), self.k_rf, self.c_rf, self.switch, need_grad)
+        e, w = _lj_coulomb(
+            g.d2c,
+            inv2,
+            g.inv_r,
+            self.sig2_m.to(x),
+            self.eps4_m.to(x),
+            self.qq_m.to(x),
+            self.k_rf,
+            self.c_rf,
+            self.switch,
+            need_grad,
+        )
         if cut:
             inside = g.d2c < self.cutoff**2
             e = torch.where(inside, e, torch.zeros_like(e))
@@ -322,8 +349,18 @@ class Nonbonded(nn.Module):
             raw = g.flat(g.d2)[:, self.ex_flat]
             d2 = torch.clamp(raw, min=g.floor2)
             inv2 = 1.0 / d2
-            e, w = _lj_coulomb(d2, inv2, torch.sqrt(inv2), self.ex_sig2.to(x), self.ex_eps4.to(x),
-                               self.ex_qq.to(x), None, None, None, need_grad)
+            e, w = _lj_coulomb(
+                d2,
+                inv2,
+                torch.sqrt(inv2),
+                self.ex_sig2.to(x),
+                self.ex_eps4.to(x),
+                self.ex_qq.to(x),
+                None,
+                None,
+                None,
+                need_grad,
+            )
             energy = energy + e.sum(-1)
             if need_grad:
                 w = torch.where(raw >= g.floor2, w, torch.zeros_like(w))
@@ -352,9 +389,26 @@ class OBCGeneralizedBorn(nn.Module):
     :math:`I_i` and of the pair sum.
     """
 
-    def __init__(self, *, charge, offset_radius, scaled_radius, offset, alpha, beta, gamma,
-                 ke, solute_dielectric, solvent_dielectric, ace, probe, cutoff, kappa,
-                 inside_term, name):
+    def __init__(
+        self,
+        *,
+        charge,
+        offset_radius,
+        scaled_radius,
+        offset,
+        alpha,
+        beta,
+        gamma,
+        ke,
+        solute_dielectric,
+        solvent_dielectric,
+        ace,
+        probe,
+        cutoff,
+        kappa,
+        inside_term,
+        name,
+    ):
         super().__init__()
         self.name = name
         self.register_buffer("q", torch.as_tensor(np.asarray(charge, dtype=np.float64)))
@@ -446,7 +500,7 @@ class OBCGeneralizedBorn(nn.Module):
         G = 0.25 * qq * dg_df * inv_f
         if self.cutoff is not None:
             G = torch.where(pair_in, G, torch.zeros_like(G))
-        W = G * (1.0 - 0.25 * ex)                                     # direct, through d_ij
+        W = G * (1.0 - 0.25 * ex)  # direct, through d_ij
         dE_dB = 2.0 * torch.einsum("bij,bj->bi", G * ex * (1.0 + 0.25 * d2 / u), born)
         if ace is not None:
             dE_dB = dE_dB - 6.0 * ace / born
@@ -454,11 +508,16 @@ class OBCGeneralizedBorn(nn.Module):
         dE_dI = dE_dB * born.square() * (1.0 - th.square()) * dpoly * rho / radius
         # dh/dr (L depends on r where L = |r - s_j|)
         lp = torch.where(use_d, torch.sign(rms), torch.zeros_like(rms))
-        dh = 0.5 * (-a2 * lp + b2 + 0.25 * (1.0 + s_j.square() * inv_r.square()) * (b2 - a2)
-                    + 0.5 * t1 * (a2 * inv_l * lp - b2 * inv_u)
-                    + 0.5 * (inv_l * lp - inv_u) * inv_r - 0.5 * log_lu * inv_r.square())
+        dh = 0.5 * (
+            -a2 * lp
+            + b2
+            + 0.25 * (1.0 + s_j.square() * inv_r.square()) * (b2 - a2)
+            + 0.5 * t1 * (a2 * inv_l * lp - b2 * inv_u)
+            + 0.5 * (inv_l * lp - inv_u) * inv_r
+            - 0.5 * log_lu * inv_r.square()
+        )
         if self.inside_term:
             dh = dh + torch.where(ins, a2 * lp, torch.zeros_like(dh))
         dh = torch.where(keep & g.live, dh, torch.zeros_like(dh))
-        W = W + dE_dI[:, :, None] * dh * (0.5 * inv_r)                # through I_i, d(r)/d(d) = 1/2r
+        W = W + dE_dI[:, :, None] * dh * (0.5 * inv_r)  # through I_i, d(r)/d(d) = 1/2r
         return energy, W

@@ -198,8 +198,9 @@ def _wrap(a: np.ndarray) -> np.ndarray:
     return np.mod(a + math.pi, _TWO_PI) - math.pi
 
 
-def ramachandran_free_energy(phi, psi, weights=None, log_weights=None, bins: int = 60,
-                             kT: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+def ramachandran_free_energy(
+    phi, psi, weights=None, log_weights=None, bins: int = 60, kT: float = 1.0
+) -> tuple[np.ndarray, np.ndarray]:
     r""":math:`F(\phi,\psi) = -kT\log p(\phi,\psi)` on a ``bins × bins`` grid, minimum shifted to 0.
 
     ``p`` is the weighted histogram density (per rad²); empty bins are ``+inf``. ``kT`` in the
@@ -225,9 +226,18 @@ def _atomic_savefig(fig, path) -> None:
     os.replace(tmp, path)
 
 
-def plot_ramachandran(phi, psi, path, weights=None, log_weights=None, bins: int = 60,
-                      kT: float = 1.0, title: str | None = None, vmax: float | None = None,
-                      unit: str = "kT") -> str:
+def plot_ramachandran(
+    phi,
+    psi,
+    path,
+    weights=None,
+    log_weights=None,
+    bins: int = 60,
+    kT: float = 1.0,
+    title: str | None = None,
+    vmax: float | None = None,
+    unit: str = "kT",
+) -> str:
     """Plot :func:`ramachandran_free_energy` as a PNG at ``path`` (matplotlib, Agg). Returns the path."""
     require("matplotlib", extra="plots")
     import matplotlib
@@ -272,8 +282,9 @@ class FreeEnergyDifference:
     ess: float
 
 
-def free_energy_difference(phi, weights=None, log_weights=None, kT: float = 1.0,
-                           statistical_inefficiency: float = 1.0) -> FreeEnergyDifference:
+def free_energy_difference(
+    phi, weights=None, log_weights=None, kT: float = 1.0, statistical_inefficiency: float = 1.0
+) -> FreeEnergyDifference:
     r"""Free energy of the φ>0 region relative to φ<0: :math:`\Delta F = -kT\log\frac{p}{1-p}`.
 
     :math:`p = \sum_i\bar w_i\,1[\phi_i>0]` (self-normalized). Delta method: the ratio
@@ -308,8 +319,7 @@ def energy_histogram(energies, weights=None, log_weights=None, bins=50, range=No
     return np.histogram(e[keep], bins=bins, range=range, weights=w[keep], density=True)
 
 
-def plot_energy_histograms(sets: dict, path, bins: int = 60, unit: str = "kJ/mol",
-                           title: str | None = None) -> str:
+def plot_energy_histograms(sets: dict, path, bins: int = 60, unit: str = "kJ/mol", title: str | None = None) -> str:
     """Overlay weighted energy histograms, ``sets = {label: energies | (energies, weights)}``; PNG."""
     require("matplotlib", extra="plots")
     import matplotlib
@@ -335,8 +345,9 @@ def plot_energy_histograms(sets: dict, path, bins: int = 60, unit: str = "kJ/mol
     return os.fspath(path)
 
 
-def energy_wasserstein(energies_p, energies_q, weights_p=None, weights_q=None,
-                       log_weights_p=None, log_weights_q=None, p: int = 1) -> float:
+def energy_wasserstein(
+    energies_p, energies_q, weights_p=None, weights_q=None, log_weights_p=None, log_weights_q=None, p: int = 1
+) -> float:
     r"""Wasserstein-p distance between two (weighted) energy samples, in the energies' unit
     (kJ/mol, or kT if divided).
 
@@ -364,8 +375,16 @@ def energy_wasserstein(energies_p, energies_q, weights_p=None, weights_q=None,
 # torsion distances
 
 
-def torsion_kl(angles_p, angles_q, weights_p=None, weights_q=None, log_weights_p=None,
-               log_weights_q=None, bins: int = 60, pseudocount: float = 1e-6) -> float:
+def torsion_kl(
+    angles_p,
+    angles_q,
+    weights_p=None,
+    weights_q=None,
+    log_weights_p=None,
+    log_weights_q=None,
+    bins: int = 60,
+    pseudocount: float = 1e-6,
+) -> float:
     r"""KL divergence :math:`\sum_k p_k\log(p_k/q_k)` of 2-D torsion histograms on the torus.
 
     ``angles_*``: ``(N, 2)`` (e.g. φ, ψ) radians. Each histogram (``bins × bins`` on
@@ -385,8 +404,9 @@ def torsion_kl(angles_p, angles_q, weights_p=None, weights_q=None, log_weights_p
     return float(np.sum(p * (np.log(p) - np.log(q))))
 
 
-def circular_wasserstein(angles_p, angles_q, weights_p=None, weights_q=None, log_weights_p=None,
-                         log_weights_q=None, p: int = 1) -> float:
+def circular_wasserstein(
+    angles_p, angles_q, weights_p=None, weights_q=None, log_weights_p=None, log_weights_q=None, p: int = 1
+) -> float:
     r"""Wasserstein-p distance between two distributions of one angle on the circle (radians).
 
     POT's ``wasserstein_circle`` (Delon, Salomon & Sobolevski 2010 for p = 1; Hundrieser,
@@ -410,8 +430,17 @@ def circular_wasserstein(angles_p, angles_q, weights_p=None, weights_q=None, log
     return _TWO_PI * w
 
 
-def torus_wasserstein(angles_p, angles_q, weights_p=None, weights_q=None, log_weights_p=None,
-                      log_weights_q=None, p: int = 2, max_samples: int = 2000, seed: int = 0) -> float:
+def torus_wasserstein(
+    angles_p,
+    angles_q,
+    weights_p=None,
+    weights_q=None,
+    log_weights_p=None,
+    log_weights_q=None,
+    p: int = 2,
+    max_samples: int = 2000,
+    seed: int = 0,
+) -> float:
     r"""Exact Wasserstein-p distance on the torus :math:`(S^1)^d` between two angle samples.
 
     Ground metric :math:`d(x,y)^2 = \sum_k \min(|x_k-y_k|, 2\pi-|x_k-y_k|)^2`; the optimal

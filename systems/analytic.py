@@ -25,7 +25,7 @@ _LOG2PI = math.log(2 * math.pi)
 
 
 def _mvn_logpdf(x: Tensor, mean: Tensor, chol: Tensor) -> Tensor:
-    """:math:`\log\mathcal N(x; m, LL^\top)` for ``x`` (..., d), batched ``mean``/``chol``.
+    """:math:`\\log\\mathcal N(x; m, LL^\top)` for ``x`` (..., d), batched ``mean``/``chol``.
 
     :math:`z = L^{-1}(x - m)` as one matrix product with :math:`L^{-1}` (inverted once per call,
     d x d per component): a triangular solve broadcast over the batch solves one tiny system per
@@ -65,8 +65,12 @@ class Gaussian:
 
     def log_prob(self, x: Tensor) -> Tensor:
         d = self.event_shape[0]
-        return _mvn_logpdf(x, self.mean, self.chol) + 0.5 * d * _LOG2PI + torch.log(
-            torch.diagonal(self.chol)).sum() + self.log_scale
+        return (
+            _mvn_logpdf(x, self.mean, self.chol)
+            + 0.5 * d * _LOG2PI
+            + torch.log(torch.diagonal(self.chol)).sum()
+            + self.log_scale
+        )
 
     def sample(self, sample_shape=(), generator: torch.Generator | None = None) -> Tensor:
         shape = _shape(sample_shape) + self.event_shape
@@ -103,9 +107,16 @@ class GaussianMixture:
         self.covariance = second - self.mean[:, None] * self.mean[None, :]
 
     @classmethod
-    def separated(cls, dim: int = 10, num_modes: int = 4, spread: float = 8.0, std: float = 1.0,
-                  log_scale: float = 0.0, generator: torch.Generator | None = None,
-                  dtype=torch.float64) -> "GaussianMixture":
+    def separated(
+        cls,
+        dim: int = 10,
+        num_modes: int = 4,
+        spread: float = 8.0,
+        std: float = 1.0,
+        log_scale: float = 0.0,
+        generator: torch.Generator | None = None,
+        dtype=torch.float64,
+    ) -> GaussianMixture:
         """Well-separated modes: means drawn uniformly in :math:`[-s, s]^d`, unequal weights."""
         means = (2 * torch.rand(num_modes, dim, generator=generator, dtype=dtype) - 1) * spread
         weights = torch.arange(1, num_modes + 1, dtype=dtype)
@@ -127,8 +138,7 @@ class GaussianMixture:
         shape = _shape(sample_shape)
         n = int(math.prod(shape))
         k = torch.multinomial(self.weights.double(), n, replacement=True, generator=generator)
-        eps = torch.randn(n, self.event_shape[0], dtype=self.means.dtype, device=self.means.device,
-                          generator=generator)
+        eps = torch.randn(n, self.event_shape[0], dtype=self.means.dtype, device=self.means.device, generator=generator)
         x = self.means[k] + (self.chol[k] @ eps.unsqueeze(-1)).squeeze(-1)
         return x.reshape(shape + self.event_shape)
 
@@ -176,8 +186,7 @@ class Banana:
     :math:`\mathrm{Var}(x_2) = 1 + 2a^4b^2`, :math:`\mathrm{Cov}(x_1,x_2) = 0`.
     """
 
-    def __init__(self, dim: int = 2, a: float = 1.0, b: float = 1.0, log_scale: float = 0.0,
-                 dtype=torch.float64):
+    def __init__(self, dim: int = 2, a: float = 1.0, b: float = 1.0, log_scale: float = 0.0, dtype=torch.float64):
         if dim < 2:
             raise ValueError("the banana needs dim >= 2")
         self.a, self.b, self.log_scale = float(a), float(b), float(log_scale)
@@ -233,17 +242,25 @@ class BayesianLinearRegression:
         self.covariance = torch.linalg.inv(precision)
         self.mean = self.covariance @ self.X.T @ self.y / self.noise_std**2
         self._post_chol = torch.linalg.cholesky(self.covariance)
-        marg = self.noise_std**2 * torch.eye(n, dtype=self.X.dtype, device=self.X.device) \
+        marg = (
+            self.noise_std**2 * torch.eye(n, dtype=self.X.dtype, device=self.X.device)
             + self.prior_std**2 * self.X @ self.X.T
+        )
         self.log_normalizer = _mvn_logpdf(self.y, torch.zeros_like(self.y), torch.linalg.cholesky(marg))
         self.prior = torch.distributions.Independent(
-            torch.distributions.Normal(torch.zeros(p, dtype=self.X.dtype, device=self.X.device),
-                                       self.prior_std), 1)
+            torch.distributions.Normal(torch.zeros(p, dtype=self.X.dtype, device=self.X.device), self.prior_std), 1
+        )
 
     @classmethod
-    def synthetic(cls, num_data: int = 50, dim: int = 5, noise_std: float = 0.5,
-                  prior_std: float = 1.0, generator: torch.Generator | None = None,
-                  dtype=torch.float64) -> "BayesianLinearRegression":
+    def synthetic(
+        cls,
+        num_data: int = 50,
+        dim: int = 5,
+        noise_std: float = 0.5,
+        prior_std: float = 1.0,
+        generator: torch.Generator | None = None,
+        dtype=torch.float64,
+    ) -> BayesianLinearRegression:
         """Data from the model itself: :math:`X_{ij}\\sim\\mathcal N(0,1)`, :math:`w\\sim` prior."""
         X = torch.randn(num_data, dim, generator=generator, dtype=dtype)
         w = torch.randn(dim, generator=generator, dtype=dtype) * prior_std
@@ -254,10 +271,8 @@ class BayesianLinearRegression:
         p = self.event_shape[0]
         n = self.y.shape[0]
         resid = self.y - w @ self.X.T
-        log_lik = -0.5 * (resid**2).sum(-1) / self.noise_std**2 - n * math.log(self.noise_std) \
-            - 0.5 * n * _LOG2PI
-        log_prior = -0.5 * (w**2).sum(-1) / self.prior_std**2 - p * math.log(self.prior_std) \
-            - 0.5 * p * _LOG2PI
+        log_lik = -0.5 * (resid**2).sum(-1) / self.noise_std**2 - n * math.log(self.noise_std) - 0.5 * n * _LOG2PI
+        log_prior = -0.5 * (w**2).sum(-1) / self.prior_std**2 - p * math.log(self.prior_std) - 0.5 * p * _LOG2PI
         return log_lik + log_prior
 
     def sample(self, sample_shape=(), generator: torch.Generator | None = None) -> Tensor:

@@ -49,15 +49,24 @@ from mcsample.protocols import Float64Proposal, draw
 
 require("rdkit", extra="molecules")
 
-__all__ = ["ConformerDiagnostics", "ConformerEnsemble", "TorsionMoves", "sample_conformers",
-           "read_conformers", "read_molecule", "MOLECULE_FILES", "cli"]
+__all__ = [
+    "ConformerDiagnostics",
+    "ConformerEnsemble",
+    "TorsionMoves",
+    "sample_conformers",
+    "read_conformers",
+    "read_molecule",
+    "MOLECULE_FILES",
+    "cli",
+]
 
 
 @dataclass
 class ConformerDiagnostics:
     """How far to trust the weights: ``ess`` (Kish), ``ess_fraction`` = ess / n, ``khat``
     (PSIS Pareto shape of the weights; ``-inf`` when all weights are equal, e.g. after SMC's
-    last resampling or for a rigid molecule: no tail to diagnose), ``log_evidence`` and its ``log_evidence_stderr`` (torsion-space
+    last resampling or for a rigid molecule: no tail to diagnose), ``log_evidence`` and its
+    ``log_evidence_stderr`` (torsion-space
     :math:`\\log Z`), ``method``, ``num_conformers``, ``seconds`` of wall time."""
 
     ess: float
@@ -164,8 +173,9 @@ def _as_proposal(proposal, target):
         proposal = proposal.proposal(target)
     shape = getattr(proposal, "event_shape", None)
     if shape is not None and tuple(shape) != tuple(target.event_shape):
-        raise ValueError(f"proposal event shape {tuple(shape)} does not match the molecule's "
-                         f"{tuple(target.event_shape)} torsions")
+        raise ValueError(
+            f"proposal event shape {tuple(shape)} does not match the molecule's {tuple(target.event_shape)} torsions"
+        )
     return proposal
 
 
@@ -188,7 +198,6 @@ class TorsionMoves(RandomWalk):
         u = torch.rand(log_alpha.shape, dtype=torch.float64, generator=generator, device=log_alpha.device)
         accept = torch.log(u) < torch.nan_to_num(log_alpha, nan=-math.inf)
         return point.where(accept, prop), prob
-
 
 
 def sample_conformers(
@@ -235,8 +244,9 @@ def sample_conformers(
     if num_conformers is not None:
         if num_particles is not None:
             raise TypeError("sample_conformers: pass num_particles or the deprecated num_conformers, not both")
-        warnings.warn("sample_conformers(num_conformers=...) is deprecated; use num_particles=",
-                      DeprecationWarning, stacklevel=2)
+        warnings.warn(
+            "sample_conformers(num_conformers=...) is deprecated; use num_particles=", DeprecationWarning, stacklevel=2
+        )
         num_particles = num_conformers
     num_particles = 200 if num_particles is None else int(num_particles)
     if num_particles < 1:
@@ -262,9 +272,14 @@ def sample_conformers(
     n = len(ws)
     khat = float(ws.khat)  # -inf for equal weights (after SMC's final resampling): no tail
     diag = ConformerDiagnostics(
-        ess=float(ws.ess), ess_fraction=float(ws.ess) / n, khat=khat,
-        log_evidence=float(ws.log_evidence), log_evidence_stderr=float(ws.log_evidence_stderr),
-        method=method, num_conformers=n, seconds=time.perf_counter() - t0,
+        ess=float(ws.ess),
+        ess_fraction=float(ws.ess) / n,
+        khat=khat,
+        log_evidence=float(ws.log_evidence),
+        log_evidence_stderr=float(ws.log_evidence_stderr),
+        method=method,
+        num_conformers=n,
+        seconds=time.perf_counter() - t0,
     )
     out = target.to_mol(theta)
     for conf, w, e in zip(out.GetConformers(), weights.tolist(), energies.tolist()):
@@ -317,19 +332,32 @@ def cli(argv=None) -> int:
     (``mcsample`` turns them into one line and exit status 2)."""
     from mcsample.cli import ArgumentParser, add_debug, check_output, positive_float, positive_int, seed
 
-    ap = ArgumentParser(prog="mcsample conformers",
-                        description="Boltzmann-weighted conformers of a molecule in MMFF94 torsion "
-                        "space, from the shipped von Mises network corrected by SMC or importance "
-                        "sampling. Writes an SDF (each record carries its boltzmann_weight and "
-                        "energy_kj_mol) and prints ESS, k-hat and log Z.")
-    ap.add_argument("input", help="a SMILES string, or a molecule file ending in "
-                    f"{', '.join(MOLECULE_FILES)} (its first molecule)")
-    ap.add_argument("-n", "--num-conformers", type=positive_int, default=200,
-                    help="conformers written (SMC particles or importance samples) (default: %(default)s)")
-    ap.add_argument("--method", choices=["smc", "is"], default="smc",
-                    help="annealed SMC or importance sampling (default: %(default)s)")
-    ap.add_argument("-T", "--temperature", type=positive_float, default=300.0,
-                    help="temperature in kelvin (default: %(default)s)")
+    ap = ArgumentParser(
+        prog="mcsample conformers",
+        description="Boltzmann-weighted conformers of a molecule in MMFF94 torsion "
+        "space, from the shipped von Mises network corrected by SMC or importance "
+        "sampling. Writes an SDF (each record carries its boltzmann_weight and "
+        "energy_kj_mol) and prints ESS, k-hat and log Z.",
+    )
+    ap.add_argument(
+        "input", help=f"a SMILES string, or a molecule file ending in {', '.join(MOLECULE_FILES)} (its first molecule)"
+    )
+    ap.add_argument(
+        "-n",
+        "--num-conformers",
+        type=positive_int,
+        default=200,
+        help="conformers written (SMC particles or importance samples) (default: %(default)s)",
+    )
+    ap.add_argument(
+        "--method",
+        choices=["smc", "is"],
+        default="smc",
+        help="annealed SMC or importance sampling (default: %(default)s)",
+    )
+    ap.add_argument(
+        "-T", "--temperature", type=positive_float, default=300.0, help="temperature in kelvin (default: %(default)s)"
+    )
     ap.add_argument("--seed", type=seed, default=0, help="random seed (default: %(default)s)")
     ap.add_argument("-o", "--out", default="conformers.sdf", help="output SDF file (default: %(default)s)")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing output file (default: off)")
@@ -348,14 +376,18 @@ def cli(argv=None) -> int:
     if text.lower().endswith(MOLECULE_FILES):
         target = TorsionTarget(read_molecule(text), temperature=args.temperature)
     elif Path(text).exists():
-        raise ValueError(f"{text}: unsupported molecule file type; use {', '.join(MOLECULE_FILES)}, "
-                         "or pass a SMILES string")
+        raise ValueError(
+            f"{text}: unsupported molecule file type; use {', '.join(MOLECULE_FILES)}, or pass a SMILES string"
+        )
     else:
         target = TorsionTarget.from_smiles(text, temperature=args.temperature)
-    ens = sample_conformers(target, args.num_conformers, args.temperature, args.method,
-                            generator=torch.Generator().manual_seed(args.seed))
+    ens = sample_conformers(
+        target, args.num_conformers, args.temperature, args.method, generator=torch.Generator().manual_seed(args.seed)
+    )
     path = ens.to_sdf(args.out)
     d = ens.diagnostics
-    print(f"{len(ens)} conformers -> {path}; ESS {d.ess:.1f} ({d.ess_fraction:.1%}), k-hat {d.khat:.2f}, "
-          f"log Z {d.log_evidence:.3f} ± {d.log_evidence_stderr:.3f}, {d.seconds:.2f} s")
+    print(
+        f"{len(ens)} conformers -> {path}; ESS {d.ess:.1f} ({d.ess_fraction:.1%}), k-hat {d.khat:.2f}, "
+        f"log Z {d.log_evidence:.3f} ± {d.log_evidence_stderr:.3f}, {d.seconds:.2f} s"
+    )
     return 0

@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -204,9 +205,7 @@ def zmatrix_from_topology(topology) -> np.ndarray:
         i, j = bond[0].index, bond[1].index
         neighbours[i].add(j)
         neighbours[j].add(i)
-    is_h = np.array(
-        [atom.element is not None and atom.element.symbol == "H" for atom in top.atoms], dtype=bool
-    )
+    is_h = np.array([atom.element is not None and atom.element.symbol == "H" for atom in top.atoms], dtype=bool)
     # connectivity check
     seen = {0}
     queue = deque([0])
@@ -297,8 +296,7 @@ def _check_zmatrix(zmatrix: np.ndarray) -> np.ndarray:
             raise ValueError(f"Z-matrix row {k} (atom {z[k, 0]}) needs {need} references, got {refs}")
         if np.any(position[refs] >= k) or len(set(refs.tolist())) != need:
             raise ValueError(
-                f"Z-matrix row {k} (atom {z[k, 0]}): references {refs.tolist()} must be distinct "
-                "atoms placed earlier"
+                f"Z-matrix row {k} (atom {z[k, 0]}): references {refs.tolist()} must be distinct atoms placed earlier"
             )
     if z[2, 1] not in (z[0, 0], z[1, 0]) or z[2, 2] not in (z[0, 0], z[1, 0]) or z[1, 1] != z[0, 0]:
         raise ValueError("the first three Z-matrix rows must reference only the first two atoms")
@@ -478,7 +476,7 @@ class InternalCoordinates(torch.nn.Module):
         return self.to_cartesian(z)
 
     @classmethod
-    def from_topology(cls, topology) -> "InternalCoordinates":
+    def from_topology(cls, topology) -> InternalCoordinates:
         """Build with :func:`zmatrix_from_topology`."""
         return cls(zmatrix_from_topology(topology))
 
@@ -520,7 +518,9 @@ class InternalCoordinateTarget:
         ref = peptide.positions if reference is None else reference
         ref = torch.as_tensor(np.asarray(ref) if not isinstance(ref, Tensor) else ref, dtype=torch.float64)
         if ref.shape != (self.transform.n_atoms, 3):
-            raise ValueError(f"reference positions must have shape ({self.transform.n_atoms}, 3); got {tuple(ref.shape)}")
+            raise ValueError(
+                f"reference positions must have shape ({self.transform.n_atoms}, 3); got {tuple(ref.shape)}"
+            )
         self.reference_z = self.transform.to_internal(ref[None])[0]
         d = self.transform.dim - (6 if self.fix_rigid else 0)
         self.event_shape = torch.Size([d])

@@ -144,8 +144,14 @@ class TorchForceField(nn.Module):
 
     ENGINES = ("auto", "numba", "fused", "autograd")
 
-    def __init__(self, terms: list[nn.Module], n_atoms: int, min_distance: float | None = None,
-                 max_pairs_per_chunk: int | None = None, engine: str = "auto"):
+    def __init__(
+        self,
+        terms: list[nn.Module],
+        n_atoms: int,
+        min_distance: float | None = None,
+        max_pairs_per_chunk: int | None = None,
+        engine: str = "auto",
+    ):
         super().__init__()
         if engine not in self.ENGINES:
             raise ValueError(f"unknown engine {engine!r}; choose one of {self.ENGINES}")
@@ -163,7 +169,7 @@ class TorchForceField(nn.Module):
         self._gb = gbs[0] if gbs else None
 
     @classmethod
-    def from_openmm(cls, system, temperature: float | None = None, **kwargs) -> "TorchForceField":
+    def from_openmm(cls, system, temperature: float | None = None, **kwargs) -> TorchForceField:
         """Read every force of ``system``; raise :class:`UnsupportedForceError` naming others.
 
         ``temperature`` is accepted for symmetry with the peptide constructors and unused (the
@@ -180,10 +186,9 @@ class TorchForceField(nn.Module):
             if isinstance(force, openmm.CMMotionRemover):
                 continue
             if force.usesPeriodicBoundaryConditions() and not isinstance(
-                    force, (openmm.NonbondedForce, openmm.CustomGBForce, openmm.GBSAOBCForce)):
-                raise UnsupportedForceError(
-                    f"{type(force).__name__} uses periodic boundary conditions, not supported"
-                )
+                force, (openmm.NonbondedForce, openmm.CustomGBForce, openmm.GBSAOBCForce)
+            ):
+                raise UnsupportedForceError(f"{type(force).__name__} uses periodic boundary conditions, not supported")
             if isinstance(force, openmm.HarmonicBondForce):
                 terms.append(HarmonicBonds(force))
             elif isinstance(force, openmm.HarmonicAngleForce):
@@ -289,7 +294,7 @@ class TorchForceField(nn.Module):
         return self.energy_and_forces(x)[1]
 
     def _apply(self, fn, *args, **kwargs):
-        self._numba_params = None        # parameters may change with .to(); rebuilt lazily
+        self._numba_params = None  # parameters may change with .to(); rebuilt lazily
         return super()._apply(fn, *args, **kwargs)
 
     def extra_repr(self) -> str:

@@ -102,7 +102,7 @@ class LinearGaussianMeasurement(ABC):
         return x
 
     def _check_y(self, y: Tensor) -> Tensor:
-        if tuple(y.shape[-len(self.obs_shape):]) != tuple(self.obs_shape):
+        if tuple(y.shape[-len(self.obs_shape) :]) != tuple(self.obs_shape):
             raise ValueError(
                 f"{type(self).__name__} expects measurements of shape (..., {', '.join(map(str, self.obs_shape))}), "
                 f"got {tuple(y.shape)}"
@@ -124,14 +124,14 @@ class LinearGaussianMeasurement(ABC):
     def simulate(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         r"""A measurement :math:`y = Ax + \sigma_y\xi` of each signal in the batch."""
         clean = self.forward(x)
-        return clean + self.sigma_y * torch.randn(clean.shape, generator=generator, dtype=clean.dtype,
-                                                  device=clean.device)
+        return clean + self.sigma_y * torch.randn(
+            clean.shape, generator=generator, dtype=clean.dtype, device=clean.device
+        )
 
     def log_likelihood(self, x: Tensor, y: Tensor) -> Tensor:
         r""":math:`\log p(y\mid x) = -\|y-Ax\|^2/(2\sigma_y^2) - \frac m2\log(2\pi\sigma_y^2)`, shape ``(B,)``."""
         r = (self._check_y(y) - self.forward(x)).reshape(x.shape[0], -1)
-        return -0.5 * (r * r).sum(-1) / self.sigma_y**2 - 0.5 * self.obs_dim * math.log(
-            2 * math.pi * self.sigma_y**2)
+        return -0.5 * (r * r).sum(-1) / self.sigma_y**2 - 0.5 * self.obs_dim * math.log(2 * math.pi * self.sigma_y**2)
 
     def potential_grad(self, x: Tensor, y: Tensor) -> Tensor:
         r""":math:`\nabla_x\mu_y = A^\top(Ax - y)/\sigma_y^2` with :math:`\mu_y = -\log p(y\mid x)`."""
@@ -161,8 +161,10 @@ class LinearGaussianMeasurement(ABC):
         return self._svd
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(event_shape={tuple(self.event_shape)}, "
-                f"obs_shape={tuple(self.obs_shape)}, sigma_y={self.sigma_y:.4g})")
+        return (
+            f"{type(self).__name__}(event_shape={tuple(self.event_shape)}, "
+            f"obs_shape={tuple(self.obs_shape)}, sigma_y={self.sigma_y:.4g})"
+        )
 
 
 class DenseOperator(LinearGaussianMeasurement):
@@ -315,8 +317,7 @@ class Downsample(LinearGaussianMeasurement):
             m = self.obs_dim
             eye = torch.eye(m, dtype=torch.float64).reshape(m, *self.obs_shape)
             V = (self.adjoint(eye).reshape(m, self.dim) * self.factor).T.contiguous()
-            self._svd = (torch.eye(m, dtype=torch.float64),
-                         torch.full((m,), 1.0 / self.factor, dtype=torch.float64), V)
+            self._svd = (torch.eye(m, dtype=torch.float64), torch.full((m,), 1.0 / self.factor, dtype=torch.float64), V)
         return self._svd
 
 
@@ -344,8 +345,7 @@ class PyroTarget:
     ``vectorized=False`` loops over the batch in Python instead (any model, slower).
     """
 
-    def __init__(self, model, *args, observations: dict, unconstrained: bool = True,
-                 vectorized: bool = True, **kwargs):
+    def __init__(self, model, *args, observations: dict, unconstrained: bool = True, vectorized: bool = True, **kwargs):
         from mcsample._optional import require
 
         require("pyro", extra="pyro", by="PyroTarget")
@@ -365,8 +365,9 @@ class PyroTarget:
         conditioned = poutine.condition(model, data=self.observations)
         with torch.no_grad():
             tr = poutine.trace(conditioned).get_trace(*args, **kwargs)
-        missing = set(self.observations) - {n for n, s in tr.nodes.items()
-                                            if s["type"] == "sample" and not site_is_subsample(s)}
+        missing = set(self.observations) - {
+            n for n, s in tr.nodes.items() if s["type"] == "sample" and not site_is_subsample(s)
+        }
         if missing:
             raise ValueError(f"observations name sites the model does not sample: {sorted(missing)}")
         self.sites = []  # (name, constrained shape, unconstrained shape, transform)
@@ -398,10 +399,12 @@ class PyroTarget:
     def _split(self, z: Tensor) -> tuple[dict, Tensor]:
         """Site values (constrained, with a leading batch dim) and the summed log-Jacobian."""
         if z.ndim != 2 or z.shape[1] != self.event_shape[0]:
-            raise ValueError(f"PyroTarget expects z of shape (B, {self.event_shape[0]}) for sites "
-                             f"{self.site_names}, got {tuple(z.shape)}")
+            raise ValueError(
+                f"PyroTarget expects z of shape (B, {self.event_shape[0]}) for sites "
+                f"{self.site_names}, got {tuple(z.shape)}"
+            )
         values, log_jac = {}, torch.zeros(z.shape[0], dtype=z.dtype, device=z.device)
-        for (name, shape, ushape, transform), piece in zip(self.sites, torch.split(z, self.sizes, dim=1)):
+        for (name, _shape, ushape, transform), piece in zip(self.sites, torch.split(z, self.sizes, dim=1)):
             u = piece.reshape(z.shape[0], *ushape)
             if transform is None:
                 values[name] = u
@@ -419,7 +422,7 @@ class PyroTarget:
     def unconstrain(self, values: dict) -> Tensor:
         """Inverse of :meth:`constrain`: flat unconstrained vectors from site values ``(B, *shape)``."""
         parts = []
-        for name, shape, ushape, transform in self.sites:
+        for name, _shape, _ushape, transform in self.sites:
             v = values[name]
             u = v if transform is None else transform.inv(v)
             parts.append(u.reshape(u.shape[0], -1))
@@ -456,7 +459,8 @@ class PyroTarget:
         for b in range(B):
             data = {name: values[name][b] for name in self.site_names}
             tr = self._poutine.trace(self._poutine.condition(self._conditioned, data=data)).get_trace(
-                *self.args, **self.kwargs)
+                *self.args, **self.kwargs
+            )
             out.append(tr.log_prob_sum())
         return torch.stack(out)
 
@@ -528,8 +532,9 @@ class GaussianMixturePosterior:
         return torch.logsumexp(lp + torch.log(self.weights), dim=-1)
 
 
-def mixture_posterior(weights: Tensor, means: Tensor, cov: Tensor, A: Tensor, sigma_y: float,
-                      y: Tensor) -> tuple[GaussianMixturePosterior, Tensor]:
+def mixture_posterior(
+    weights: Tensor, means: Tensor, cov: Tensor, A: Tensor, sigma_y: float, y: Tensor
+) -> tuple[GaussianMixturePosterior, Tensor]:
     r"""Exact posterior of a Gaussian mixture prior :math:`\sum_k w_k\mathcal N(m_k, C)` (one shared
     covariance) under :math:`y = Ax + \sigma_y\xi`: the mixture with
     :math:`\Sigma = C - CA^\top(ACA^\top+\sigma_y^2I)^{-1}AC` (Woodbury form of
@@ -553,8 +558,7 @@ def gmm_benchmark_means(dim: int) -> Tensor:
     (even), :math:`i, j\in\{-2,\dots,2\}`, float64 ``(25, dim)``."""
     if dim % 2:
         raise ValueError(f"the benchmark tiles 2-D means; dim must be even, got {dim}")
-    grid = torch.tensor([[-8.0 * i, -8.0 * j] for i in range(-2, 3) for j in range(-2, 3)],
-                        dtype=torch.float64)
+    grid = torch.tensor([[-8.0 * i, -8.0 * j] for i in range(-2, 3) for j in range(-2, 3)], dtype=torch.float64)
     return grid.repeat(1, dim // 2)
 
 

@@ -101,7 +101,7 @@ class MDResult:
         save_npz(path, self.trajectory, self.potential_energy, self.metadata)
 
     @classmethod
-    def load(cls, path) -> "MDResult":
+    def load(cls, path) -> MDResult:
         """Read a file written by :meth:`save` or :func:`run_md`."""
         traj, energy, meta, _ = load_npz(path)
         return cls(traj, energy, meta)
@@ -200,8 +200,16 @@ def load_npz(path):
     traj = md.Trajectory(d.pop("xyz"), top, time=d.pop("time_ps"))
     energy = d.pop("potential_energy")
     meta = json.loads(str(d.pop("metadata")))
-    for k in ("atom_name", "atom_element", "atom_residue", "residue_name", "residue_seq",
-              "residue_chain", "bonds", "format_version"):
+    for k in (
+        "atom_name",
+        "atom_element",
+        "atom_residue",
+        "residue_name",
+        "residue_seq",
+        "residue_chain",
+        "bonds",
+        "format_version",
+    ):
         d.pop(k, None)
     return traj, energy, meta, d
 
@@ -215,27 +223,33 @@ def _trajectory(peptide, xyz: list, times: list):
     import mdtraj as md
 
     top = peptide.topology
-    return md.Trajectory(np.asarray(xyz, dtype=np.float32).reshape(len(xyz), top.n_atoms, 3), top,
-                         time=np.asarray(times, dtype=np.float64))
+    return md.Trajectory(
+        np.asarray(xyz, dtype=np.float32).reshape(len(xyz), top.n_atoms, 3),
+        top,
+        time=np.asarray(times, dtype=np.float64),
+    )
 
 
-def _run_metadata(settings: dict, peptide, platform: str, n_frames: int, frame_ps: float, done: bool,
-                  wall: float, **more) -> dict:
+def _run_metadata(
+    settings: dict, peptide, platform: str, n_frames: int, frame_ps: float, done: bool, wall: float, **more
+) -> dict:
     """Provenance of a run so far: its settings plus system, platform, progress and timing."""
     import openmm
 
     meta = dict(settings)
-    meta.update({
-        "force_field": _force_field_name(peptide),
-        "system": getattr(peptide, "name", "peptide"),
-        "platform": platform,
-        "openmm_version": openmm.__version__,
-        "n_frames": n_frames,
-        "time_ps": n_frames * frame_ps,
-        "complete": bool(done),
-        "wall_time_s": wall,
-        **more,
-    })
+    meta.update(
+        {
+            "force_field": _force_field_name(peptide),
+            "system": getattr(peptide, "name", "peptide"),
+            "platform": platform,
+            "openmm_version": openmm.__version__,
+            "n_frames": n_frames,
+            "time_ps": n_frames * frame_ps,
+            "complete": bool(done),
+            "wall_time_s": wall,
+            **more,
+        }
+    )
     return meta
 
 
@@ -262,7 +276,7 @@ class _Autosave:
             self.save(True, wall)
         return wall
 
-    def __enter__(self) -> "_Autosave":
+    def __enter__(self) -> _Autosave:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
@@ -299,15 +313,20 @@ def _run_seed(generator, seed, who: str) -> int | None:
     if seed is not None:
         if generator is not None:
             raise TypeError(f"{who}: pass generator= or the deprecated seed=, not both")
-        warnings.warn(f"{who}(seed=...) is deprecated; pass generator=torch.Generator().manual_seed(seed)",
-                      DeprecationWarning, stacklevel=3)
+        warnings.warn(
+            f"{who}(seed=...) is deprecated; pass generator=torch.Generator().manual_seed(seed)",
+            DeprecationWarning,
+            stacklevel=3,
+        )
         generator = torch.Generator().manual_seed(int(seed))
     if generator is None:
         return None
     if not isinstance(generator, torch.Generator):
-        raise TypeError(f"{who}: generator must be a torch.Generator (or None), got "
-                        f"{type(generator).__name__}; for an integer seed s pass "
-                        "generator=torch.Generator().manual_seed(s)")
+        raise TypeError(
+            f"{who}: generator must be a torch.Generator (or None), got "
+            f"{type(generator).__name__}; for an integer seed s pass "
+            "generator=torch.Generator().manual_seed(s)"
+        )
     return _draw_seed(generator)
 
 
@@ -461,8 +480,11 @@ def run_md(
         try:
             context.loadCheckpoint(extra["checkpoint"].tobytes())
         except Exception as err:  # another platform or OpenMM version: restart from the state
-            warnings.warn(f"OpenMM checkpoint in {path} not loadable ({err}); continuing from the "
-                          "saved positions and velocities with fresh random numbers")
+            warnings.warn(
+                f"OpenMM checkpoint in {path} not loadable ({err}); continuing from the "
+                "saved positions and velocities with fresh random numbers",
+                stacklevel=2,
+            )
             context.setPositions(extra["last_positions"])
             context.setVelocities(extra["last_velocities"])
             context.setStepCount(int(extra["step"]))
@@ -481,8 +503,16 @@ def run_md(
 
     def snapshot(done: bool, wall: float):
         state = context.getState(getPositions=True, getVelocities=True)
-        meta = _run_metadata(settings, peptide, platform, len(xyz), report_steps * timestep_fs / 1000.0,
-                             done, wall, steps=int(context.getStepCount()))
+        meta = _run_metadata(
+            settings,
+            peptide,
+            platform,
+            len(xyz),
+            report_steps * timestep_fs / 1000.0,
+            done,
+            wall,
+            steps=int(context.getStepCount()),
+        )
         return _trajectory(peptide, xyz, times), meta, state
 
     def save(done: bool, wall: float):
@@ -496,8 +526,13 @@ def run_md(
         save_npz(path, traj, np.asarray(energies, dtype=np.float64), meta, extra)
 
     autosave = _Autosave(save if path is not None else None, checkpoint_every_s, wall_before)
-    bar = tqdm(total=n_frames, initial=min(len(xyz), n_frames), disable=not progress,
-               desc=f"MD {getattr(peptide, 'name', '')} {temperature:g} K", unit="frame")
+    bar = tqdm(
+        total=n_frames,
+        initial=min(len(xyz), n_frames),
+        disable=not progress,
+        desc=f"MD {getattr(peptide, 'name', '')} {temperature:g} K",
+        unit="frame",
+    )
     with bar, autosave:
         while len(xyz) < n_frames:
             integrator.step(report_steps)
@@ -591,8 +626,9 @@ def run_parallel_tempering(
 
     contexts, integrators = [], []
     for k in range(K):
-        ctx, integ = _make_context(peptide.system, temps[k], timestep_fs, friction_per_ps, platform,
-                                   threads, _openmm_seed(seed, 10 + k))
+        ctx, integ = _make_context(
+            peptide.system, temps[k], timestep_fs, friction_per_ps, platform, threads, _openmm_seed(seed, 10 + k)
+        )
         contexts.append(ctx)
         integrators.append(integ)
 
@@ -604,8 +640,9 @@ def run_parallel_tempering(
     if path is not None and os.path.exists(path):
         traj, e_old, meta, extra = _load_same_run(path, settings)
         if "pt_rep_at" not in extra:
-            raise ValueError(f"{path} has no resume state (written before runs could be resumed): "
-                             "choose another path or remove it")
+            raise ValueError(
+                f"{path} has no resume state (written before runs could be resumed): choose another path or remove it"
+            )
         xyz, energies, times = list(traj.xyz), list(e_old), list(traj.time)
         state_e, rep_hist = list(extra["pt_state_energies"]), list(extra["pt_replica_at_state"])
         accepted, attempts = extra["pt_accepted"].copy(), extra["pt_attempts"].copy()
@@ -616,9 +653,11 @@ def run_parallel_tempering(
             try:
                 contexts[k].loadCheckpoint(extra[f"pt_checkpoint_{k}"].tobytes())
             except Exception as err:
-                raise ValueError(f"{path}: the OpenMM checkpoint of replica {k} does not load here "
-                                 f"({err}); resume on the platform and OpenMM version that wrote it, "
-                                 "or choose another path") from err
+                raise ValueError(
+                    f"{path}: the OpenMM checkpoint of replica {k} does not load here "
+                    f"({err}); resume on the platform and OpenMM version that wrote it, "
+                    "or choose another path"
+                ) from err
         for s_, r in enumerate(rep_at):  # each replica's thermostat at the temperature it holds
             integrators[r].setTemperature(temps[s_] * unit.kelvin)
         resumed = True
@@ -634,11 +673,23 @@ def run_parallel_tempering(
 
     def result_and_meta(done: bool, wall: float):
         acceptance = accepted / np.maximum(attempts, 1)
-        meta = _run_metadata(settings, peptide, platform, len(xyz), rep_steps * timestep_fs / 1000.0,
-                             done, wall, acceptance=acceptance.tolist())
+        meta = _run_metadata(
+            settings,
+            peptide,
+            platform,
+            len(xyz),
+            rep_steps * timestep_fs / 1000.0,
+            done,
+            wall,
+            acceptance=acceptance.tolist(),
+        )
         result = PTResult(
-            _trajectory(peptide, xyz, times), np.asarray(energies, dtype=np.float64), meta,
-            acceptance=acceptance, attempts=attempts.copy(), temperatures=temps,
+            _trajectory(peptide, xyz, times),
+            np.asarray(energies, dtype=np.float64),
+            meta,
+            acceptance=acceptance,
+            attempts=attempts.copy(),
+            temperatures=temps,
             state_energies=np.asarray(state_e, dtype=np.float64).reshape(-1, K),
             replica_at_state=np.asarray(rep_hist, dtype=np.int64).reshape(-1, K),
         )
@@ -647,27 +698,35 @@ def run_parallel_tempering(
     def save(done: bool, wall: float):
         result, meta = result_and_meta(done, wall)
         extra = {
-            "pt_acceptance": result.acceptance, "pt_attempts": attempts, "pt_accepted": accepted,
-            "pt_temperatures": temps, "pt_state_energies": result.state_energies,
-            "pt_replica_at_state": result.replica_at_state, "pt_rep_at": rep_at,
-            "pt_n_exchange": np.array(n_exchange), "pt_rng_state": np.array(json.dumps(rng.bit_generator.state)),
+            "pt_acceptance": result.acceptance,
+            "pt_attempts": attempts,
+            "pt_accepted": accepted,
+            "pt_temperatures": temps,
+            "pt_state_energies": result.state_energies,
+            "pt_replica_at_state": result.replica_at_state,
+            "pt_rep_at": rep_at,
+            "pt_n_exchange": np.array(n_exchange),
+            "pt_rng_state": np.array(json.dumps(rng.bit_generator.state)),
         }
         for k in range(K):
             extra[f"pt_checkpoint_{k}"] = np.frombuffer(contexts[k].createCheckpoint(), dtype=np.uint8)
         save_npz(path, result.trajectory, result.potential_energy, meta, extra)
 
     autosave = _Autosave(save if path is not None else None, checkpoint_every_s, wall_before)
-    bar = tqdm(total=n_frames, initial=min(len(xyz), n_frames), disable=not progress,
-               desc=f"PT {K} replicas", unit="frame")
+    bar = tqdm(
+        total=n_frames, initial=min(len(xyz), n_frames), disable=not progress, desc=f"PT {K} replicas", unit="frame"
+    )
     with bar, autosave:
         while len(xyz) < n_frames:
             for _ in range(per_report):
                 for integ in integrators:
                     integ.step(ex_steps)
-                u = np.array([
-                    contexts[r].getState(getEnergy=True).getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
-                    for r in range(K)
-                ])  # by replica
+                u = np.array(
+                    [
+                        contexts[r].getState(getEnergy=True).getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
+                        for r in range(K)
+                    ]
+                )  # by replica
                 if not np.all(np.isfinite(u)):
                     raise FloatingPointError(f"PT replica energies not finite: {u}")
                 first = n_exchange % 2

@@ -218,15 +218,17 @@ def rotatable_torsions(mol, hydrogen_rotors: bool = False) -> list[tuple[int, in
     return torsions
 
 
-def reference_conformer(mol, forcefield: str = "MMFF94", seed: int = 0, use_existing: bool = False,
-                        max_iters: int = 2000) -> np.ndarray:
+def reference_conformer(
+    mol, forcefield: str = "MMFF94", seed: int = 0, use_existing: bool = False, max_iters: int = 2000
+) -> np.ndarray:
     """An MMFF-minimized ETKDGv3 conformer, ``(N, 3)`` in ångström.
 
     With ``use_existing`` the molecule's own 3D conformer is minimized instead of a new ETKDG
     embedding (seeded by ``seed``). The molecule itself is not modified.
     """
     Chem = _chem()
-    from rdkit.Chem import rdDistGeom, rdForceFieldHelpers as FH
+    from rdkit.Chem import rdDistGeom
+    from rdkit.Chem import rdForceFieldHelpers as FH
 
     work = Chem.Mol(mol)
     if use_existing and work.GetNumConformers() > 0 and work.GetConformer().Is3D():
@@ -365,13 +367,13 @@ class TorsionGeometry:
 class _Terms:
     """Index and parameter tensors of the torsion-dependent MMFF terms."""
 
-    tors_idx: Tensor      # (M, 4)
-    tors_v: Tensor        # (M, 3) V1, V2, V3 kcal/mol
-    pair_idx: Tensor      # (P, 2)
-    vdw_r: Tensor         # (P,) R*_ij Å
-    vdw_eps: Tensor       # (P,) kcal/mol
-    qq: Tensor            # (P,) 332.0716 q_i q_j / D, times 0.75 for 1-4 pairs
-    dist_dep: bool        # distance-dependent dielectric (1/R^2)
+    tors_idx: Tensor  # (M, 4)
+    tors_v: Tensor  # (M, 3) V1, V2, V3 kcal/mol
+    pair_idx: Tensor  # (P, 2)
+    vdw_r: Tensor  # (P,) R*_ij Å
+    vdw_eps: Tensor  # (P,) kcal/mol
+    qq: Tensor  # (P,) 332.0716 q_i q_j / D, times 0.75 for 1-4 pairs
+    dist_dep: bool  # distance-dependent dielectric (1/R^2)
 
 
 class MMFFTorsionEnergy:
@@ -445,8 +447,12 @@ class MMFFTorsionEnergy:
     def _to(self, device):
         t = self.terms
         if t.tors_idx.device != device:
-            self.terms = _Terms(*(v.to(device) if isinstance(v, Tensor) else v for v in
-                                  (t.tors_idx, t.tors_v, t.pair_idx, t.vdw_r, t.vdw_eps, t.qq, t.dist_dep)))
+            self.terms = _Terms(
+                *(
+                    v.to(device) if isinstance(v, Tensor) else v
+                    for v in (t.tors_idx, t.tors_v, t.pair_idx, t.vdw_r, t.vdw_eps, t.qq, t.dist_dep)
+                )
+            )
         return self.terms
 
     def varying(self, x: Tensor) -> Tensor:
@@ -455,8 +461,9 @@ class MMFFTorsionEnergy:
         ti = t.tors_idx
         phi = dihedral(x[:, ti[:, 0]], x[:, ti[:, 1]], x[:, ti[:, 2]], x[:, ti[:, 3]])
         v = t.tors_v
-        e_tors = 0.5 * (v[:, 0] * (1 + torch.cos(phi)) + v[:, 1] * (1 - torch.cos(2 * phi))
-                        + v[:, 2] * (1 + torch.cos(3 * phi))).sum(-1)
+        e_tors = 0.5 * (
+            v[:, 0] * (1 + torch.cos(phi)) + v[:, 1] * (1 - torch.cos(2 * phi)) + v[:, 2] * (1 + torch.cos(3 * phi))
+        ).sum(-1)
         pi = t.pair_idx
         d = x.index_select(1, pi[:, 0]) - x.index_select(1, pi[:, 1])
         r = (d * d).sum(-1).sqrt()
@@ -520,9 +527,17 @@ class TorsionTarget:
     (periodic: any real values are accepted); ``event_shape == (T,)``.
     """
 
-    def __init__(self, mol, forcefield: str = "MMFF94", temperature: float = 300.0, *,
-                 hydrogen_rotors: bool = False, backend: str = "auto", seed: int = 0,
-                 use_existing_conformer: bool = False):
+    def __init__(
+        self,
+        mol,
+        forcefield: str = "MMFF94",
+        temperature: float = 300.0,
+        *,
+        hydrogen_rotors: bool = False,
+        backend: str = "auto",
+        seed: int = 0,
+        use_existing_conformer: bool = False,
+    ):
         Chem = _chem()
         from rdkit.Chem import rdForceFieldHelpers as FH
 
@@ -555,7 +570,7 @@ class TorsionTarget:
 
     # -- constructors -------------------------------------------------------------------
     @classmethod
-    def from_smiles(cls, smiles: str, **kwargs) -> "TorsionTarget":
+    def from_smiles(cls, smiles: str, **kwargs) -> TorsionTarget:
         """Parse ``smiles``, add hydrogens and build the target (kwargs as the constructor)."""
         Chem = _chem()
         mol = Chem.MolFromSmiles(smiles)
@@ -564,7 +579,7 @@ class TorsionTarget:
         return cls(Chem.AddHs(mol), **kwargs)
 
     @classmethod
-    def from_sdf(cls, path: str | Path, index: int = 0, add_hydrogens: bool = False, **kwargs) -> "TorsionTarget":
+    def from_sdf(cls, path: str | Path, index: int = 0, add_hydrogens: bool = False, **kwargs) -> TorsionTarget:
         """Read molecule ``index`` of an SDF file. Hydrogens missing from the file raise
         :class:`MoleculeError` unless ``add_hydrogens=True`` (then added with coordinates)."""
         Chem = _chem()
@@ -650,5 +665,7 @@ class TorsionTarget:
 
     def __repr__(self) -> str:
         smi = _chem().MolToSmiles(_chem().RemoveHs(self.mol))
-        return (f"TorsionTarget({smi!r}, torsions={self.num_torsions}, {self.forcefield}, "
-                f"T={self.temperature} K, backend={self.backend!r})")
+        return (
+            f"TorsionTarget({smi!r}, torsions={self.num_torsions}, {self.forcefield}, "
+            f"T={self.temperature} K, backend={self.backend!r})"
+        )

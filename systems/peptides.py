@@ -40,24 +40,50 @@ from mcsample._optional import require
 
 require("openmm", "mdtraj", extra="peptides")
 
-__all__ = ["Peptide", "alanine_dipeptide", "boltzmann_constant", "ONE_LETTER_CODES",
-           "SUPPORTED_RESIDUES"]
+__all__ = ["Peptide", "alanine_dipeptide", "boltzmann_constant", "ONE_LETTER_CODES", "SUPPORTED_RESIDUES"]
 
 # k_B * N_A in kJ/(mol K), as OpenMM defines it (openmm.unit.MOLAR_GAS_CONSTANT_R).
 _R_KJ = 0.00831446261815324
 
 #: one-letter code -> amber14 residue name at pH 7 (Modeller picks the protonation variant)
 ONE_LETTER_CODES = {
-    "A": "ALA", "R": "ARG", "N": "ASN", "D": "ASP", "C": "CYS", "Q": "GLN", "E": "GLU",
-    "G": "GLY", "H": "HIS", "I": "ILE", "L": "LEU", "K": "LYS", "M": "MET", "F": "PHE",
-    "P": "PRO", "S": "SER", "T": "THR", "W": "TRP", "Y": "TYR", "V": "VAL",
+    "A": "ALA",
+    "R": "ARG",
+    "N": "ASN",
+    "D": "ASP",
+    "C": "CYS",
+    "Q": "GLN",
+    "E": "GLU",
+    "G": "GLY",
+    "H": "HIS",
+    "I": "ILE",
+    "L": "LEU",
+    "K": "LYS",
+    "M": "MET",
+    "F": "PHE",
+    "P": "PRO",
+    "S": "SER",
+    "T": "THR",
+    "W": "TRP",
+    "Y": "TYR",
+    "V": "VAL",
 }
 
 
 #: residue names accepted by ``from_pdb``/``from_sequence`` with amber14 (PDB names are
 #: normalized by OpenMM's reader first, e.g. HSD -> HIS)
 SUPPORTED_RESIDUES = frozenset(ONE_LETTER_CODES.values()) | {
-    "HID", "HIE", "HIP", "CYX", "CYM", "ASH", "GLH", "LYN", "ACE", "NME", "NHE",
+    "HID",
+    "HIE",
+    "HIP",
+    "CYX",
+    "CYM",
+    "ASH",
+    "GLH",
+    "LYN",
+    "ACE",
+    "NME",
+    "NHE",
 }
 
 
@@ -113,8 +139,7 @@ class _ContextPool:
             else:
                 chunks = np.array_split(np.arange(b), self.size)
                 with ThreadPoolExecutor(self.size) as ex:
-                    list(ex.map(lambda kc: self._run(kc[0], xyz, out_e, out_f, kc[1]),
-                                enumerate(chunks)))
+                    list(ex.map(lambda kc: self._run(kc[0], xyz, out_e, out_f, kc[1]), enumerate(chunks)))
         return out_e, out_f
 
 
@@ -175,8 +200,7 @@ class Peptide:
         self.n_atoms = self.topology.n_atoms
         if system.getNumParticles() != self.n_atoms:
             raise ValueError(
-                f"the System has {system.getNumParticles()} particles but the topology has "
-                f"{self.n_atoms} atoms"
+                f"the System has {system.getNumParticles()} particles but the topology has {self.n_atoms} atoms"
             )
         for i in range(system.getNumParticles()):
             if system.isVirtualSite(i):
@@ -225,18 +249,21 @@ class Peptide:
         import openmm.app as app
 
         pdb = app.PDBFile(str(path))
-        return cls._from_structure(pdb.topology, pdb.positions, forcefield, solvent,
-                                   temperature, cutoff, add_hydrogens, **kwargs)
+        return cls._from_structure(
+            pdb.topology, pdb.positions, forcefield, solvent, temperature, cutoff, add_hydrogens, **kwargs
+        )
 
     @classmethod
-    def _from_structure(cls, topology, positions, forcefield, solvent, temperature, cutoff,
-                        add_hydrogens, sequence=None, **kwargs):
+    def _from_structure(
+        cls, topology, positions, forcefield, solvent, temperature, cutoff, add_hydrogens, sequence=None, **kwargs
+    ):
         import openmm.app as app
 
         ff = _forcefield(forcefield, solvent)
         if forcefield == "amber14":
-            unknown = [f"{r.name} {r.id} (chain {r.chain.id})" for r in topology.residues()
-                       if r.name not in SUPPORTED_RESIDUES]
+            unknown = [
+                f"{r.name} {r.id} (chain {r.chain.id})" for r in topology.residues() if r.name not in SUPPORTED_RESIDUES
+            ]
             if unknown:
                 raise ValueError(
                     f"unsupported residue(s) {unknown}: amber14 here covers the 20 standard amino "
@@ -250,8 +277,7 @@ class Peptide:
             system = _create_system(ff, modeller.topology, cutoff)
         except ValueError as err:
             raise ValueError(f"cannot parametrize the peptide: {_explain(err, ff, topology)}") from err
-        return cls(modeller.topology, system, modeller.positions, temperature,
-                   sequence=sequence, **kwargs)
+        return cls(modeller.topology, system, modeller.positions, temperature, sequence=sequence, **kwargs)
 
     @classmethod
     def from_sequence(
@@ -273,8 +299,9 @@ class Peptide:
         constraints; then a minimization. ``cutoff`` (nm) selects CutoffNonPeriodic.
         """
         topology, positions = _build_heavy_atoms(sequence, caps=caps, seed=seed)
-        return cls._from_structure(topology, positions, forcefield, solvent, temperature,
-                                   cutoff, True, sequence=sequence.upper(), **kwargs)
+        return cls._from_structure(
+            topology, positions, forcefield, solvent, temperature, cutoff, True, sequence=sequence.upper(), **kwargs
+        )
 
     # -------------------------------------------------------------------------- energies
     @property
@@ -309,9 +336,7 @@ class Peptide:
     def _batched(self, x: Tensor) -> tuple[Tensor, bool]:
         x = torch.as_tensor(x)
         if x.shape[-2:] != (self.n_atoms, 3):
-            raise ValueError(
-                f"x has shape {tuple(x.shape)}; expected (B, {self.n_atoms}, 3) in nm"
-            )
+            raise ValueError(f"x has shape {tuple(x.shape)}; expected (B, {self.n_atoms}, 3) in nm")
         if x.dim() == 2:
             return x.unsqueeze(0), True
         if x.dim() != 3:
@@ -351,8 +376,9 @@ class Peptide:
         """Unnormalized Boltzmann log-density :math:`-U(x)/kT`, shape ``(B,)``."""
         return -self.energy(x, backend=backend) / self.kT
 
-    def regularized_log_prob(self, x: Tensor, high_energy: float = 1e3, max_energy: float = 1e9,
-                             backend: str = "torch") -> Tensor:
+    def regularized_log_prob(
+        self, x: Tensor, high_energy: float = 1e3, max_energy: float = 1e9, backend: str = "torch"
+    ) -> Tensor:
         """:math:`-\\mathrm{linlogcut}(U(x))/kT`: the soft-capped energy of Boltzmann-generator
         training (Noé et al. 2019), identical to :meth:`log_prob` while :math:`U <` ``high_energy``
         (kJ/mol), logarithmic above, capped at ``max_energy``. Not the exact density: use it for
@@ -378,11 +404,14 @@ class Peptide:
         import openmm
 
         top = self.topology
-        atoms = ";".join(f"{a.residue.index}:{a.residue.name}:{a.name}:"
-                         f"{a.element.symbol if a.element is not None else '?'}" for a in top.atoms)
-        bonds = ";".join(f"{min(b[0].index, b[1].index)}-{max(b[0].index, b[1].index)}"
-                         for b in sorted(top.bonds, key=lambda b: (min(b[0].index, b[1].index),
-                                                                   max(b[0].index, b[1].index))))
+        atoms = ";".join(
+            f"{a.residue.index}:{a.residue.name}:{a.name}:{a.element.symbol if a.element is not None else '?'}"
+            for a in top.atoms
+        )
+        bonds = ";".join(
+            f"{min(b[0].index, b[1].index)}-{max(b[0].index, b[1].index)}"
+            for b in sorted(top.bonds, key=lambda b: (min(b[0].index, b[1].index), max(b[0].index, b[1].index)))
+        )
         system = openmm.XmlSerializer.serialize(self.system)
         return {
             "name": str(self.name),
@@ -409,16 +438,17 @@ class Peptide:
         return torch.as_tensor(np.asarray(traj.xyz), dtype=dtype)
 
     def __repr__(self) -> str:
-        return (f"Peptide({self.name!r}, n_atoms={self.n_atoms}, T={self.temperature} K, "
-                f"forces={[type(f).__name__ for f in self.system.getForces()]})")
+        return (
+            f"Peptide({self.name!r}, n_atoms={self.n_atoms}, T={self.temperature} K, "
+            f"forces={[type(f).__name__ for f in self.system.getForces()]})"
+        )
 
 
 # --------------------------------------------------------------------------------------------
 # alanine dipeptide, the field's benchmark
 
 
-def alanine_dipeptide(solvent: str = "obc1", temperature: float = 300.0, minimize: bool = True,
-                      **kwargs) -> Peptide:
+def alanine_dipeptide(solvent: str = "obc1", temperature: float = 300.0, minimize: bool = True, **kwargs) -> Peptide:
     """ACE-ALA-NME with AMBER ff96, unconstrained, 300 K: openmmtools' test systems.
 
     ``solvent="obc1"`` is ``AlanineDipeptideImplicit(constraints=None)`` (OBC1 GB as a
@@ -445,9 +475,16 @@ def alanine_dipeptide(solvent: str = "obc1", temperature: float = 300.0, minimiz
         ts = testsystems.AlanineDipeptideVacuum(constraints=None)
     else:
         raise ValueError(f"alanine_dipeptide solvent must be 'obc1' or 'vacuum', got {solvent!r}")
-    return Peptide(ts.topology, ts.system, ts.positions, temperature,
-                   sequence="ACE-ALA-NME", name=f"alanine_dipeptide_{solvent}",
-                   minimize=minimize, **kwargs)
+    return Peptide(
+        ts.topology,
+        ts.system,
+        ts.positions,
+        temperature,
+        sequence="ACE-ALA-NME",
+        name=f"alanine_dipeptide_{solvent}",
+        minimize=minimize,
+        **kwargs,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -461,8 +498,11 @@ def _to_nm_array(positions) -> np.ndarray:
         positions = positions.value_in_unit(unit.nanometer)
     if isinstance(positions, Tensor):
         positions = positions.detach().cpu().numpy()
-    return np.array([[float(c) for c in p] for p in positions], dtype=np.float64) \
-        if not isinstance(positions, np.ndarray) else positions.astype(np.float64)
+    return (
+        np.array([[float(c) for c in p] for p in positions], dtype=np.float64)
+        if not isinstance(positions, np.ndarray)
+        else positions.astype(np.float64)
+    )
 
 
 def _minimize(system, pos: np.ndarray, tolerance: float = 1.0, max_iterations: int = 0):
@@ -472,8 +512,7 @@ def _minimize(system, pos: np.ndarray, tolerance: float = 1.0, max_iterations: i
     """
     import openmm
 
-    ctx = openmm.Context(system, openmm.VerletIntegrator(0.001),
-                         openmm.Platform.getPlatformByName("CPU"))
+    ctx = openmm.Context(system, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("CPU"))
     ctx.setPositions(pos)
     openmm.LocalEnergyMinimizer.minimize(ctx, tolerance, max_iterations)
     return ctx.getState(getPositions=True).getPositions(asNumpy=True)._value.astype(np.float64)
@@ -503,12 +542,13 @@ def _build_heavy_atoms(sequence: str, caps: bool = True, seed: int = 0):
         )
     mol = Chem.RWMol(Chem.MolFromSequence(seq))
     if caps:
-        first_n = next(a.GetIdx() for a in mol.GetAtoms()
-                       if a.GetPDBResidueInfo().GetResidueNumber() == 1
-                       and a.GetPDBResidueInfo().GetName().strip() == "N")
+        first_n = next(
+            a.GetIdx()
+            for a in mol.GetAtoms()
+            if a.GetPDBResidueInfo().GetResidueNumber() == 1 and a.GetPDBResidueInfo().GetName().strip() == "N"
+        )
         last = len(seq)
-        oxt = next(a.GetIdx() for a in mol.GetAtoms()
-                   if a.GetPDBResidueInfo().GetName().strip() == "OXT")
+        oxt = next(a.GetIdx() for a in mol.GetAtoms() if a.GetPDBResidueInfo().GetName().strip() == "OXT")
         last_c = next(a.GetIdx() for a in mol.GetAtomWithIdx(oxt).GetNeighbors())
 
         def add(symbol, name, resname, resnum):
@@ -522,7 +562,7 @@ def _build_heavy_atoms(sequence: str, caps: bool = True, seed: int = 0):
             atom.SetMonomerInfo(info)
             return mol.AddAtom(atom)
 
-        mol.RemoveAtom(oxt)   # indices above oxt shift down by one
+        mol.RemoveAtom(oxt)  # indices above oxt shift down by one
         if first_n > oxt:
             first_n -= 1
         if last_c > oxt:
@@ -548,10 +588,11 @@ def _build_heavy_atoms(sequence: str, caps: bool = True, seed: int = 0):
             raise RuntimeError(f"RDKit could not embed the peptide {sequence!r}")
     heavy = Chem.RemoveHs(molh)
     # order atoms residue by residue (ACE first, NME last) as a PDB file would
-    order = sorted(range(heavy.GetNumAtoms()),
-                   key=lambda i: (heavy.GetAtomWithIdx(i).GetPDBResidueInfo().GetResidueNumber(), i))
+    order = sorted(
+        range(heavy.GetNumAtoms()), key=lambda i: (heavy.GetAtomWithIdx(i).GetPDBResidueInfo().GetResidueNumber(), i)
+    )
     heavy = Chem.RenumberAtoms(heavy, order)
-    block = Chem.MolToPDBBlock(heavy, flavor=2 | 8)   # no CONECT for standard residues
+    block = Chem.MolToPDBBlock(heavy, flavor=2 | 8)  # no CONECT for standard residues
     import io
 
     pdb = app.PDBFile(io.StringIO(block))
@@ -584,8 +625,9 @@ def _create_system(ff, topology, cutoff):
 
     method = app.NoCutoff if cutoff is None else app.CutoffNonPeriodic
     kw = {} if cutoff is None else {"nonbondedCutoff": float(cutoff) * unit.nanometer}
-    return ff.createSystem(topology, nonbondedMethod=method, constraints=None,
-                           rigidWater=False, removeCMMotion=True, **kw)
+    return ff.createSystem(
+        topology, nonbondedMethod=method, constraints=None, rigidWater=False, removeCMMotion=True, **kw
+    )
 
 
 def _explain(err: Exception, ff=None, topology=None) -> str:
@@ -597,19 +639,20 @@ def _explain(err: Exception, ff=None, topology=None) -> str:
     if "template" not in msg.lower() or m is None:
         return msg
     extra = []
-    try:   # the residue's templates (with terminal variants N*/C*), heavy atoms by name
+    try:  # the residue's templates (with terminal variants N*/C*), heavy atoms by name
         res = list(topology.residues())[int(m.group(1))]
         known = set()
         for key in (res.name, "N" + res.name, "C" + res.name):
             if key in ff._templates:
                 known |= {a.name for a in ff._templates[key].atoms}
         if known:
-            extra = [a.name for a in res.atoms()
-                     if a.element is not None and a.element.symbol != "H" and a.name not in known]
+            extra = [
+                a.name for a in res.atoms() if a.element is not None and a.element.symbol != "H" and a.name not in known
+            ]
     except Exception:  # diagnosis only: never hide OpenMM's own message
         extra = []
     if extra:
         msg += f" Atom(s) {extra} of {m.group(2)} {m.group(1)} are not in its template."
-    return msg + (" (amber14 covers the 20 standard amino acids, their protonation variants, "
-                  "ACE/NME caps and standard termini)")
-
+    return msg + (
+        " (amber14 covers the 20 standard amino acids, their protonation variants, ACE/NME caps and standard termini)"
+    )

@@ -15,7 +15,6 @@ import torch
 
 from mcsample.systems import analysis as A
 
-
 # ------------------------------------------------------------------------------ weights
 
 
@@ -160,9 +159,12 @@ def test_ramachandran_free_energy_of_known_histogram(tmp_path):
     assert edges[0] == -math.pi and edges[-1] == pytest.approx(math.pi)
     F2, _ = A.ramachandran_free_energy(phi, psi, weights=[math.e, 1.0], bins=36, kT=2.5)
     assert np.nanmax(np.where(np.isfinite(F2), F2, np.nan)) == pytest.approx(2.5)
-    out = A.plot_ramachandran(np.random.default_rng(0).uniform(-3, 3, 500),
-                              np.random.default_rng(1).uniform(-3, 3, 500), tmp_path / "r" / "rama.png",
-                              title="test")
+    out = A.plot_ramachandran(
+        np.random.default_rng(0).uniform(-3, 3, 500),
+        np.random.default_rng(1).uniform(-3, 3, 500),
+        tmp_path / "r" / "rama.png",
+        title="test",
+    )
     with open(out, "rb") as fh:
         assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
 

@@ -16,23 +16,39 @@ def quadrature_log_z(target, lim=12.0, n=1201):
     return float(torch.logsumexp(lp, 0)) + 2 * math.log(h)
 
 
-@pytest.mark.parametrize("make", [
-    lambda: Gaussian(torch.tensor([0.3, -0.2], dtype=torch.float64), torch.tensor([[1.0, 0.5], [0.5, 2.0]], dtype=torch.float64), 0.7),
-    lambda: GaussianMixture(torch.tensor([1.0, 3.0]), torch.tensor([[-2.0, 0.0], [2.0, 1.0]], dtype=torch.float64),
-                            torch.eye(2, dtype=torch.float64) * 0.5, log_scale=-1.2),
-    lambda: Banana(dim=2, a=1.0, b=0.5, log_scale=0.4),
-    lambda: Funnel(dim=2, scale=1.0, log_scale=0.1),
-], ids=["gaussian", "mixture", "banana", "funnel"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: Gaussian(
+            torch.tensor([0.3, -0.2], dtype=torch.float64),
+            torch.tensor([[1.0, 0.5], [0.5, 2.0]], dtype=torch.float64),
+            0.7,
+        ),
+        lambda: GaussianMixture(
+            torch.tensor([1.0, 3.0]),
+            torch.tensor([[-2.0, 0.0], [2.0, 1.0]], dtype=torch.float64),
+            torch.eye(2, dtype=torch.float64) * 0.5,
+            log_scale=-1.2,
+        ),
+        lambda: Banana(dim=2, a=1.0, b=0.5, log_scale=0.4),
+        lambda: Funnel(dim=2, scale=1.0, log_scale=0.1),
+    ],
+    ids=["gaussian", "mixture", "banana", "funnel"],
+)
 def test_log_normalizer_by_quadrature(make):
     target = make()
     assert quadrature_log_z(target) == pytest.approx(float(target.log_normalizer), abs=2e-3)
 
 
-@pytest.mark.parametrize("make", [
-    lambda: GaussianMixture.separated(dim=3, num_modes=3, generator=torch.Generator().manual_seed(0)),
-    lambda: Banana(dim=3, a=1.2, b=0.4),
-    lambda: Funnel(dim=3, scale=1.0),
-], ids=["mixture", "banana", "funnel"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: GaussianMixture.separated(dim=3, num_modes=3, generator=torch.Generator().manual_seed(0)),
+        lambda: Banana(dim=3, a=1.2, b=0.4),
+        lambda: Funnel(dim=3, scale=1.0),
+    ],
+    ids=["mixture", "banana", "funnel"],
+)
 def test_sample_moments(make):
     target = make()
     n = 200_000

@@ -12,9 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mcsample as mc
+from mcsample.flows import training
 from mcsample.flows.boltzmann_generator import LOG_RIGID_VOLUME, BoltzmannGenerator
 from mcsample.flows.coupling import CouplingConfig, CouplingSplineFlow
-from mcsample.flows import training
 
 openmm = pytest.importorskip("openmm")
 
@@ -61,7 +61,9 @@ def test_coupling_flow_round_trip_and_log_density(seed, n_circ, n_real):
     if n_circ + n_real < 2:
         n_real = 2
     circ = [True] * n_circ + [False] * n_real
-    flow = _randomize(CouplingSplineFlow(CouplingConfig(circular=circ, layers=4, hidden=16, seed=seed)), 0.3, seed).double()
+    flow = _randomize(
+        CouplingSplineFlow(CouplingConfig(circular=circ, layers=4, hidden=16, seed=seed)), 0.3, seed
+    ).double()
     x, lq = flow.sample_and_log_prob((64,), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         assert torch.allclose(flow.log_prob(x), lq, atol=1e-8)
@@ -75,7 +77,9 @@ def test_coupling_flow_round_trip_and_log_density(seed, n_circ, n_real):
 
 
 def test_coupling_flow_is_periodic_in_angles():
-    flow = _randomize(CouplingSplineFlow(CouplingConfig(circular=[True, False, True], layers=4, hidden=16)), 0.5, 1).double()
+    flow = _randomize(
+        CouplingSplineFlow(CouplingConfig(circular=[True, False, True], layers=4, hidden=16)), 0.5, 1
+    ).double()
     x = flow.sample((32,), generator=torch.Generator().manual_seed(0))
     shifted = x + torch.tensor([2 * math.pi, 0.0, -4 * math.pi], dtype=torch.float64)
     with torch.no_grad():
@@ -197,22 +201,30 @@ def test_maximum_likelihood_resumes_exactly(ala2, tmp_path):
     path = tmp_path / "ml.pt"
     crashed = _interrupting(fresh(), after=13)
     with pytest.raises(KeyboardInterrupt):
-        training.fit_maximum_likelihood(crashed, data, generator=torch.Generator().manual_seed(0),
-                                        checkpoint=path, **kw)
+        training.fit_maximum_likelihood(
+            crashed, data, generator=torch.Generator().manual_seed(0), checkpoint=path, **kw
+        )
     resumed = fresh()
-    training.fit_maximum_likelihood(resumed, data, generator=torch.Generator().manual_seed(0),
-                                    checkpoint=path, **kw)
+    training.fit_maximum_likelihood(resumed, data, generator=torch.Generator().manual_seed(0), checkpoint=path, **kw)
     for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()):
         assert torch.equal(a, b)
     with pytest.raises(ValueError, match="lr"):
-        training.fit_maximum_likelihood(fresh(), data, generator=torch.Generator().manual_seed(0),
-                                        checkpoint=path, **{**kw, "lr": 2e-3})
+        training.fit_maximum_likelihood(
+            fresh(), data, generator=torch.Generator().manual_seed(0), checkpoint=path, **{**kw, "lr": 2e-3}
+        )
 
 
 def test_snis_refit_resumes_exactly(ala2, tmp_path):
     data = _frames(ala2, n=512, sd=0.005)
-    kw = dict(betas=(0.5, 1.0), rounds_per_beta=2, num_samples=256, buffer_size=128,
-              steps_per_round=3, batch_size=32, progress=False)
+    kw = dict(
+        betas=(0.5, 1.0),
+        rounds_per_beta=2,
+        num_samples=256,
+        buffer_size=128,
+        steps_per_round=3,
+        batch_size=32,
+        progress=False,
+    )
 
     def fresh():
         torch.manual_seed(0)
@@ -223,11 +235,9 @@ def test_snis_refit_resumes_exactly(ala2, tmp_path):
     path = tmp_path / "snis.pt"
     crashed = _interrupting(fresh(), after=9)
     with pytest.raises(KeyboardInterrupt):
-        training.fit_snis(crashed, ala2.log_prob, generator=torch.Generator().manual_seed(0),
-                          checkpoint=path, **kw)
+        training.fit_snis(crashed, ala2.log_prob, generator=torch.Generator().manual_seed(0), checkpoint=path, **kw)
     resumed = fresh()
-    training.fit_snis(resumed, ala2.log_prob, generator=torch.Generator().manual_seed(0),
-                      checkpoint=path, **kw)
+    training.fit_snis(resumed, ala2.log_prob, generator=torch.Generator().manual_seed(0), checkpoint=path, **kw)
     for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()):
         assert torch.equal(a, b)
 
@@ -241,9 +251,17 @@ def test_short_training_lowers_validation_nll(ala2):
     train, valid = x[::2], x[1::2]
     bg = BoltzmannGenerator.from_data(ala2, train, layers=4, hidden=64)
     before = training.validation_nll(bg, valid)
-    hist = training.fit_maximum_likelihood(bg, train, valid=valid, steps=150, batch_size=64, lr=2e-3,
-                                           valid_every=50, generator=torch.Generator().manual_seed(0),
-                                           progress=False)
+    hist = training.fit_maximum_likelihood(
+        bg,
+        train,
+        valid=valid,
+        steps=150,
+        batch_size=64,
+        lr=2e-3,
+        valid_every=50,
+        generator=torch.Generator().manual_seed(0),
+        progress=False,
+    )
     after = hist.valid_metric[-1]
     # the identity flow is a product of Gaussians and uniform torsions: training must beat it
     assert after < before - 5.0, (before, after)
@@ -334,12 +352,15 @@ def test_basins_partition_the_torus():
         assert int(basin_index(torch.tensor([p * deg]), torch.tensor([s * deg]))) == k
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["peptide", "no_such_peptide"], "no shipped flow"),
-    (["peptide", "missing.pdb"], "no such file"),
-    (["peptide", "alanine_dipeptide", "-n", "0"], "at least 2"),
-    (["peptide", "alanine_dipeptide", "-o", "out.mol2"], ".pdb, .dcd, .xtc, .sdf"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["peptide", "no_such_peptide"], "no shipped flow"),
+        (["peptide", "missing.pdb"], "no such file"),
+        (["peptide", "alanine_dipeptide", "-n", "0"], "at least 2"),
+        (["peptide", "alanine_dipeptide", "-o", "out.mol2"], ".pdb, .dcd, .xtc, .sdf"),
+    ],
+)
 def test_peptide_cli_bad_input_gets_one_line(argv, message, capsys, tmp_path, monkeypatch):
     from mcsample.cli import main
 

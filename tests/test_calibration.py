@@ -57,14 +57,21 @@ def _coverage(run, exact: float) -> dict:
         ses.append(float(ws.log_evidence_stderr))
         online = online and ws.genealogy is not None and ws.genealogy.has_history
     e, s = torch.tensor(errs, dtype=F64), torch.tensor(ses, dtype=F64)
-    return {"coverage": float((e.abs() < 2 * s).double().mean()), "mean_err": float(e.mean()),
-            "sd_err": float(e.std()), "mean_se": float(s.mean()), "online": online}
+    return {
+        "coverage": float((e.abs() < 2 * s).double().mean()),
+        "mean_err": float(e.mean()),
+        "sd_err": float(e.std()),
+        "mean_se": float(s.mean()),
+        "online": online,
+    }
 
 
 def _check(stats: dict) -> None:
     if not 0.85 <= stats["coverage"] <= 0.99 and not stats["online"]:
-        pytest.xfail("the algorithm records only time-0 ancestors (no Genealogy.start / resampled "
-                     f"record), so only Lee & Whiteley's estimator is available: {stats}")
+        pytest.xfail(
+            "the algorithm records only time-0 ancestors (no Genealogy.start / resampled "
+            f"record), so only Lee & Whiteley's estimator is available: {stats}"
+        )
     assert 0.85 <= stats["coverage"] <= 0.99, stats
 
 
@@ -152,7 +159,7 @@ def test_checkpoint_round_trip_and_purity(tmp_path):
         before = gen.to_dict()
         new = gen.resampled(log_w, mc.resample(log_w, 64, "systematic", g))
         for k, v in gen.to_dict().items():
-            assert (torch.equal(v, before[k]) if isinstance(v, torch.Tensor) else v == before[k])
+            assert torch.equal(v, before[k]) if isinstance(v, torch.Tensor) else v == before[k]
         gen = new
     torch.save(gen.to_dict(), tmp_path / "g.pt")
     back = Genealogy.from_dict(torch.load(tmp_path / "g.pt", weights_only=True))
@@ -169,18 +176,28 @@ def test_smc(scheme):
     correlated 2-D Gaussian with a known normalizer. Measured coverage 0.91 (systematic) and
     0.92 (multinomial); the error bars run about 10 % short with three random-walk moves per
     step and the adaptive schedule (200 runs: 0.93 with a fixed schedule or 20 moves)."""
-    target = Gaussian(torch.tensor([2.0, -1.0], dtype=F64), torch.tensor([[0.3, 0.1], [0.1, 0.2]], dtype=F64),
-                      log_scale=1.0)
+    target = Gaussian(
+        torch.tensor([2.0, -1.0], dtype=F64), torch.tensor([[0.3, 0.1], [0.1, 0.2]], dtype=F64), log_scale=1.0
+    )
     initial = torch.distributions.MultivariateNormal(torch.zeros(2, dtype=F64), 9.0 * torch.eye(2, dtype=F64))
-    stats = _coverage(lambda g: mc.smc(target, initial, 1024, kernel=mc.kernels.RandomWalk(num_steps=3),
-                                       scheme=scheme, generator=g).particles,
-                      float(target.log_normalizer))
+    stats = _coverage(
+        lambda g: (
+            mc.smc(
+                target, initial, 1024, kernel=mc.kernels.RandomWalk(num_steps=3), scheme=scheme, generator=g
+            ).particles
+        ),
+        float(target.log_normalizer),
+    )
     _check(stats)
 
 
 def _bimodal_2d():
-    return GaussianMixtureDiffusion([0.7, 0.3], torch.tensor([[-1.5, 0.5], [1.5, -0.5]], dtype=F64),
-                                    torch.tensor([0.5, 0.5], dtype=F64), VPSchedule())
+    return GaussianMixtureDiffusion(
+        [0.7, 0.3],
+        torch.tensor([[-1.5, 0.5], [1.5, -0.5]], dtype=F64),
+        torch.tensor([0.5, 0.5], dtype=F64),
+        VPSchedule(),
+    )
 
 
 def _tempered_log_z(model, beta: float, t: float) -> float:
@@ -199,8 +216,10 @@ def test_fk_corrector():
     Whiteley's estimator 0.81."""
     model = _bimodal_2d()
     grid = time_grid(VPSchedule(), 100, "uniform", t_min=1e-3)
-    stats = _coverage(lambda g: C.fk_corrector(C.annealed(model, 0.5), 256, 2, grid, dtype=F64, generator=g),
-                      _tempered_log_z(model, 0.5, 1e-3))
+    stats = _coverage(
+        lambda g: C.fk_corrector(C.annealed(model, 0.5), 256, 2, grid, dtype=F64, generator=g),
+        _tempered_log_z(model, 0.5, 1e-3),
+    )
     _check(stats)
 
 

@@ -28,7 +28,9 @@ def test_ensemble_contents(ensemble):
     assert ensemble.mol.GetNumConformers() == 300 == len(ensemble)
     w = ensemble.weights
     assert w.dtype == torch.float64 and abs(float(w.sum()) - 1) < 1e-12 and bool((w >= 0).all())
-    props = torch.tensor([c.GetDoubleProp("boltzmann_weight") for c in ensemble.mol.GetConformers()], dtype=torch.float64)
+    props = torch.tensor(
+        [c.GetDoubleProp("boltzmann_weight") for c in ensemble.mol.GetConformers()], dtype=torch.float64
+    )
     assert torch.allclose(props, w)
     d = ensemble.diagnostics
     assert 1.0 <= d.ess <= 300 and math.isfinite(d.khat) and math.isfinite(d.log_evidence)
@@ -97,8 +99,10 @@ def test_engine_shim_forwards_without_importing_rdkit():
     import mcsample.conformers as shim
 
     assert shim.sample_conformers is sample_conformers and shim.TorsionMoves.__module__ == "mcsample.systems.conformers"
-    code = ("import sys, mcsample, mcsample.conformers; "
-            "print('rdkit' in sys.modules, 'mcsample.systems.conformers' in sys.modules)")
+    code = (
+        "import sys, mcsample, mcsample.conformers; "
+        "print('rdkit' in sys.modules, 'mcsample.systems.conformers' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
 
@@ -138,9 +142,9 @@ def test_torsion_moves_leave_tempered_density_invariant(beta):
     chi-square, 23 dof, failing at p < 1e-5 (false-failure rate 1e-5; the seed is fixed)."""
     from scipy import stats
 
-    from mcsample.systems.conformers import TorsionMoves, _as_proposal
-    from mcsample.protocols import Float64Proposal as _Float64
     from mcsample.kernels import evaluator
+    from mcsample.protocols import Float64Proposal as _Float64
+    from mcsample.systems.conformers import TorsionMoves, _as_proposal
 
     target = TorsionTarget.from_smiles("CCc1ccccc1")
     q = _Float64(_as_proposal(None, target))

@@ -50,15 +50,18 @@ def _replicate(target, dim, stats, R=10, N=2000, n=200, **kw):
     """Mean and SE over R independent corrector runs of each statistic and the log-evidence."""
     vals = []
     for r in range(R):
-        ws = C.fk_corrector(target, N, dim, _grid(n), dtype=F64, generator=torch.Generator().manual_seed(1000 + r), **kw)
+        ws = C.fk_corrector(
+            target, N, dim, _grid(n), dtype=F64, generator=torch.Generator().manual_seed(1000 + r), **kw
+        )
         vals.append(torch.stack([ws.expectation(f).value.reshape(()) for f in stats] + [ws.log_evidence]))
     vals = torch.stack(vals)
     return vals.mean(0), vals.std(0) / math.sqrt(R)
 
 
 def _uncorrected(target, dim, stats, N=16000, n=200, **kw):
-    ws = C.fk_corrector(target, N, dim, _grid(n), dtype=F64, correct=False,
-                        generator=torch.Generator().manual_seed(7), **kw)
+    ws = C.fk_corrector(
+        target, N, dim, _grid(n), dtype=F64, correct=False, generator=torch.Generator().manual_seed(7), **kw
+    )
     assert float(ws.ess) == pytest.approx(N) and ws.generations == 1
     est = [ws.expectation(f) for f in stats]
     return torch.stack([e.value.reshape(()) for e in est]), torch.stack([e.stderr.reshape(()) for e in est])
@@ -89,8 +92,9 @@ def _quadrature(log_density, lo=-8.0, hi=8.0, n=40001):
 
 
 def _bimodal():
-    return GaussianMixtureDiffusion([0.7, 0.3], torch.tensor([[-1.5], [1.5]], dtype=F64),
-                                    torch.tensor([0.25, 0.25], dtype=F64), SCH)
+    return GaussianMixtureDiffusion(
+        [0.7, 0.3], torch.tensor([[-1.5], [1.5]], dtype=F64), torch.tensor([0.25, 0.25], dtype=F64), SCH
+    )
 
 
 POS = lambda x: (x[:, 0] > 0).to(F64)  # noqa: E731
@@ -121,21 +125,33 @@ def _pde_residual(target, x, t, c):
     return (g_pde - g_ours).abs().max().item(), g_ours.abs().max().item()
 
 
-@pytest.mark.parametrize("sch", [VPSchedule(), VPSchedule("cosine"), VESchedule(sigma_max=10.0)],
-                         ids=["vp", "cosine", "ve"])
+@pytest.mark.parametrize(
+    "sch", [VPSchedule(), VPSchedule("cosine"), VESchedule(sigma_max=10.0)], ids=["vp", "cosine", "ve"]
+)
 @pytest.mark.parametrize("which", ["anneal2", "anneal0.4", "product", "geometric", "cfg", "three"])
 def test_rate_solves_the_feynman_kac_pde(sch, which):
     """For every target and every noise scale c, the weighted particle density stays equal to
     Π q_i^β_i: the rate G = (B−1) d f + ½g²(‖S‖² − Σβ‖s_i‖²) makes the PDE residual vanish."""
     gen = torch.Generator().manual_seed(0)
-    g1 = GaussianMixtureDiffusion([0.3, 0.7], 2 * torch.randn(2, 2, generator=gen, dtype=F64),
-                                  torch.rand(2, 2, generator=gen, dtype=F64) + 0.2, sch)
+    g1 = GaussianMixtureDiffusion(
+        [0.3, 0.7],
+        2 * torch.randn(2, 2, generator=gen, dtype=F64),
+        torch.rand(2, 2, generator=gen, dtype=F64) + 0.2,
+        sch,
+    )
     A = torch.randn(3, 2, 2, generator=gen, dtype=F64)
-    g2 = GaussianMixtureDiffusion([0.2, 0.5, 0.3], torch.randn(3, 2, generator=gen, dtype=F64),
-                                  A @ A.transpose(1, 2) + 0.3 * torch.eye(2, dtype=F64), sch)
+    g2 = GaussianMixtureDiffusion(
+        [0.2, 0.5, 0.3],
+        torch.randn(3, 2, generator=gen, dtype=F64),
+        A @ A.transpose(1, 2) + 0.3 * torch.eye(2, dtype=F64),
+        sch,
+    )
     target = {
-        "anneal2": C.annealed(g1, 2.0), "anneal0.4": C.annealed(g1, 0.4), "product": C.product(g1, g2),
-        "geometric": C.geometric_average(g1, g2, 0.3), "cfg": C.classifier_free_guidance(g1, g2, 3.0),
+        "anneal2": C.annealed(g1, 2.0),
+        "anneal0.4": C.annealed(g1, 0.4),
+        "product": C.product(g1, g2),
+        "geometric": C.geometric_average(g1, g2, 0.3),
+        "cfg": C.classifier_free_guidance(g1, g2, 3.0),
         "three": C.ScoreProduct([g1, g2, g1], [0.5, 1.5, 0.7]),
     }[which]
     x = 2 * torch.randn(40, 2, generator=gen, dtype=F64)
@@ -147,7 +163,10 @@ def test_rate_solves_the_feynman_kac_pde(sch, which):
 
 def test_special_cases_of_the_rate():
     """The general rate reduces to the paper's formulas (Skreta et al. 2025, Props. 3.2-3.4)."""
-    g1, g2 = _bimodal(), GaussianMixtureDiffusion([1.0], torch.tensor([[0.5]], dtype=F64), torch.tensor([2.0], dtype=F64), SCH)
+    g1, g2 = (
+        _bimodal(),
+        GaussianMixtureDiffusion([1.0], torch.tensor([[0.5]], dtype=F64), torch.tensor([2.0], dtype=F64), SCH),
+    )
     x = torch.linspace(-3, 3, 13, dtype=F64)[:, None]
     t = torch.full((13,), 0.4, dtype=F64)
     gg = float(SCH.g2(torch.tensor(0.4)))
@@ -188,8 +207,12 @@ def test_gaussian_annealing_tempered_noise_matches_closed_form():
     stats = [lambda x: x[:, 0], lambda x: x[:, 0] ** 2, lambda x: x[:, 0] * x[:, 1], lambda x: x[:, 1] ** 2]
     exact = [mu[0], c[0, 0] + mu[0] ** 2, c[0, 1] + mu[0] * mu[1], c[1, 1] + mu[1] ** 2]
     target = C.annealed(g, 0.5)
-    _check(exact, _replicate(target, 2, stats, variant="tempered_noise"),
-           _uncorrected(target, 2, stats, variant="tempered_noise"), fixed=(1, 2, 3))
+    _check(
+        exact,
+        _replicate(target, 2, stats, variant="tempered_noise"),
+        _uncorrected(target, 2, stats, variant="tempered_noise"),
+        fixed=(1, 2, 3),
+    )
 
 
 def _gmm_product(a: GaussianMixtureDiffusion, b: GaussianMixtureDiffusion):
@@ -199,26 +222,36 @@ def _gmm_product(a: GaussianMixtureDiffusion, b: GaussianMixtureDiffusion):
     for i in range(a.num_components):
         for j in range(b.num_components):
             S = Ca[i] + Cb[j]
-            lw = (a.log_weights[i] + b.log_weights[j]
-                  + torch.distributions.MultivariateNormal(b.means[j], S).log_prob(a.means[i]))
+            lw = (
+                a.log_weights[i]
+                + b.log_weights[j]
+                + torch.distributions.MultivariateNormal(b.means[j], S).log_prob(a.means[i])
+            )
             P = torch.linalg.inv(torch.linalg.inv(Ca[i]) + torch.linalg.inv(Cb[j]))
             mus.append(P @ (torch.linalg.solve(Ca[i], a.means[i]) + torch.linalg.solve(Cb[j], b.means[j])))
             covs.append(P)
             w.append(lw)
     lw = torch.stack(w)
-    return GaussianMixtureDiffusion(torch.softmax(lw, 0), torch.stack(mus), torch.stack(covs), a.schedule), float(torch.logsumexp(lw, 0))
+    return GaussianMixtureDiffusion(torch.softmax(lw, 0), torch.stack(mus), torch.stack(covs), a.schedule), float(
+        torch.logsumexp(lw, 0)
+    )
 
 
 def test_product_of_mixtures_matches_closed_form_mixture():
     """Two 2-D mixtures with modes on the x and y axes: the product is a 4-component mixture
     (weights, means, covariances in closed form). Component fractions and second moments match;
     the uncorrected product-score SDE gets the spreads wrong."""
-    g1 = GaussianMixtureDiffusion([0.5, 0.5], torch.tensor([[-2.0, 0.0], [2.0, 0.0]], dtype=F64),
-                                  torch.tensor([0.5, 0.5], dtype=F64), SCH)
-    g2 = GaussianMixtureDiffusion([0.6, 0.4], torch.tensor([[0.0, -2.0], [0.0, 2.0]], dtype=F64),
-                                  torch.tensor([[4.0, 0.5], [4.0, 0.5]], dtype=F64), SCH)
+    g1 = GaussianMixtureDiffusion(
+        [0.5, 0.5], torch.tensor([[-2.0, 0.0], [2.0, 0.0]], dtype=F64), torch.tensor([0.5, 0.5], dtype=F64), SCH
+    )
+    g2 = GaussianMixtureDiffusion(
+        [0.6, 0.4],
+        torch.tensor([[0.0, -2.0], [0.0, 2.0]], dtype=F64),
+        torch.tensor([[4.0, 0.5], [4.0, 0.5]], dtype=F64),
+        SCH,
+    )
     exact_mix, _ = _gmm_product(g1.at_time(TMIN), g2.at_time(TMIN))
-    comp = lambda k: (lambda x: (exact_mix.responsibilities(x).argmax(-1) == k).to(F64))  # noqa: E731
+    comp = lambda k: lambda x: (exact_mix.responsibilities(x).argmax(-1) == k).to(F64)  # noqa: E731
     stats = [comp(k) for k in range(4)] + [lambda x: x[:, 0] ** 2, lambda x: x[:, 1] ** 2]
     cov = exact_mix.cov + torch.outer(exact_mix.mean, exact_mix.mean)
     # responsibilities are essentially 0/1 here (modes ≥ 4 sd apart), so fractions ≈ weights
@@ -230,8 +263,12 @@ def test_product_of_mixtures_matches_closed_form_mixture():
 @pytest.mark.slow
 def test_product_evidence_with_many_steps():
     """log ∫ q¹q² (closed form) from the banked weights, with 800 steps."""
-    g1 = GaussianMixtureDiffusion([0.5, 0.5], torch.tensor([[-2.0], [2.0]], dtype=F64), torch.tensor([0.5, 0.5], dtype=F64), SCH)
-    g2 = GaussianMixtureDiffusion([0.6, 0.4], torch.tensor([[-1.0], [1.0]], dtype=F64), torch.tensor([1.0, 0.3], dtype=F64), SCH)
+    g1 = GaussianMixtureDiffusion(
+        [0.5, 0.5], torch.tensor([[-2.0], [2.0]], dtype=F64), torch.tensor([0.5, 0.5], dtype=F64), SCH
+    )
+    g2 = GaussianMixtureDiffusion(
+        [0.6, 0.4], torch.tensor([[-1.0], [1.0]], dtype=F64), torch.tensor([1.0, 0.3], dtype=F64), SCH
+    )
     _, log_z = _gmm_product(g1.at_time(TMIN), g2.at_time(TMIN))
     m, se = _replicate(C.product(g1, g2), 1, [MEAN], n=800)
     assert abs(float(m[-1]) - log_z) < 5 * float(se[-1]) + 0.05, (float(m[-1]), log_z, float(se[-1]))
@@ -245,8 +282,12 @@ def test_tempered_mixture_matches_quadrature():
     stats = [POS, SQ]
     exact = [(w * f(xs)).sum() for f in stats]
     target = C.annealed(g, 0.5)
-    _check(exact, _replicate(target, 1, stats, variant="tempered_noise"),
-           _uncorrected(target, 1, stats, variant="tempered_noise"), fixed=(1,))
+    _check(
+        exact,
+        _replicate(target, 1, stats, variant="tempered_noise"),
+        _uncorrected(target, 1, stats, variant="tempered_noise"),
+        fixed=(1,),
+    )
 
 
 @pytest.mark.slow
@@ -263,8 +304,12 @@ def test_sharpened_mixture_matches_quadrature():
 def test_geometric_average_matches_quadrature_and_evidence():
     """q¹^½ q²^½ of two 1-D mixtures: P(x>0), mean, E[x²] and log ∫ q¹^½ q²^½ (B = 1, so the
     banked evidence is accurate too)."""
-    g1 = GaussianMixtureDiffusion([0.5, 0.5], torch.tensor([[-2.0], [2.0]], dtype=F64), torch.tensor([0.4, 0.4], dtype=F64), SCH)
-    g2 = GaussianMixtureDiffusion([0.8, 0.2], torch.tensor([[-1.0], [2.5]], dtype=F64), torch.tensor([0.6, 0.3], dtype=F64), SCH)
+    g1 = GaussianMixtureDiffusion(
+        [0.5, 0.5], torch.tensor([[-2.0], [2.0]], dtype=F64), torch.tensor([0.4, 0.4], dtype=F64), SCH
+    )
+    g2 = GaussianMixtureDiffusion(
+        [0.8, 0.2], torch.tensor([[-1.0], [2.5]], dtype=F64), torch.tensor([0.6, 0.3], dtype=F64), SCH
+    )
     xs, w, log_z = _quadrature(lambda x: 0.5 * g1.log_prob(x, TMIN) + 0.5 * g2.log_prob(x, TMIN))
     stats = [POS, MEAN, SQ]
     exact = [(w * f(xs)).sum() for f in stats] + [log_z]
@@ -277,7 +322,9 @@ def test_classifier_free_guidance_is_made_exact():
     quadrature reference (P(x>0) = 0.992). Plain CFG (the uncorrected SDE) gives 0.941 and
     overshoots E[x²]."""
     unc = _bimodal()
-    cond = GaussianMixtureDiffusion([0.4, 0.6], torch.tensor([[-1.5], [2.0]], dtype=F64), torch.tensor([0.25, 0.1], dtype=F64), SCH)
+    cond = GaussianMixtureDiffusion(
+        [0.4, 0.6], torch.tensor([[-1.5], [2.0]], dtype=F64), torch.tensor([0.25, 0.1], dtype=F64), SCH
+    )
     xs, w, log_z = _quadrature(lambda x: -2.0 * unc.log_prob(x, TMIN) + 3.0 * cond.log_prob(x, TMIN))
     stats = [POS, MEAN, SQ]
     exact = [(w * f(xs)).sum() for f in stats] + [log_z]
@@ -289,12 +336,15 @@ def test_classifier_free_guidance_is_made_exact():
 # FK steering
 
 
-@pytest.mark.parametrize("potential,every", [
-    ("difference", 1),
-    pytest.param("difference", 20, marks=pytest.mark.slow),
-    pytest.param("max", 50, marks=pytest.mark.slow),
-    pytest.param("sum", 50, marks=pytest.mark.slow),
-])
+@pytest.mark.parametrize(
+    "potential,every",
+    [
+        ("difference", 1),
+        pytest.param("difference", 20, marks=pytest.mark.slow),
+        pytest.param("max", 50, marks=pytest.mark.slow),
+        pytest.param("sum", 50, marks=pytest.mark.slow),
+    ],
+)
 def test_steering_samples_the_reward_tilt(potential, every):
     """Target q(x) e^{λ r(x)} with r(x) = x, λ = 1, q the 70/30 bimodal mixture: the tilt moves
     the mass to the right mode (30 % -> 90 %). Checked against quadrature, with the evidence."""
@@ -313,20 +363,30 @@ def test_steering_samples_the_reward_tilt(potential, every):
 def test_state_history_and_resampling_controls():
     g = _bimodal()
     target = C.annealed(g, 2.0)
-    never = C.fk_corrector(target, 500, 1, _grid(50), resample_threshold=0.0, dtype=F64,
-                           generator=torch.Generator().manual_seed(0))
+    never = C.fk_corrector(
+        target, 500, 1, _grid(50), resample_threshold=0.0, dtype=F64, generator=torch.Generator().manual_seed(0)
+    )
     assert never.generations == 1 and never.info["resampled_at"] == []
     assert never.ess_history.shape == (50,) and float(never.ess_history[-1]) < float(never.ess_history[0])
-    always = C.fk_corrector(target, 500, 1, _grid(50), resample_threshold=1.0, dtype=F64,
-                            generator=torch.Generator().manual_seed(0))
+    always = C.fk_corrector(
+        target, 500, 1, _grid(50), resample_threshold=1.0, dtype=F64, generator=torch.Generator().manual_seed(0)
+    )
     assert always.generations == 51 and bool((always.log_weights.abs() < 1.0).all())
     assert always.info["nfe"] == 50 and always.ancestors.shape == (500,)
     # same seed, same numbers; a model listed twice is evaluated once
-    again = C.fk_corrector(C.ScoreProduct([g, g], [1.0, 1.0]), 500, 1, _grid(50), resample_threshold=1.0,
-                           dtype=F64, generator=torch.Generator().manual_seed(0))
+    again = C.fk_corrector(
+        C.ScoreProduct([g, g], [1.0, 1.0]),
+        500,
+        1,
+        _grid(50),
+        resample_threshold=1.0,
+        dtype=F64,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert torch.equal(again.samples, always.samples) and again.info["nfe"] == 50
-    every = C.fk_corrector(target, 200, 1, _grid(20), resample_threshold=0.0, resample_every=5,
-                           generator=torch.Generator().manual_seed(0))
+    every = C.fk_corrector(
+        target, 200, 1, _grid(20), resample_threshold=0.0, resample_every=5, generator=torch.Generator().manual_seed(0)
+    )
     assert every.info["resampled_at"] == [4, 9, 14, 19] and every.samples.dtype == torch.float32
 
 
@@ -339,8 +399,15 @@ def test_gaussian_start_banks_its_normalizer():
         def score(self, x, t):
             return -x
 
-    ws = C.fk_corrector(C.annealed(ScoreOnly(), 2.0), 100, 3, _grid(5), dtype=F64,
-                        generator=torch.Generator().manual_seed(0), resample_threshold=0.0)
+    ws = C.fk_corrector(
+        C.annealed(ScoreOnly(), 2.0),
+        100,
+        3,
+        _grid(5),
+        dtype=F64,
+        generator=torch.Generator().manual_seed(0),
+        resample_threshold=0.0,
+    )
     s2 = float(SCH.sigma(torch.tensor(1.0, dtype=F64))) ** 2
     expected = -1.5 * 2 * math.log(2 * math.pi * s2) + 1.5 * math.log(math.pi * s2)
     assert float(ws.log_scale) == pytest.approx(expected, rel=1e-10)
@@ -386,15 +453,15 @@ def test_image_shaped_particles():
     target = C.annealed(StandardNormal(), 2.0)
     vals = []
     for r in range(10):
-        ws = C.fk_corrector(target, 500, (1, 4, 4), _grid(100), dtype=F64,
-                            generator=torch.Generator().manual_seed(r))
+        ws = C.fk_corrector(target, 500, (1, 4, 4), _grid(100), dtype=F64, generator=torch.Generator().manual_seed(r))
         assert ws.samples.shape == (500, 1, 4, 4)
         vals.append(ws.expectation(lambda x: x.flatten(1).pow(2).mean(-1)).value)
     vals = torch.stack(vals)
     m, se = float(vals.mean()), float(vals.std() / math.sqrt(10))
     assert abs(m - 0.5) < 5 * se, (m, se)  # measured 0.483 ± 0.009
-    unc = C.fk_corrector(target, 500, (1, 4, 4), _grid(100), dtype=F64, correct=False,
-                         generator=torch.Generator().manual_seed(0))
+    unc = C.fk_corrector(
+        target, 500, (1, 4, 4), _grid(100), dtype=F64, correct=False, generator=torch.Generator().manual_seed(0)
+    )
     assert abs(float(unc.samples.pow(2).mean()) - 1 / 3) < 0.03  # the uncorrected OU limit, 1/(2β-1)
 
 
@@ -402,8 +469,9 @@ def test_checkpoint_resume_is_exact(tmp_path, monkeypatch):
     """Interrupted after 23 of 40 steps (checkpoints every 5), resumed: the same particles,
     weights and genealogy as the uninterrupted run; another seed or target is refused."""
     target = C.annealed(_bimodal(), 2.0)
-    full = C.fk_corrector(target, 300, 1, _grid(40), dtype=F64, resample_threshold=0.7,
-                          generator=torch.Generator().manual_seed(5))
+    full = C.fk_corrector(
+        target, 300, 1, _grid(40), dtype=F64, resample_threshold=0.7, generator=torch.Generator().manual_seed(5)
+    )
     path = tmp_path / "fkc.pt"
     real_step, calls = C.fkc_step, {"n": 0}
 
@@ -415,19 +483,55 @@ def test_checkpoint_resume_is_exact(tmp_path, monkeypatch):
 
     monkeypatch.setattr(C, "fkc_step", flaky)
     with pytest.raises(KeyboardInterrupt):
-        C.fk_corrector(target, 300, 1, _grid(40), dtype=F64, resample_threshold=0.7,
-                       generator=torch.Generator().manual_seed(5), checkpoint=path, checkpoint_every=5)
+        C.fk_corrector(
+            target,
+            300,
+            1,
+            _grid(40),
+            dtype=F64,
+            resample_threshold=0.7,
+            generator=torch.Generator().manual_seed(5),
+            checkpoint=path,
+            checkpoint_every=5,
+        )
     monkeypatch.setattr(C, "fkc_step", real_step)
     saved = torch.load(path, weights_only=True)
     assert saved["kind"] == "fk_corrector" and saved["state"]["index"] == 20
     with pytest.raises(ValueError, match="seed state"):
-        C.fk_corrector(target, 300, 1, _grid(40), dtype=F64, resample_threshold=0.7,
-                       generator=torch.Generator().manual_seed(6), checkpoint=path, checkpoint_every=5)
+        C.fk_corrector(
+            target,
+            300,
+            1,
+            _grid(40),
+            dtype=F64,
+            resample_threshold=0.7,
+            generator=torch.Generator().manual_seed(6),
+            checkpoint=path,
+            checkpoint_every=5,
+        )
     with pytest.raises(ValueError, match="target"):
-        C.fk_corrector(C.annealed(_bimodal(), 3.0), 300, 1, _grid(40), dtype=F64, resample_threshold=0.7,
-                       generator=torch.Generator().manual_seed(5), checkpoint=path, checkpoint_every=5)
-    resumed = C.fk_corrector(target, 300, 1, _grid(40), dtype=F64, resample_threshold=0.7,
-                             generator=torch.Generator().manual_seed(5), checkpoint=path, checkpoint_every=5)
+        C.fk_corrector(
+            C.annealed(_bimodal(), 3.0),
+            300,
+            1,
+            _grid(40),
+            dtype=F64,
+            resample_threshold=0.7,
+            generator=torch.Generator().manual_seed(5),
+            checkpoint=path,
+            checkpoint_every=5,
+        )
+    resumed = C.fk_corrector(
+        target,
+        300,
+        1,
+        _grid(40),
+        dtype=F64,
+        resample_threshold=0.7,
+        generator=torch.Generator().manual_seed(5),
+        checkpoint=path,
+        checkpoint_every=5,
+    )
     assert full.generations > 2  # resampling happened before and after the interruption
     torch.testing.assert_close(resumed.samples, full.samples)
     torch.testing.assert_close(resumed.log_weights, full.log_weights)

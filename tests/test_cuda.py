@@ -28,8 +28,9 @@ def test_resampling_offspring_means_on_cuda(scheme):
     lw = torch.randn(n, dtype=F64, device="cuda", generator=cuda_generator(0)) * 1.5
     lw[7] = -math.inf  # never drawn
     g = cuda_generator(1)
-    counts = torch.stack([torch.bincount(mc.resample(lw, n, scheme=scheme, generator=g), minlength=n)
-                          for _ in range(reps)]).to(F64)
+    counts = torch.stack(
+        [torch.bincount(mc.resample(lw, n, scheme=scheme, generator=g), minlength=n) for _ in range(reps)]
+    ).to(F64)
     assert counts.device.type == "cuda" and bool((counts.sum(1) == n).all())
     assert float(counts[:, 7].sum()) == 0.0
     w = torch.softmax(lw, 0)
@@ -40,10 +41,12 @@ def test_resampling_offspring_means_on_cuda(scheme):
 
 def test_importance_sampling_evidence_on_cuda():
     d = 5
-    target = torch.distributions.MultivariateNormal(torch.ones(d, dtype=F64, device="cuda"),
-                                                    torch.eye(d, dtype=F64, device="cuda"))
-    proposal = torch.distributions.MultivariateNormal(torch.zeros(d, dtype=F64, device="cuda"),
-                                                      2.0 * torch.eye(d, dtype=F64, device="cuda"))
+    target = torch.distributions.MultivariateNormal(
+        torch.ones(d, dtype=F64, device="cuda"), torch.eye(d, dtype=F64, device="cuda")
+    )
+    proposal = torch.distributions.MultivariateNormal(
+        torch.zeros(d, dtype=F64, device="cuda"), 2.0 * torch.eye(d, dtype=F64, device="cuda")
+    )
     ws = mc.importance_sample(target, proposal, 200_000, batch_size=50_000)
     assert ws.log_weights.device.type == "cuda"
     assert abs(float(ws.log_evidence)) < 5 * float(ws.log_evidence_stderr) + 1e-3  # log Z = 0
@@ -52,11 +55,13 @@ def test_importance_sampling_evidence_on_cuda():
 
 
 def test_smc_mixture_evidence_on_cuda_matches_cpu_and_exact():
-    cpu = GaussianMixture.separated(dim=10, num_modes=3, spread=4.0, std=1.0, log_scale=-1.5,
-                                    generator=torch.Generator().manual_seed(123))
+    cpu = GaussianMixture.separated(
+        dim=10, num_modes=3, spread=4.0, std=1.0, log_scale=-1.5, generator=torch.Generator().manual_seed(123)
+    )
     target = GaussianMixture(cpu.weights.cuda(), cpu.means.cuda(), cpu.covariances.cuda(), cpu.log_scale)
-    initial = torch.distributions.MultivariateNormal(torch.zeros(10, dtype=F64, device="cuda"),
-                                                     16.0 * torch.eye(10, dtype=F64, device="cuda"))
+    initial = torch.distributions.MultivariateNormal(
+        torch.zeros(10, dtype=F64, device="cuda"), 16.0 * torch.eye(10, dtype=F64, device="cuda")
+    )
     g = cuda_generator(7)
     runs = [mc.smc(target, initial, 4000, kernel=mc.kernels.MALA(num_steps=4), generator=g) for _ in range(4)]
     logz = torch.tensor([float(r.log_evidence) for r in runs], dtype=F64)
@@ -79,8 +84,9 @@ def test_ensemble_sampler_on_cuda_matches_gaussian_posterior():
     A = torch.tensor([[1.0, 0.5, 0.0], [0.0, 0.3, -0.8]], dtype=F64)
     op = DenseOperator(A.cuda(), 0.2)
     y = torch.tensor([1.5, -0.4], dtype=F64, device="cuda")
-    ws = P.ensemble_sampler(model, op, y, 4000, num_steps=200, likelihood_drift=0.5,
-                            generator=cuda_generator(2), dtype=F64, device="cuda")
+    ws = P.ensemble_sampler(
+        model, op, y, 4000, num_steps=200, likelihood_drift=0.5, generator=cuda_generator(2), dtype=F64, device="cuda"
+    )
     assert ws.samples.device.type == "cuda"
     # exact posterior of N(α m, α² C + σ² I) at t_min = 1e-3 under y = A x + 0.2 ε
     t = torch.tensor(1e-3, dtype=F64)

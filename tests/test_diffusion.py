@@ -116,8 +116,10 @@ def test_default_vp_start_is_standard_normal_for_data_of_scale_20():
 
 def test_saved_schedule_configs_keep_their_values():
     """A config saved with explicit values rebuilds the same schedule whatever the defaults."""
-    saved = {"class": "VPSchedule", "kwargs": {"kind": "linear", "beta_min": 0.1, "beta_max": 20.0,
-                                               "cosine_s": 0.008, "cosine_t_end": 0.9946}}
+    saved = {
+        "class": "VPSchedule",
+        "kwargs": {"kind": "linear", "beta_min": 0.1, "beta_max": 20.0, "cosine_s": 0.008, "cosine_t_end": 0.9946},
+    }
     sch = schedule_from_config(saved)
     assert sch.beta_max == 20.0 and sch.config() == saved
     alpha_1 = float(sch.alpha(torch.tensor(1.0, dtype=F64)))
@@ -180,8 +182,12 @@ def test_denoiser_wraps_every_parameterization(prediction):
 
     def net(x, t):
         a, s = sch.alpha(t)[:, None], sch.sigma(t)[:, None]
-        return {"eps": g.eps(x, t), "x0": g.denoise(x, t), "score": g.score(x, t),
-                "v": a * g.eps(x, t) - s * g.denoise(x, t)}[prediction]
+        return {
+            "eps": g.eps(x, t),
+            "x0": g.denoise(x, t),
+            "score": g.score(x, t),
+            "v": a * g.eps(x, t) - s * g.denoise(x, t),
+        }[prediction]
 
     model = Denoiser(net, sch, prediction)
     assert isinstance(model, DiffusionModel)
@@ -229,8 +235,9 @@ def test_gmm_score_is_gradient_of_log_prob(sch, covs):
 
 
 def test_gmm_log_prob_is_normalized():
-    g = GaussianMixtureDiffusion([0.2, 0.8], torch.tensor([[-1.0], [2.0]], dtype=F64),
-                                 torch.tensor([0.3, 0.6], dtype=F64), VESchedule())
+    g = GaussianMixtureDiffusion(
+        [0.2, 0.8], torch.tensor([[-1.0], [2.0]], dtype=F64), torch.tensor([0.3, 0.6], dtype=F64), VESchedule()
+    )
     xs = torch.linspace(-15, 15, 20001, dtype=F64)[:, None]
     for t in (0.0, 0.3, 0.6):  # σ_0.6 ≈ 1.7, well inside the grid
         mass = torch.exp(g.log_prob(xs, t)).sum() * (xs[1, 0] - xs[0, 0])
@@ -421,12 +428,21 @@ def test_checkpoint_round_trip(tmp_path):
 def test_training_reduces_the_loss():
     """100 DSM steps (importance-sampled times) reduce the training loss and keep it finite."""
     torch.manual_seed(0)
-    g = GaussianMixtureDiffusion([0.5, 0.5], torch.tensor([[-1.5], [1.5]]), torch.tensor([0.1, 0.1]),
-                                 VPSchedule(beta_max=20.0))
+    g = GaussianMixtureDiffusion(
+        [0.5, 0.5], torch.tensor([[-1.5], [1.5]]), torch.tensor([0.1, 0.1]), VPSchedule(beta_max=20.0)
+    )
     data = g.sample_data(2000, torch.Generator().manual_seed(0))
     net = ScoreMLP(1, hidden=32, depth=1, time_embed_dim=16)
-    res = train_score_model(net, g.schedule, data, steps=100, batch_size=256, lr=1e-2, importance=True,
-                            generator=torch.Generator().manual_seed(1))
+    res = train_score_model(
+        net,
+        g.schedule,
+        data,
+        steps=100,
+        batch_size=256,
+        lr=1e-2,
+        importance=True,
+        generator=torch.Generator().manual_seed(1),
+    )
     assert len(res.losses) == 100 and np.isfinite(res.losses).all()
     assert np.mean(res.losses[-30:]) < 0.9 * np.mean(res.losses[:30])
     assert res.model.data_var == pytest.approx(float(data.var()), rel=1e-3)
@@ -439,12 +455,14 @@ def test_training_learns_the_mixture_score():
     baseline (the untrained net, whose output layer starts at zero) against the exact ε by a
     factor 2 at mid noise (measured: 0.037 vs 0.100)."""
     torch.manual_seed(0)
-    g = GaussianMixtureDiffusion([0.5, 0.5], torch.tensor([[-1.5], [1.5]]), torch.tensor([0.1, 0.1]),
-                                 VPSchedule(beta_max=20.0))
+    g = GaussianMixtureDiffusion(
+        [0.5, 0.5], torch.tensor([[-1.5], [1.5]]), torch.tensor([0.1, 0.1]), VPSchedule(beta_max=20.0)
+    )
     data = g.sample_data(4000, torch.Generator().manual_seed(0))
     net = ScoreMLP(1, hidden=64, depth=2, time_embed_dim=32)
-    res = train_score_model(net, g.schedule, data, steps=600, batch_size=256, lr=1e-2,
-                            generator=torch.Generator().manual_seed(1))
+    res = train_score_model(
+        net, g.schedule, data, steps=600, batch_size=256, lr=1e-2, generator=torch.Generator().manual_seed(1)
+    )
     base = Denoiser(ScoreMLP(1, hidden=64, depth=2, time_embed_dim=32), g.schedule, data_var=res.model.data_var)
     x = g.sample(2000, 0.3, torch.Generator().manual_seed(2))
     with torch.no_grad():

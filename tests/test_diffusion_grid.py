@@ -38,8 +38,16 @@ def _vp_linear_hand(t: float, beta_min: float = 0.1, beta_max: float = 20.0) -> 
     log_a = -0.5 * (beta_min * t + 0.5 * (beta_max - beta_min) * t * t)
     a = math.exp(log_a)
     s = math.sqrt(1.0 - a * a)
-    return {"t": t, "alpha": a, "sigma": s, "log_alpha": log_a, "log_snr": math.log(a / s),
-            "rho": s / a, "f": -0.5 * beta, "g2": beta}
+    return {
+        "t": t,
+        "alpha": a,
+        "sigma": s,
+        "log_alpha": log_a,
+        "log_snr": math.log(a / s),
+        "rho": s / a,
+        "f": -0.5 * beta,
+        "g2": beta,
+    }
 
 
 # ------------------------------------------------------------------------------------------
@@ -98,15 +106,18 @@ def test_log_snr_grid_is_uniform_for_ve():
     assert torch.allclose(D.time_grid(sch, 7, "log_snr"), D.time_grid(sch, 7, "uniform"), rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"num_steps": 0}, "num_steps"),
-    ({"num_steps": 2.5}, "num_steps"),
-    ({"num_steps": True}, "num_steps"),
-    ({"t_min": 0.0}, "t_min"),
-    ({"t_min": 0.5, "t_max": 0.5}, "t_min"),
-    ({"t_max": 1.5}, "t_max"),
-    ({"kind": "cosine"}, "kind"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"num_steps": 0}, "num_steps"),
+        ({"num_steps": 2.5}, "num_steps"),
+        ({"num_steps": True}, "num_steps"),
+        ({"t_min": 0.0}, "t_min"),
+        ({"t_min": 0.5, "t_max": 0.5}, "t_min"),
+        ({"t_max": 1.5}, "t_max"),
+        ({"kind": "cosine"}, "kind"),
+    ],
+)
 def test_time_grid_rejects_bad_input(kwargs, match):
     args = {"num_steps": 10, **kwargs}
     with pytest.raises(ValueError, match=match):
@@ -154,12 +165,15 @@ def test_grid_coefficients_derive_f_and_g2_when_the_schedule_lacks_them():
         assert co[key] == pytest.approx(ref[key], rel=1e-10), key
 
 
-@pytest.mark.parametrize("grid,match", [
-    (torch.tensor([0.5, 0.5, 0.1]), "decreasing"),
-    (torch.tensor([0.1, 0.5]), "decreasing"),
-    (torch.tensor([0.5]), "at least 2"),
-    (torch.ones(2, 2), "1-D"),
-])
+@pytest.mark.parametrize(
+    "grid,match",
+    [
+        (torch.tensor([0.5, 0.5, 0.1]), "decreasing"),
+        (torch.tensor([0.1, 0.5]), "decreasing"),
+        (torch.tensor([0.5]), "at least 2"),
+        (torch.ones(2, 2), "1-D"),
+    ],
+)
 def test_grid_coefficients_reject_bad_grids(grid, match):
     with pytest.raises(ValueError, match=match):
         D.grid_coefficients(VPSchedule(), grid)
@@ -244,8 +258,9 @@ def _endpoint_errors(sch, steps, **kw):
     model = GaussianMixtureDiffusion([1.0], m[None], c[None], sch)
     x = prior_sample(sch, (2000, 2), generator=torch.Generator().manual_seed(0), dtype=F64)
     ref = _exact_pf_ode(sch, m, c, x, 1.0, 1e-3)
-    return [float(((sample(model, x, D.time_grid(sch, n), **kw).samples - ref) ** 2).sum(-1).mean().sqrt())
-            for n in steps]
+    return [
+        float(((sample(model, x, D.time_grid(sch, n), **kw).samples - ref) ** 2).sum(-1).mean().sqrt()) for n in steps
+    ]
 
 
 def test_default_sampler_improves_monotonically_with_steps():

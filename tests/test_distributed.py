@@ -75,13 +75,15 @@ def shared_draws(seed: int, scheme: str) -> tuple[float, int]:
 def gaussian_target():
     from mcsample.systems.analytic import Gaussian
 
-    return Gaussian(torch.tensor([1.0, -0.5, 2.0], dtype=F64), torch.diag(torch.tensor([0.3, 0.5, 0.2], dtype=F64)),
-                    log_scale=1.5)
+    return Gaussian(
+        torch.tensor([1.0, -0.5, 2.0], dtype=F64), torch.diag(torch.tensor([0.3, 0.5, 0.2], dtype=F64)), log_scale=1.5
+    )
 
 
 def broad_initial():
     return torch.distributions.Independent(
-        torch.distributions.Normal(torch.zeros(3, dtype=F64), 3.0 * torch.ones(3, dtype=F64)), 1)
+        torch.distributions.Normal(torch.zeros(3, dtype=F64), 3.0 * torch.ones(3, dtype=F64)), 1
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -110,14 +112,23 @@ def check_resampling(rank: int, world: int, out: dict, outdir: Path) -> None:
         lo, hi = _bounds(N_POP, world, rank)
         ids = torch.arange(lo, hi)
         cache = torch.stack([ids.to(torch.float32), -ids.to(torch.float32)], 1)
-        for scheme, mode in (("systematic", "auto"), ("stratified", "auto"), ("systematic", "all_gather"),
-                             ("multinomial", "auto")):
+        for scheme, mode in (
+            ("systematic", "auto"),
+            ("stratified", "auto"),
+            ("systematic", "all_gather"),
+            ("multinomial", "auto"),
+        ):
             D.EXCHANGE = mode
             counts = D.offspring(lw[lo:hi], scheme, torch.Generator().manual_seed(7))
             moved = D.exchange([ids, cache, ids.to(F64)], counts)
             D.EXCHANGE = "auto"
-            out[f"{case}/{scheme}/{mode}"] = {"counts": counts, "ids": moved[0], "cache": moved[1],
-                                              "ids64": moved[2], "sent": dict(D.last_exchange)}
+            out[f"{case}/{scheme}/{mode}"] = {
+                "counts": counts,
+                "ids": moved[0],
+                "cache": moved[1],
+                "ids64": moved[2],
+                "sent": dict(D.last_exchange),
+            }
 
 
 def check_stats(rank: int, world: int, out: dict, outdir: Path) -> None:
@@ -132,14 +143,24 @@ def check_stats(rank: int, world: int, out: dict, outdir: Path) -> None:
         out["cess"] = D.conditional_ess(lw[lo:hi], incr[lo:hi])
         out["count"] = D.count(hi - lo)
         ws = D.finish(WeightedSamples(x[lo:hi], lw[lo:hi], log_scale=0.25))
-        gen = D.finish(WeightedSamples(x[lo:hi], lw[lo:hi], log_scale=0.25,
-                                       genealogy=Genealogy.from_ancestors(eves[lo:hi], 3)))
-        out["ws"] = {"log_evidence": ws.log_evidence, "stderr": ws.log_evidence_stderr, "ess": ws.ess,
-                     "khat": ws.khat, "mean": tuple(ws.expectation()), "W": ws.normalized_weights}
+        gen = D.finish(
+            WeightedSamples(x[lo:hi], lw[lo:hi], log_scale=0.25, genealogy=Genealogy.from_ancestors(eves[lo:hi], 3))
+        )
+        out["ws"] = {
+            "log_evidence": ws.log_evidence,
+            "stderr": ws.log_evidence_stderr,
+            "ess": ws.ess,
+            "khat": ws.khat,
+            "mean": tuple(ws.expectation()),
+            "W": ws.normalized_weights,
+        }
         out["gen"] = {"stderr": gen.log_evidence_stderr, "mean": tuple(gen.expectation(lambda v: v[:, 0] ** 2))}
         full = gen.gather(0)
-        out["gathered"] = None if full is None else {"x": full.samples, "lw": full.log_weights,
-                                                      "eves": full.ancestors, "log_evidence": full.log_evidence}
+        out["gathered"] = (
+            None
+            if full is None
+            else {"x": full.samples, "lw": full.log_weights, "eves": full.ancestors, "log_evidence": full.log_evidence}
+        )
         # NaN on one rank: every rank raises the same error, and the group stays usable
         bad = lw[lo:hi].clone()
         if rank == world - 1:
@@ -157,9 +178,16 @@ def check_smc(rank: int, world: int, out: dict, outdir: Path) -> None:
     target, initial = gaussian_target(), broad_initial()
     kw = dict(kernel=mc.kernels.RandomWalk(num_steps=2), schedule="adaptive")
     r = mc.smc(target, initial, 2000, generator=torch.Generator().manual_seed(3), **kw)
-    out["smc"] = {"log_evidence": r.log_evidence, "stderr": r.log_evidence_stderr, "betas": r.betas,
-                  "ess_history": r.ess_history, "local": len(r.particles), "N": r.particles.num_particles,
-                  "mean": tuple(r.particles.expectation()), "resampled": r.resampled}
+    out["smc"] = {
+        "log_evidence": r.log_evidence,
+        "stderr": r.log_evidence_stderr,
+        "betas": r.betas,
+        "ess_history": r.ess_history,
+        "local": len(r.particles),
+        "N": r.particles.num_particles,
+        "mean": tuple(r.particles.expectation()),
+        "resampled": r.resampled,
+    }
     # checkpoint every step; at step 3 keep a copy of the checkpoint of step 2
     ck, kept = str(outdir / "run.pt"), str(outdir / "kept.pt")
 
@@ -169,33 +197,66 @@ def check_smc(rank: int, world: int, out: dict, outdir: Path) -> None:
             if rank == 0:
                 shutil.copy(ck, kept)
 
-    a = mc.smc(target, initial, 600, generator=torch.Generator().manual_seed(4), checkpoint=ck,
-               checkpoint_every=1, callback=keep, **kw)
+    a = mc.smc(
+        target,
+        initial,
+        600,
+        generator=torch.Generator().manual_seed(4),
+        checkpoint=ck,
+        checkpoint_every=1,
+        callback=keep,
+        **kw,
+    )
     torch.distributed.barrier()
-    b = mc.smc(target, initial, 600, generator=torch.Generator().manual_seed(4), checkpoint=kept,
-               checkpoint_every=1, **kw)
-    out["resume"] = {"a": a.log_evidence, "b": b.log_evidence, "ax": a.particles.samples,
-                     "bx": b.particles.samples, "steps": len(a.betas)}
+    b = mc.smc(
+        target, initial, 600, generator=torch.Generator().manual_seed(4), checkpoint=kept, checkpoint_every=1, **kw
+    )
+    out["resume"] = {
+        "a": a.log_evidence,
+        "b": b.log_evidence,
+        "ax": a.particles.samples,
+        "bx": b.particles.samples,
+        "steps": len(a.betas),
+    }
     # islands
     isl = mc.smc(target, initial, 2000, generator=torch.Generator().manual_seed(5), group=D.islands(), **kw)
-    out["islands"] = {"log_evidence": isl.log_evidence, "stderr": isl.log_evidence_stderr,
-                      "info": isl.particles.info["distributed"], "mean": tuple(isl.particles.expectation())}
+    out["islands"] = {
+        "log_evidence": isl.log_evidence,
+        "stderr": isl.log_evidence_stderr,
+        "info": isl.particles.info["distributed"],
+        "mean": tuple(isl.particles.expectation()),
+    }
     # the Feynman-Kac corrector and importance sampling run sharded through the same core
     from mcsample.correctors import annealed, fk_corrector
     from mcsample.flows.diffusion.gmm import GaussianMixtureDiffusion
     from mcsample.flows.diffusion.schedules import VPSchedule, time_grid
 
-    model = GaussianMixtureDiffusion([0.7, 0.3], torch.tensor([[-1.5], [1.5]], dtype=F64),
-                                     torch.tensor([0.25, 0.25], dtype=F64), VPSchedule())
-    ws = fk_corrector(annealed(model, 2.0), 1000, 1, time_grid(model.schedule, 60, "uniform", t_min=1e-3),
-                      dtype=F64, resample_threshold=0.5, generator=torch.Generator().manual_seed(8))
-    out["corrector"] = {"log_evidence": ws.log_evidence, "stderr": ws.log_evidence_stderr,
-                        "local": len(ws), "resampled": ws.info["resampled_at"]}
+    model = GaussianMixtureDiffusion(
+        [0.7, 0.3], torch.tensor([[-1.5], [1.5]], dtype=F64), torch.tensor([0.25, 0.25], dtype=F64), VPSchedule()
+    )
+    ws = fk_corrector(
+        annealed(model, 2.0),
+        1000,
+        1,
+        time_grid(model.schedule, 60, "uniform", t_min=1e-3),
+        dtype=F64,
+        resample_threshold=0.5,
+        generator=torch.Generator().manual_seed(8),
+    )
+    out["corrector"] = {
+        "log_evidence": ws.log_evidence,
+        "stderr": ws.log_evidence_stderr,
+        "local": len(ws),
+        "resampled": ws.info["resampled_at"],
+    }
     isr = mc.importance_sample(target, initial, 4000, generator=torch.Generator().manual_seed(9))
     out["importance"] = {"log_evidence": isr.log_evidence, "stderr": isr.log_evidence_stderr, "local": len(isr)}
     alone = mc.smc(target, initial, 300, generator=torch.Generator().manual_seed(rank), group=False, **kw)
-    out["alone"] = {"type": type(alone.particles).__name__, "local": len(alone.particles),
-                    "log_evidence": alone.log_evidence}
+    out["alone"] = {
+        "type": type(alone.particles).__name__,
+        "local": len(alone.particles),
+        "log_evidence": alone.log_evidence,
+    }
     tds = tds_problem().run(1000, generator=torch.Generator().manual_seed(10), dtype=F64)
     out["tds"] = {"log_evidence": tds.log_evidence, "stderr": tds.log_evidence_stderr, "local": len(tds)}
 
@@ -204,8 +265,14 @@ def check_resume_other_world(rank: int, world: int, out: dict, outdir: Path) -> 
     """A checkpoint of 2 processes is refused by 4 (the same error on every rank)."""
     src = Path(os.environ["MCSAMPLE_TEST_CHECKPOINT"])
     try:
-        mc.smc(gaussian_target(), broad_initial(), 600, kernel=mc.kernels.RandomWalk(num_steps=2),
-               generator=torch.Generator().manual_seed(4), checkpoint=src)
+        mc.smc(
+            gaussian_target(),
+            broad_initial(),
+            600,
+            kernel=mc.kernels.RandomWalk(num_steps=2),
+            generator=torch.Generator().manual_seed(4),
+            checkpoint=src,
+        )
         out["error"] = "no error"
     except ValueError as e:
         out["error"] = str(e)
@@ -232,15 +299,25 @@ class _NaNOnLastRank:
 def check_failure(rank: int, world: int, out: dict, outdir: Path) -> None:
     """A target that returns NaN on one rank stops every rank with the reason."""
     try:
-        mc.smc(_NaNOnLastRank(rank, world), broad_initial(), 400, kernel=mc.kernels.RandomWalk(num_steps=2),
-               generator=torch.Generator().manual_seed(1))
+        mc.smc(
+            _NaNOnLastRank(rank, world),
+            broad_initial(),
+            400,
+            kernel=mc.kernels.RandomWalk(num_steps=2),
+            generator=torch.Generator().manual_seed(1),
+        )
         out["error"] = ("none", "")
     except Exception as e:  # noqa: BLE001 - the type is what is checked
         out["error"] = (type(e).__name__, str(e))
 
 
-CHECKS = {"resampling": check_resampling, "stats": check_stats, "smc": check_smc,
-          "resume_other_world": check_resume_other_world, "failure": check_failure}
+CHECKS = {
+    "resampling": check_resampling,
+    "stats": check_stats,
+    "smc": check_smc,
+    "resume_other_world": check_resume_other_world,
+    "failure": check_failure,
+}
 
 
 def _worker(names: str, outdir: str) -> None:
@@ -272,14 +349,26 @@ def _free_port() -> int:
 def launch(world: int, checks: str, outdir: Path, env: dict | None = None) -> list[dict]:
     """Run ``checks`` on ``world`` gloo processes; every rank's findings."""
     outdir.mkdir(parents=True, exist_ok=True)
-    base = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(world),
-            "OMP_NUM_THREADS": "1", **(env or {})}
+    base = {
+        **os.environ,
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(_free_port()),
+        "WORLD_SIZE": str(world),
+        "OMP_NUM_THREADS": "1",
+        **(env or {}),
+    }
     if sys.platform.startswith("linux"):
         base.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    procs = [subprocess.Popen([sys.executable, __file__, checks, str(outdir)],
-                              env={**base, "RANK": str(r), "LOCAL_RANK": str(r)},
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for r in range(world)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, __file__, checks, str(outdir)],
+            env={**base, "RANK": str(r), "LOCAL_RANK": str(r)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in range(world)
+    ]
     logs = []
     try:
         for p in procs:
@@ -302,8 +391,7 @@ def two(tmp_path_factory):
 @pytest.fixture(scope="module")
 def four(tmp_path_factory, two):
     d = tmp_path_factory.mktemp("four")
-    return launch(4, "resampling,stats,resume_other_world", d,
-                  env={"MCSAMPLE_TEST_CHECKPOINT": str(two[1] / "run.pt")})
+    return launch(4, "resampling,stats,resume_other_world", d, env={"MCSAMPLE_TEST_CHECKPOINT": str(two[1] / "run.pt")})
 
 
 def _cat(results, key, field):
@@ -321,7 +409,7 @@ def test_offspring_equal_single_process(two, four, world, case, scheme, mode):
     """The sharded offspring of every particle, and the multiset of particles after the
     exchange, equal single-process resampling of the whole population with the same uniforms;
     every rank ends with its balanced share, the cached rows travel with their particle."""
-    results = (two[0] if world == 2 else four)
+    results = two[0] if world == 2 else four
     key = f"{case}/{scheme}/{mode}"
     lw = population(case)
     U, k = shared_draws(7, scheme)
@@ -356,7 +444,7 @@ def test_multinomial_is_exact(two, four, world):
     """Sharded multinomial resampling draws N offspring of particles with positive weight, and
     its draws per rank are Multinomial(N, T_r/S): mean N T_r/S over 4000 keys (6 standard
     errors), N in all every time, none on a rank without weight."""
-    results = (two[0] if world == 2 else four)
+    results = two[0] if world == 2 else four
     for case in ("random", "empty_rank", "one_heavy"):
         ids = _cat(results, f"{case}/multinomial/auto", "ids")
         assert ids.numel() == N_POP and bool(torch.isfinite(population(case)[ids]).all())
@@ -373,7 +461,7 @@ def test_global_ess_evidence_and_estimates_equal_single_process(two, four, world
     """ESS, conditional ESS, log-evidence, its error bar (with and without lineages spanning
     ranks), expectations and k-hat of the sharded population equal those of the whole
     population in one process."""
-    results = (two[0] if world == 2 else four)
+    results = two[0] if world == 2 else four
     lw = population("random")
     incr = 0.3 * torch.randn(N_POP, dtype=F64, generator=torch.Generator().manual_seed(5))
     x = torch.randn(N_POP, 2, dtype=F64, generator=torch.Generator().manual_seed(6))
@@ -407,7 +495,7 @@ def test_global_ess_evidence_and_estimates_equal_single_process(two, four, world
 def test_nan_on_one_rank_raises_everywhere_and_group_survives(two, four, world):
     """NaN log-weights on one rank raise the same ValueError, naming that rank, on every
     rank; the process group still works afterwards."""
-    results = (two[0] if world == 2 else four)
+    results = two[0] if world == 2 else four
     for r in results:
         assert "NaN for 1 of 1003 particles" in r["nan"] and f"{{{world - 1}: 1}}" in r["nan"], r["nan"]
         assert r["after_nan"] == world
@@ -442,8 +530,14 @@ def test_sharded_checkpoint_resumes_exactly_and_refuses_other_world_sizes(two, f
         assert "sharded over 2 processes" in r["error"] and "(this run has 4)" in r["error"], r["error"]
         assert r["after"] == 4
     with pytest.raises(ValueError, match="sharded over 2 processes"):
-        mc.smc(gaussian_target(), broad_initial(), 600, kernel=mc.kernels.RandomWalk(num_steps=2),
-               generator=torch.Generator().manual_seed(4), checkpoint=d / "run.pt")
+        mc.smc(
+            gaussian_target(),
+            broad_initial(),
+            600,
+            kernel=mc.kernels.RandomWalk(num_steps=2),
+            generator=torch.Generator().manual_seed(4),
+            checkpoint=d / "run.pt",
+        )
 
 
 def test_islands_combine_to_the_mean_evidence(two):

@@ -22,14 +22,13 @@ import torch
 from mcsample.systems.forcefield import TorchForceField, UnsupportedForceError, linlogcut
 from mcsample.systems.peptides import Peptide, alanine_dipeptide
 
-TOL_U = 1e-3      # kJ/mol
-TOL_F = 1e-3      # kJ/mol/nm, RMS over atoms and components
+TOL_U = 1e-3  # kJ/mol
+TOL_F = 1e-3  # kJ/mol/nm, RMS over atoms and components
 
 
 def reference(system, xyz: np.ndarray):
     """Energies (B,) and forces (B, n, 3) from OpenMM's Reference platform (double precision)."""
-    ctx = openmm.Context(system, openmm.VerletIntegrator(0.001),
-                         openmm.Platform.getPlatformByName("Reference"))
+    ctx = openmm.Context(system, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("Reference"))
     es, fs = [], []
     for x in xyz:
         ctx.setPositions(x)
@@ -39,11 +38,11 @@ def reference(system, xyz: np.ndarray):
     return np.array(es), np.array(fs)
 
 
-def md_snapshots(system, positions: np.ndarray, temperature: float, num: int = 3,
-                 every: int = 100, seed: int = 1) -> np.ndarray:
+def md_snapshots(
+    system, positions: np.ndarray, temperature: float, num: int = 3, every: int = 100, seed: int = 1
+) -> np.ndarray:
     """``num`` frames of OpenMM Langevin dynamics (1 fs, 1/ps), ``every`` steps apart."""
-    integ = openmm.LangevinMiddleIntegrator(temperature * unit.kelvin, 1.0 / unit.picosecond,
-                                            0.001 * unit.picoseconds)
+    integ = openmm.LangevinMiddleIntegrator(temperature * unit.kelvin, 1.0 / unit.picosecond, 0.001 * unit.picoseconds)
     integ.setRandomNumberSeed(seed)
     ctx = openmm.Context(system, integ, openmm.Platform.getPlatformByName("CPU"))
     ctx.setPositions(positions)
@@ -65,8 +64,7 @@ def _kdea() -> Peptide:
 
 
 def _system_with(peptide: Peptide, files, **kwargs):
-    return app.ForceField(*files).createSystem(peptide.openmm_topology, constraints=None,
-                                               rigidWater=False, **kwargs)
+    return app.ForceField(*files).createSystem(peptide.openmm_topology, constraints=None, rigidWater=False, **kwargs)
 
 
 def _case(name: str):
@@ -80,9 +78,12 @@ def _case(name: str):
         pep = _kdea()
         system = pep.system
         if name == "kdea-obc1-cut2":
-            system = _system_with(pep, ["amber14-all.xml", "implicit/obc1.xml"],
-                                  nonbondedMethod=app.CutoffNonPeriodic,
-                                  nonbondedCutoff=2.0 * unit.nanometer)
+            system = _system_with(
+                pep,
+                ["amber14-all.xml", "implicit/obc1.xml"],
+                nonbondedMethod=app.CutoffNonPeriodic,
+                nonbondedCutoff=2.0 * unit.nanometer,
+            )
     x0 = pep.positions.numpy()
     rng = np.random.default_rng(7)
     frames = md_snapshots(system, x0, pep.temperature)
@@ -107,7 +108,7 @@ def test_agrees_with_openmm_reference(name, engine):
     du = np.abs(u.numpy() - u_ref)
     rms = np.sqrt(((f.numpy() - f_ref) ** 2).mean(axis=(1, 2)))
     assert u.dtype == torch.float64 and u.shape == (len(xyz),)
-    assert np.abs(u_ref).max() > 1e4          # the perturbed configurations are strong
+    assert np.abs(u_ref).max() > 1e4  # the perturbed configurations are strong
     assert du.max() < TOL_U, (name, du)
     assert rms.max() < TOL_F, (name, rms)
 
@@ -119,8 +120,7 @@ def test_components_match_openmm_force_groups():
     forces = system.getForces()
     for k, force in enumerate(forces):
         force.setForceGroup(k)
-    ctx = openmm.Context(system, openmm.VerletIntegrator(0.001),
-                         openmm.Platform.getPlatformByName("Reference"))
+    ctx = openmm.Context(system, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("Reference"))
     comps = TorchForceField.from_openmm(system).energy_components(torch.as_tensor(xyz[:3]))
     for k, force in enumerate(forces):
         name = type(force).__name__
@@ -136,16 +136,33 @@ def test_components_match_openmm_force_groups():
 
 def _other_systems():
     pep = _kdea()
-    gbsa = _system_with(pep, ["amber99sbildn.xml", "amber99_obc.xml"])                # GBSAOBCForce
-    gbsa_cut = _system_with(pep, ["amber99sbildn.xml", "amber99_obc.xml"],
-                            nonbondedMethod=app.CutoffNonPeriodic, nonbondedCutoff=1.0 * unit.nanometer)
-    obc2_salt = _system_with(pep, ["amber14-all.xml", "implicit/obc2.xml"],
-                             nonbondedMethod=app.CutoffNonPeriodic, nonbondedCutoff=1.2 * unit.nanometer,
-                             implicitSolventKappa=1.0 / unit.nanometer)
-    vac_switch = _system_with(pep, ["amber14-all.xml"], nonbondedMethod=app.CutoffNonPeriodic,
-                              nonbondedCutoff=1.0 * unit.nanometer, switchDistance=0.8 * unit.nanometer)
-    return {"GBSAOBCForce": gbsa, "GBSAOBCForce-cutoff": gbsa_cut, "obc2-kappa-cutoff": obc2_salt,
-            "vacuum-reaction-field-switch": vac_switch}
+    gbsa = _system_with(pep, ["amber99sbildn.xml", "amber99_obc.xml"])  # GBSAOBCForce
+    gbsa_cut = _system_with(
+        pep,
+        ["amber99sbildn.xml", "amber99_obc.xml"],
+        nonbondedMethod=app.CutoffNonPeriodic,
+        nonbondedCutoff=1.0 * unit.nanometer,
+    )
+    obc2_salt = _system_with(
+        pep,
+        ["amber14-all.xml", "implicit/obc2.xml"],
+        nonbondedMethod=app.CutoffNonPeriodic,
+        nonbondedCutoff=1.2 * unit.nanometer,
+        implicitSolventKappa=1.0 / unit.nanometer,
+    )
+    vac_switch = _system_with(
+        pep,
+        ["amber14-all.xml"],
+        nonbondedMethod=app.CutoffNonPeriodic,
+        nonbondedCutoff=1.0 * unit.nanometer,
+        switchDistance=0.8 * unit.nanometer,
+    )
+    return {
+        "GBSAOBCForce": gbsa,
+        "GBSAOBCForce-cutoff": gbsa_cut,
+        "obc2-kappa-cutoff": obc2_salt,
+        "vacuum-reaction-field-switch": vac_switch,
+    }
 
 
 def test_other_gb_models_cutoffs_and_switching():
@@ -211,15 +228,15 @@ def test_clashes_give_no_nan(dtype, engine):
     ff = TorchForceField.from_openmm(system, engine=engine)
     x0 = torch.as_tensor(xyz[0])
     clashes = [x0.clone() for _ in range(4)]
-    clashes[0][7] = clashes[0][3]                         # two atoms on top of each other
-    clashes[1][:] = clashes[1][0]                         # every atom at one point
-    clashes[2][12] = clashes[2][4] + 1e-7                 # 1e-6 Å apart
-    clashes[3][5:9] = clashes[3][5]                       # a bonded group collapsed
+    clashes[0][7] = clashes[0][3]  # two atoms on top of each other
+    clashes[1][:] = clashes[1][0]  # every atom at one point
+    clashes[2][12] = clashes[2][4] + 1e-7  # 1e-6 Å apart
+    clashes[3][5:9] = clashes[3][5]  # a bonded group collapsed
     x = torch.stack(clashes).to(dtype)
     u, f = ff.energy_and_forces(x)
     assert not torch.isnan(u).any() and not torch.isnan(f).any()
     assert torch.isfinite(f).all()
-    assert (u > 1e6).all()                                # clashes are very improbable
+    assert (u > 1e6).all()  # clashes are very improbable
     # gradients through energy() (the path samplers use) are NaN-free as well
     xg = x.clone().requires_grad_(True)
     (g,) = torch.autograd.grad(ff.energy(xg).sum(), xg)
@@ -236,7 +253,7 @@ def test_float32_close_to_float64():
     u32, f32 = ff.energy_and_forces(x.float())
     assert u32.dtype == torch.float32 and f32.dtype == torch.float32
     assert (u32.double() - u64).abs().max() < 1e-2
-    rel = ((f32.double() - f64).square().mean().sqrt() / f64.square().mean().sqrt())
+    rel = (f32.double() - f64).square().mean().sqrt() / f64.square().mean().sqrt()
     assert rel < 1e-4
 
 

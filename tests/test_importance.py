@@ -16,11 +16,14 @@ D = 3
 
 
 def problem(log_scale=2.0):
-    target = Gaussian(torch.tensor([0.5, -1.0, 0.3], dtype=torch.float64),
-                      torch.tensor([[1.0, 0.3, 0.0], [0.3, 0.8, 0.1], [0.0, 0.1, 0.5]], dtype=torch.float64),
-                      log_scale=log_scale)
-    proposal = torch.distributions.MultivariateNormal(torch.zeros(D, dtype=torch.float64),
-                                                      2.0 * torch.eye(D, dtype=torch.float64))
+    target = Gaussian(
+        torch.tensor([0.5, -1.0, 0.3], dtype=torch.float64),
+        torch.tensor([[1.0, 0.3, 0.0], [0.3, 0.8, 0.1], [0.0, 0.1, 0.5]], dtype=torch.float64),
+        log_scale=log_scale,
+    )
+    proposal = torch.distributions.MultivariateNormal(
+        torch.zeros(D, dtype=torch.float64), 2.0 * torch.eye(D, dtype=torch.float64)
+    )
     return target, proposal
 
 
@@ -57,8 +60,15 @@ def test_evidence_unbiased_and_errors_calibrated():
 def test_streamed_statistics_equal_kept_samples():
     target, proposal = problem()
     kept = mc.importance_sample(target, proposal, 5000, batch_size=700, generator=torch.Generator().manual_seed(2))
-    streamed = mc.importance_sample(target, proposal, 5000, batch_size=700, generator=torch.Generator().manual_seed(2),
-                                    keep_samples=False, statistics={"x2": lambda x: x**2})
+    streamed = mc.importance_sample(
+        target,
+        proposal,
+        5000,
+        batch_size=700,
+        generator=torch.Generator().manual_seed(2),
+        keep_samples=False,
+        statistics={"x2": lambda x: x**2},
+    )
     assert streamed.samples is None
     assert torch.equal(kept.log_weights, streamed.log_weights)
     a, b = kept.expectation(lambda x: x**2), streamed.expectation("x2")
@@ -76,8 +86,9 @@ def test_streamed_statistic_infinite_where_weight_is_zero():
             lp = -0.5 * (x**2).sum(-1)
             return torch.where(x[:, 0] > 0, lp, torch.full_like(lp, -math.inf))
 
-    proposal = torch.distributions.MultivariateNormal(torch.zeros(2, dtype=torch.float64),
-                                                      torch.eye(2, dtype=torch.float64))
+    proposal = torch.distributions.MultivariateNormal(
+        torch.zeros(2, dtype=torch.float64), torch.eye(2, dtype=torch.float64)
+    )
     stat = lambda x: torch.where(x[:, :1] > 0, 1.0 / x[:, :1], torch.full_like(x[:, :1], math.nan))  # noqa: E731
     kw = dict(batch_size=300, generator=torch.Generator().manual_seed(4))
     kept = mc.importance_sample(HalfGaussian(), proposal, 2000, **kw)

@@ -78,8 +78,9 @@ def test_downsample_adjoint_any_shape(h, w, f, c):
     y = torch.randn(2, *op.obs_shape, generator=g, dtype=F64)
     torch.testing.assert_close((op.forward(x) * y).sum(), (x * op.adjoint(y)).sum())
     # block averages of a constant image are that constant
-    torch.testing.assert_close(op.forward(torch.ones(1, *op.event_shape, dtype=F64)),
-                               torch.ones(1, *op.obs_shape, dtype=F64))
+    torch.testing.assert_close(
+        op.forward(torch.ones(1, *op.event_shape, dtype=F64)), torch.ones(1, *op.obs_shape, dtype=F64)
+    )
 
 
 @pytest.mark.parametrize("op", _operators()[:5], ids=lambda o: type(o).__name__)
@@ -89,7 +90,8 @@ def test_likelihood_gradient_and_laplacian(op):
     y = op.simulate(torch.randn(1, *op.event_shape, generator=g, dtype=F64), generator=g)[0]
     A = op.matrix()
     ref = torch.distributions.MultivariateNormal(
-        x.flatten(1) @ A.T, covariance_matrix=op.sigma_y**2 * torch.eye(op.obs_dim, dtype=F64)).log_prob(y.flatten())
+        x.flatten(1) @ A.T, covariance_matrix=op.sigma_y**2 * torch.eye(op.obs_dim, dtype=F64)
+    ).log_prob(y.flatten())
     torch.testing.assert_close(op.log_likelihood(x, y), ref)
     xr = x.clone().requires_grad_(True)
     (grad,) = torch.autograd.grad(-op.log_likelihood(xr, y).sum(), xr)
@@ -135,12 +137,21 @@ def test_pyro_target_matches_hand_computation(vectorized):
     sigma = log_sigma.exp()
     sb = torch.distributions.transforms.StickBreakingTransform()
     w = sb(u)
-    hand = (-0.5 * (mu / 2) ** 2 - math.log(2 * math.sqrt(2 * math.pi))  # N(0, 2)
-            - log_sigma - 0.5 * log_sigma**2 - 0.5 * math.log(2 * math.pi) + log_sigma  # LogNormal + Jacobian
-            + math.log(2.0)  # Dirichlet(1,1,1) density is Γ(3) = 2 on the simplex
-            + sb.log_abs_det_jacobian(u, w)
-            + (-0.5 * ((data - mu[:, None] - w[:, :1]) / sigma[:, None]) ** 2 - torch.log(sigma[:, None])
-               - 0.5 * math.log(2 * math.pi)).sum(-1))
+    hand = (
+        -0.5 * (mu / 2) ** 2
+        - math.log(2 * math.sqrt(2 * math.pi))  # N(0, 2)
+        - log_sigma
+        - 0.5 * log_sigma**2
+        - 0.5 * math.log(2 * math.pi)
+        + log_sigma  # LogNormal + Jacobian
+        + math.log(2.0)  # Dirichlet(1,1,1) density is Γ(3) = 2 on the simplex
+        + sb.log_abs_det_jacobian(u, w)
+        + (
+            -0.5 * ((data - mu[:, None] - w[:, :1]) / sigma[:, None]) ** 2
+            - torch.log(sigma[:, None])
+            - 0.5 * math.log(2 * math.pi)
+        ).sum(-1)
+    )
     torch.testing.assert_close(target.log_prob(z), hand, rtol=1e-10, atol=1e-10)
     values = target.constrain(z)
     torch.testing.assert_close(values["sigma"], sigma)
@@ -152,9 +163,12 @@ def test_pyro_target_constrained_space_and_errors():
     target = PyroTarget(_pyro_model, 2, observations={"y": data}, unconstrained=False)
     assert target.event_shape == torch.Size([5])  # mu, sigma, w (3 on the simplex)
     z = torch.tensor([[0.5, 1.5, 0.2, 0.3, 0.5]], dtype=F64)
-    hand = (dist.Normal(0.0, 2.0).log_prob(torch.tensor(0.5, dtype=F64))
-            + dist.LogNormal(0.0, 1.0).log_prob(torch.tensor(1.5, dtype=F64)) + math.log(2.0)
-            + dist.Normal(0.5 + 0.2, 1.5).log_prob(data).sum())
+    hand = (
+        dist.Normal(0.0, 2.0).log_prob(torch.tensor(0.5, dtype=F64))
+        + dist.LogNormal(0.0, 1.0).log_prob(torch.tensor(1.5, dtype=F64))
+        + math.log(2.0)
+        + dist.Normal(0.5 + 0.2, 1.5).log_prob(data).sum()
+    )
     torch.testing.assert_close(target.log_prob(z), hand.reshape(1))
     with pytest.raises(ValueError, match="does not sample"):
         PyroTarget(_pyro_model, 2, observations={"nope": data})
@@ -190,7 +204,9 @@ def test_mixture_posterior_is_prior_times_likelihood_over_evidence():
     sigma, y = 0.4, torch.randn(m, generator=g, dtype=F64)
     post, log_py = mixture_posterior(w, means, C, A, sigma, y)
     x = torch.randn(10, d, generator=g, dtype=F64) * 3
-    prior = torch.logsumexp(torch.distributions.MultivariateNormal(means, C).log_prob(x[:, None]) + torch.log(w / w.sum()), -1)
+    prior = torch.logsumexp(
+        torch.distributions.MultivariateNormal(means, C).log_prob(x[:, None]) + torch.log(w / w.sum()), -1
+    )
     lik = DenseOperator(A, sigma).log_likelihood(x, y)
     torch.testing.assert_close(post.log_prob(x), prior + lik - log_py, rtol=1e-10, atol=1e-10)
     # one component: agrees with the Gaussian formula

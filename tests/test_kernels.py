@@ -33,8 +33,7 @@ def test_kernel_leaves_target_invariant(kernel, which):
     assert 0.2 < float(rates.mean()) < 0.999
     moved = (x != x0).any(-1).double().mean()
     assert float(moved) > 0.5
-    for f, exact in ((lambda v: v, target.mean),
-                     (lambda v: v**2, torch.diagonal(target.covariance) + target.mean**2)):
+    for f, exact in ((lambda v: v, target.mean), (lambda v: v**2, torch.diagonal(target.covariance) + target.mean**2)):
         vals = f(x)
         se = vals.std(0) / math.sqrt(n)
         assert bool(((vals.mean(0) - exact).abs() < 5 * math.sqrt(2) * se).all()), (vals.mean(0), exact)
@@ -68,12 +67,15 @@ def test_independence_kernel_smc_evidence_on_an_asymmetric_mixture():
     from mcsample.kernels import MALA, Independence
     from mcsample.systems.analytic import GaussianMixture
 
-    target = GaussianMixture.separated(dim=4, num_modes=3, spread=5.0, log_scale=1.5,
-                                       generator=torch.Generator().manual_seed(3))
-    q = torch.distributions.MultivariateNormal(torch.zeros(4, dtype=torch.float64),
-                                               36 * torch.eye(4, dtype=torch.float64))
-    res = mc.smc(target, q, 3000, kernel=Independence(local=MALA(), proposal=q),
-                 generator=torch.Generator().manual_seed(0))
+    target = GaussianMixture.separated(
+        dim=4, num_modes=3, spread=5.0, log_scale=1.5, generator=torch.Generator().manual_seed(3)
+    )
+    q = torch.distributions.MultivariateNormal(
+        torch.zeros(4, dtype=torch.float64), 36 * torch.eye(4, dtype=torch.float64)
+    )
+    res = mc.smc(
+        target, q, 3000, kernel=Independence(local=MALA(), proposal=q), generator=torch.Generator().manual_seed(0)
+    )
     err = abs(float(res.log_evidence) - float(target.log_normalizer))
     assert err < 5 * float(res.log_evidence_stderr) + 1e-3
     with pytest.raises(TypeError):

@@ -335,7 +335,7 @@ def test_transferable_data_quick_writes_resumes_and_refuses_other_sequences(tmp_
         assert meta["complete"] and meta["settings"]["force_field"].startswith("amber14-all")
         assert meta["settings"]["temperature_K"] == 310.0 and meta["identity"]["sequence"] == seq
         assert {"torch", "openmm", "mcsample"} <= set(meta["versions"])
-        assert res.n_frames == 4 * 2 and np.isfinite(res.energies).all()   # 4 walkers x 0.4 ps/0.2
+        assert res.n_frames == 4 * 4 and np.isfinite(res.energies).all()   # 4 walkers x 0.4 ps/0.1
         assert [r.name for r in res.trajectory.topology.residues] == [_three(c) for c in seq]
         assert res.trajectory.xyz.dtype == np.float32
     capsys.readouterr()

@@ -83,11 +83,9 @@ def test_resume_continues_the_same_trajectory(ala2, tmp_path):
 def test_resume_from_positions_when_checkpoint_is_foreign(ala2, tmp_path):
     """A checkpoint from another platform falls back to the saved positions and velocities."""
     path = tmp_path / "md.npz"
-    run_md(ala2, 0.05, report_interval_ps=0.01, generator=_gen(2), platform="Reference", progress=False,
-           path=path)
+    run_md(ala2, 0.05, report_interval_ps=0.01, generator=_gen(2), platform="Reference", progress=False, path=path)
     with pytest.warns(UserWarning, match="checkpoint"):
-        res = run_md(ala2, 0.1, report_interval_ps=0.01, generator=_gen(2), platform="CPU", progress=False,
-                     path=path)
+        res = run_md(ala2, 0.1, report_interval_ps=0.01, generator=_gen(2), platform="CPU", progress=False, path=path)
     assert res.n_frames == 10 and np.isfinite(res.energies).all()
     # continuity: the first new frame is 10 fs after the last saved one, so atoms moved little
     step = np.linalg.norm(res.trajectory.xyz[5] - res.trajectory.xyz[4], axis=-1).max()
@@ -138,8 +136,15 @@ def test_generator_must_be_a_torch_generator(ala2):
 
 
 def test_parallel_tempering_swaps(ala2):
-    res = run_parallel_tempering(ala2, [300.0, 320.0, 345.0], 0.6, exchange_interval_ps=0.02,
-                                 report_interval_ps=0.04, generator=_gen(0), progress=False)
+    res = run_parallel_tempering(
+        ala2,
+        [300.0, 320.0, 345.0],
+        0.6,
+        exchange_interval_ps=0.02,
+        report_interval_ps=0.04,
+        generator=_gen(0),
+        progress=False,
+    )
     assert res.trajectory.n_frames == 15 and res.trajectory.n_atoms == 22
     assert res.attempts.tolist() == [15, 15]  # 30 exchange rounds, alternating even/odd pairs
     assert np.all(res.acceptance > 0.0) and np.all(res.acceptance < 1.0)
@@ -151,8 +156,9 @@ def test_parallel_tempering_swaps(ala2):
     with pytest.raises(ValueError, match="increasing"):
         run_parallel_tempering(ala2, [320.0, 300.0], 0.1, progress=False)
     with pytest.raises(ValueError, match="multiple"):
-        run_parallel_tempering(ala2, [300.0, 320.0], 0.1, exchange_interval_ps=0.03,
-                               report_interval_ps=0.05, progress=False)
+        run_parallel_tempering(
+            ala2, [300.0, 320.0], 0.1, exchange_interval_ps=0.03, report_interval_ps=0.05, progress=False
+        )
 
 
 # ------------------------------------------------------------------------------ SMC vs MD
@@ -174,7 +180,7 @@ class _BroadStart:
         self.mu = target.reference_z[6:].clone()
         nb, na = ic.n_atoms - 1, ic.n_atoms - 2
         s = torch.full_like(self.mu, st)
-        s[:nb], s[nb:nb + na] = sb, sa
+        s[:nb], s[nb : nb + na] = sb, sa
         self.s = s
         self.circ = target.circular_mask
         self.free = torch.zeros_like(self.circ)
@@ -228,8 +234,7 @@ def one_thread():
 
 def test_parallel_tempering_resume_continues_the_same_run(ala2, tmp_path):
     """Half a PT run saved, then extended, equals the uninterrupted run (Reference platform)."""
-    kw = dict(exchange_interval_ps=0.02, report_interval_ps=0.04, platform="Reference",
-              progress=False)
+    kw = dict(exchange_interval_ps=0.02, report_interval_ps=0.04, platform="Reference", progress=False)
     temps = [300.0, 330.0, 365.0]
     whole = run_parallel_tempering(ala2, temps, 0.4, generator=_gen(3), **kw)
     path = tmp_path / "pt.npz"
@@ -240,7 +245,10 @@ def test_parallel_tempering_resume_continues_the_same_run(ala2, tmp_path):
     assert np.array_equal(resumed.trajectory.xyz, whole.trajectory.xyz)
     assert np.array_equal(resumed.state_energies, whole.state_energies)
     assert np.array_equal(resumed.replica_at_state, whole.replica_at_state)
-    assert resumed.attempts.tolist() == whole.attempts.tolist() and resumed.acceptance.tolist() == whole.acceptance.tolist()
+    assert (
+        resumed.attempts.tolist() == whole.attempts.tolist()
+        and resumed.acceptance.tolist() == whole.acceptance.tolist()
+    )
     assert 0 < whole.acceptance.min() and whole.acceptance.max() < 1  # swaps happened and were refused
     traj, _, meta, extra = load_npz(path)
     assert meta["complete"] and meta["n_frames"] == 10 and len(extra["pt_replica_at_state"]) == 10
@@ -272,8 +280,16 @@ def test_smc_on_alanine_dipeptide_matches_md_energies(ala2, one_thread):
     from mcsample.systems.coordinates import InternalCoordinateTarget
 
     # --- MD reference
-    ref = run_md(ala2, 40.0, friction_per_ps=5.0, report_interval_ps=0.05, equilibration_ps=2.0,
-                 generator=_gen(3), threads=1, progress=False)
+    ref = run_md(
+        ala2,
+        40.0,
+        friction_per_ps=5.0,
+        report_interval_ps=0.05,
+        equilibration_ps=2.0,
+        generator=_gen(3),
+        threads=1,
+        progress=False,
+    )
     phi_md, psi_md = A.ramachandran_angles(ref.trajectory)
     in_md = _beta_basin(phi_md, psi_md)
     assert in_md.mean() > 0.5
@@ -292,8 +308,7 @@ def test_smc_on_alanine_dipeptide_matches_md_energies(ala2, one_thread):
     gen = torch.Generator().manual_seed(0)
     kernel = mc.kernels.HMC(num_steps=2, num_leapfrog=10)
     n = 256
-    res = mc.smc(target, initial, n, kernel=kernel, schedule=mc.AdaptiveSchedule(cess=0.7),
-                 generator=gen)
+    res = mc.smc(target, initial, n, kernel=kernel, schedule=mc.AdaptiveSchedule(cess=0.7), generator=gen)
     lw = res.particles.log_weights
     assert torch.isfinite(res.particles.samples).all() and not torch.isnan(lw).any()
     assert math.isfinite(float(res.log_evidence)) and res.betas[-1] == 1.0
@@ -302,8 +317,7 @@ def test_smc_on_alanine_dipeptide_matches_md_energies(ala2, one_thread):
     idx = mc.resample(lw, generator=gen)
     z, ancestors = res.particles.samples[idx], res.state.ancestors[idx]
     scale = z.std(0)
-    z, rates = run_chain(kernel, target, z, 12, step_size=float(res.state.step_size), scale=scale,
-                         generator=gen)
+    z, rates = run_chain(kernel, target, z, 12, step_size=float(res.state.step_size), scale=scale, generator=gen)
     assert rates.mean() > 0.3
     x, _ = target.to_cartesian(z)
     e = ala2.energy(x).detach().numpy()
@@ -316,9 +330,11 @@ def test_smc_on_alanine_dipeptide_matches_md_energies(ala2, one_thread):
     se_smc = max(se_gen, 1.9)
 
     tol = 5 * math.hypot(se_md, se_smc)
-    print(f"MD {mean_md:.2f} ± {se_md:.2f}, SMC {mean_smc:.2f} ± {se_gen:.2f} (used {se_smc:.2f}) "
-          f"kJ/mol (tol {tol:.2f}); "
-          f"W1 {A.energy_wasserstein(e, e_md, weights_p=w):.2f}, std {e_md.std():.2f}")
+    print(
+        f"MD {mean_md:.2f} ± {se_md:.2f}, SMC {mean_smc:.2f} ± {se_gen:.2f} (used {se_smc:.2f}) "
+        f"kJ/mol (tol {tol:.2f}); "
+        f"W1 {A.energy_wasserstein(e, e_md, weights_p=w):.2f}, std {e_md.std():.2f}"
+    )
     assert abs(mean_smc - mean_md) < tol
     # the bound is informative: below the width of the distribution (≈ 13 kJ/mol); an SMC that
     # has not equilibrated (five MALA moves per step) came out 40 kJ/mol too high
@@ -334,8 +350,12 @@ def test_reference_md_example_quick(tmp_path):
     from pathlib import Path
 
     script = Path(__file__).resolve().parents[1] / "examples" / "peptides" / "reference_md.py"
-    subprocess.run([sys.executable, str(script), "--quick", "--no-progress", "--out", str(tmp_path)],
-                   check=True, capture_output=True, timeout=600)
+    subprocess.run(
+        [sys.executable, str(script), "--quick", "--no-progress", "--out", str(tmp_path)],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
     for solvent in ("obc1", "vacuum"):
         res = MDResult.load(tmp_path / f"alanine_dipeptide_{solvent}_md.npz")
         assert res.n_frames == 200 and np.isfinite(res.energies).all()
@@ -355,12 +375,30 @@ def test_reference_md_example_parallel_tempering(tmp_path):
     from pathlib import Path
 
     script = Path(__file__).resolve().parents[1] / "examples" / "peptides" / "reference_md.py"
-    subprocess.run([sys.executable, str(script), "--quick", "--sampler", "pt", "--solvent", "vacuum",
-                    "--replicas", "3", "--t-max", "360", "--no-progress", "--out", str(tmp_path)],
-                   check=True, capture_output=True, timeout=600)
+    subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            "--quick",
+            "--sampler",
+            "pt",
+            "--solvent",
+            "vacuum",
+            "--replicas",
+            "3",
+            "--t-max",
+            "360",
+            "--no-progress",
+            "--out",
+            str(tmp_path),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
     summary = json.loads((tmp_path / "alanine_dipeptide_vacuum_pt.json").read_text())
     assert summary["analysed_frames"] == 200  # 20 ps at 0.1 ps, 2 ps of equilibration dropped
-    assert summary["temperatures_K"] == pytest.approx([300.0, 300.0 * 1.2 ** 0.5, 360.0])
+    assert summary["temperatures_K"] == pytest.approx([300.0, 300.0 * 1.2**0.5, 360.0])
     assert len(summary["acceptance"]) == 2 and 0.0 < min(summary["acceptance"]) < 1.0
     assert -80.0 < summary["energy_mean_kJ_per_mol"] < -10.0  # plain MD: -45 kJ/mol
     assert (tmp_path / "ramachandran_vacuum_pt.png").read_bytes()[:4] == b"\x89PNG"

@@ -105,8 +105,16 @@ def test_periodic_and_shapes(target):
         target.log_prob(theta[:, :5])
 
 
-@pytest.mark.parametrize("smi", [SMILES, "CC(C)Cc1ccc(cc1)C(C)C(=O)O", "CN(C)CCOC(c1ccccc1)c1ccccc1",
-                                 "CC(=O)Nc1ccc(O)cc1", "FC(F)(F)c1ccc(OCC)cc1"])
+@pytest.mark.parametrize(
+    "smi",
+    [
+        SMILES,
+        "CC(C)Cc1ccc(cc1)C(C)C(=O)O",
+        "CN(C)CCOC(c1ccccc1)c1ccccc1",
+        "CC(=O)Nc1ccc(O)cc1",
+        "FC(F)(F)c1ccc(OCC)cc1",
+    ],
+)
 def test_torsions_are_rdkit_strict_rotatable_bonds(smi):
     mol = Chem.MolFromSmiles(smi)
     t = rotatable_torsions(Chem.AddHs(mol))

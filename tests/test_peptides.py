@@ -61,7 +61,7 @@ def test_log_prob_is_minus_energy_over_kT_and_backends_agree():
     u = p.energy(x)
     lp = check_log_prob(p.log_prob(x), 8)
     assert torch.allclose(lp, -u / p.kT)
-    u_omm = p.energy(x, backend="openmm")          # CPU platform: mixed precision
+    u_omm = p.energy(x, backend="openmm")  # CPU platform: mixed precision
     assert (u - u_omm).abs().max() < 1e-2
     assert (p.forces(x) - p.forces(x, backend="openmm")).abs().max() < 0.05
     # one configuration without a batch dimension gives a scalar
@@ -79,20 +79,19 @@ def test_openmm_backend_is_differentiable_and_pooled():
     u = p.energy(x, backend="openmm")
     (grad,) = torch.autograd.grad(u.sum(), x)
     assert torch.allclose(-grad, p.forces(x.detach(), backend="openmm"))
-    pooled = Peptide.from_openmm(p.openmm_topology, p.system, p.positions, 300.0,
-                                 minimize=False, n_contexts=2)
+    pooled = Peptide.from_openmm(p.openmm_topology, p.system, p.positions, 300.0, minimize=False, n_contexts=2)
     assert torch.allclose(pooled.energy(x.detach(), backend="openmm"), u.detach())
 
 
 def test_score_and_regularized_log_prob():
     p = ala2("obc1")
     x = p.positions[None].repeat(3, 1, 1)
-    x[1, 5] = x[1, 6]                       # a clash
+    x[1, 5] = x[1, 6]  # a clash
     assert torch.allclose(p.score(x[:1]), p.forces(x[:1]) / p.kT)
     lp = p.log_prob(x)
     reg = p.regularized_log_prob(x, high_energy=1e3, max_energy=1e8)
     assert torch.isfinite(reg).all()
-    assert reg[0] == pytest.approx(lp[0].item())                # physical: unchanged
+    assert reg[0] == pytest.approx(lp[0].item())  # physical: unchanged
     assert reg[1] > lp[1] and reg[1] > -(1e3 + np.log(1e8)) / p.kT - 1e-9
 
 
@@ -103,7 +102,7 @@ def test_mdtraj_round_trip():
     assert traj.n_frames == 2 and traj.n_atoms == 22
     back = p.from_mdtraj(traj)
     assert back.shape == (2, 22, 3) and back.dtype == torch.float64
-    assert (back - x).abs().max() < 1e-6                        # float32 storage in mdtraj
+    assert (back - x).abs().max() < 1e-6  # float32 storage in mdtraj
     import mdtraj
 
     _, phi = mdtraj.compute_phi(traj)
@@ -120,7 +119,7 @@ def test_from_sequence_kdea_with_cutoff():
     assert nb.getCutoffDistance()._value == pytest.approx(2.0)
     assert forces["CustomGBForce"].getNonbondedMethod() == openmm.CustomGBForce.CutoffNonPeriodic
     charge = sum(nb.getParticleParameters(i)[0]._value for i in range(p.n_atoms))
-    assert charge == pytest.approx(-1.0, abs=1e-6)              # K+ D- E- at pH 7
+    assert charge == pytest.approx(-1.0, abs=1e-6)  # K+ D- E- at pH 7
     assert p.system.getNumConstraints() == 0
     # peptide bonds trans, L-amino acids (same handedness as openmmtools' L-alanine)
     import mdtraj
@@ -137,7 +136,7 @@ def test_from_sequence_kdea_with_cutoff():
 def test_from_sequence_zwitterion_vacuum():
     p = Peptide.from_sequence("GA", caps=False, solvent="vacuum", temperature=300.0)
     names = {(a.residue.name, a.name) for a in p.topology.atoms}
-    assert {("GLY", "H"), ("GLY", "H2"), ("GLY", "H3"), ("ALA", "OXT")} <= names   # NH3+, COO-
+    assert {("GLY", "H"), ("GLY", "H2"), ("GLY", "H3"), ("ALA", "OXT")} <= names  # NH3+, COO-
     assert not any(type(f).__name__ == "CustomGBForce" for f in p.system.getForces())
     nb = next(f for f in p.system.getForces() if isinstance(f, openmm.NonbondedForce))
     assert sum(nb.getParticleParameters(i)[0]._value for i in range(p.n_atoms)) == pytest.approx(0.0, abs=1e-6)

@@ -67,8 +67,9 @@ def check_moments(ws, mean, cov, cov_rtol: float):
     se = cov.diagonal().sqrt() / math.sqrt(min_ess)
     assert bool(((est_mean - mean).abs() < 5 * se).all()), (est_mean, mean, 5 * se)
     scale = cov.diagonal().sqrt()
-    torch.testing.assert_close(est_cov / torch.outer(scale, scale), cov / torch.outer(scale, scale),
-                               atol=cov_rtol, rtol=0)
+    torch.testing.assert_close(
+        est_cov / torch.outer(scale, scale), cov / torch.outer(scale, scale), atol=cov_rtol, rtol=0
+    )
 
 
 def model_chain_gaussian(sampler, m, C):
@@ -120,8 +121,9 @@ def test_tds_is_exact_for_the_model_chain():
 def test_mcgdiff_matches_gaussian_posterior():
     model, op, y, m, C = gaussian_problem()
     post_mean, post_cov, log_py = linear_gaussian_posterior(op.A, op.sigma_y, y, m, C)
-    ws = P.mcgdiff(model, op, y, 4000, num_steps=300, grid="log_snr", generator=torch.Generator().manual_seed(1),
-                   dtype=F64)
+    ws = P.mcgdiff(
+        model, op, y, 4000, num_steps=300, grid="log_snr", generator=torch.Generator().manual_seed(1), dtype=F64
+    )
     assert ws.info["nfe"] >= 301  # the observation times are inserted into the grid
     # MCGdiff is exact only as the reverse kernels become the forward process's: at 300 steps
     # the variances are still ~5% low (1000 steps: ~3%), so the covariance bound is 10%
@@ -144,8 +146,9 @@ def test_ensemble_matches_gaussian_posterior_and_evidence(lam):
     P_inv = torch.linalg.inv(prior_cov)
     M = (torch.eye(3, dtype=F64) - s * s * P_inv) / a
     b = s * s * (P_inv @ (a * m)) / a
-    ws = P.ensemble_sampler(model, op, y, 4000, num_steps=200, likelihood_drift=lam,
-                            generator=torch.Generator().manual_seed(2), dtype=F64)
+    ws = P.ensemble_sampler(
+        model, op, y, 4000, num_steps=200, likelihood_drift=lam, generator=torch.Generator().manual_seed(2), dtype=F64
+    )
     assert ws.info["nfe"] == 201  # 200 steps and Tweedie's denoiser at t_min
     check_moments(ws, M @ post_mean + b, M @ post_cov @ M.T, cov_rtol=0.06)
     # log Z - log p(y) over 60 runs (200 steps, N = 4000): λ = ½ 0.007 ± 0.017 (sd); λ = 1
@@ -156,10 +159,22 @@ def test_ensemble_matches_gaussian_posterior_and_evidence(lam):
     if lam == 0.5:
         assert abs(err) < 0.08
     else:
-        errs = [err] + [float(P.ensemble_sampler(model, op, y, 4000, num_steps=200, likelihood_drift=lam,
-                                                 generator=torch.Generator().manual_seed(seed),
-                                                 dtype=F64).log_evidence - log_py)
-                        for seed in (3, 4, 5, 6)]
+        errs = [err] + [
+            float(
+                P.ensemble_sampler(
+                    model,
+                    op,
+                    y,
+                    4000,
+                    num_steps=200,
+                    likelihood_drift=lam,
+                    generator=torch.Generator().manual_seed(seed),
+                    dtype=F64,
+                ).log_evidence
+                - log_py
+            )
+            for seed in (3, 4, 5, 6)
+        ]
         assert -0.3 < float(torch.tensor(errs).median()) < 1.0, errs
 
 
@@ -177,8 +192,9 @@ def test_ensemble_generic_predictive_potential():
 
     t = torch.tensor(1e-3, dtype=F64)
     a, s = float(SCHED.alpha(t)), float(SCHED.sigma(t))
-    post_mean, post_cov, log_py = linear_gaussian_posterior(op.A, op.sigma_y, y, a * m,
-                                                            a * a * C + s * s * torch.eye(3, dtype=F64))
+    post_mean, post_cov, log_py = linear_gaussian_posterior(
+        op.A, op.sigma_y, y, a * m, a * a * C + s * s * torch.eye(3, dtype=F64)
+    )
     sampler = P.EnsembleSampler(model, Hidden(), y, num_steps=400, laplacian="exact")
     assert sampler.integrator == "euler" and sampler.potential == "predictive"
     ws = sampler.run(3000, generator=torch.Generator().manual_seed(9), dtype=F64)
@@ -213,15 +229,16 @@ def test_ensemble_nonlinear_measurement_generic_path():
     W = torch.softmax(lw, 0)
     ref_mean = W @ X
     ref_cov = (X - ref_mean).T @ ((X - ref_mean) * W[:, None])
-    ws = P.ensemble_sampler(model, meas, y, 3000, num_steps=300, likelihood_drift=0.5,
-                            generator=torch.Generator().manual_seed(3), dtype=F64)
+    ws = P.ensemble_sampler(
+        model, meas, y, 3000, num_steps=300, likelihood_drift=0.5, generator=torch.Generator().manual_seed(3), dtype=F64
+    )
     assert P.EnsembleSampler(model, meas, y).integrator == "euler"
     check_moments(ws, ref_mean, ref_cov, cov_rtol=0.08)
 
 
 def test_laplacian_exact_and_hutchinson():
     def fn(x):
-        return (x[:, 0] ** 2 * x[:, 1] + torch.sin(x[:, 2]) + x[:, 1] ** 4)
+        return x[:, 0] ** 2 * x[:, 1] + torch.sin(x[:, 2]) + x[:, 1] ** 4
 
     x = torch.randn(4, 3, generator=torch.Generator().manual_seed(4), dtype=F64)
     exact = 2 * x[:, 1] - torch.sin(x[:, 2]) + 12 * x[:, 1] ** 2
@@ -249,7 +266,7 @@ def mixture_problem():
 
 
 def mode_error(ws, post) -> float:
-    """Total-variation distance between the weighted soft mode occupancies
+    r"""Total-variation distance between the weighted soft mode occupancies
     :math:`\sum_i W_i\,p(k\mid x_i)` (responsibilities under the exact posterior mixture, whose
     posterior expectation is exactly the mode weight) and the exact mode weights."""
     W = torch.exp(ws.log_weights - torch.logsumexp(ws.log_weights, 0))
@@ -369,8 +386,7 @@ def test_benchmark_d80_smc_and_ensemble_beat_dps():
             "tds": P.tds(model, prob.operator, prob.y, 1000, generator=g),
             "mcgdiff": P.mcgdiff(model, prob.operator, prob.y, 1000, generator=g),
             "ensemble": P.ensemble_sampler(model, prob.operator, prob.y, 1000, generator=g),
-            "ensemble-half": P.ensemble_sampler(model, prob.operator, prob.y, 1000, likelihood_drift=0.5,
-                                                generator=g),
+            "ensemble-half": P.ensemble_sampler(model, prob.operator, prob.y, 1000, likelihood_drift=0.5, generator=g),
         }
         for name, ws in runs.items():
             x = ws.samples if name == "dps" else ws.resample(2000, scheme="multinomial", generator=g)
@@ -398,6 +414,7 @@ def test_driver_checkpoint_resume_is_exact(fn, tmp_path, monkeypatch):
             if calls["n"] > 7:
                 raise KeyboardInterrupt
             return base_step[cls](self, state, generator=generator)
+
         return step
 
     for cls in base_step:
@@ -410,9 +427,19 @@ def test_driver_checkpoint_resume_is_exact(fn, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="seed state"):
         fn(model, op, y, 64, generator=torch.Generator().manual_seed(999), checkpoint=path, checkpoint_every=3, **kw)
     with pytest.raises(ValueError, match="sampler"):
-        fn(model, op, y + 1.0, 64, generator=torch.Generator().manual_seed(3), checkpoint=path, checkpoint_every=3, **kw)
-    resumed = fn(model, op, y, 64, generator=torch.Generator().manual_seed(3), checkpoint=path,
-                 checkpoint_every=3, **kw)
+        fn(
+            model,
+            op,
+            y + 1.0,
+            64,
+            generator=torch.Generator().manual_seed(3),
+            checkpoint=path,
+            checkpoint_every=3,
+            **kw,
+        )
+    resumed = fn(
+        model, op, y, 64, generator=torch.Generator().manual_seed(3), checkpoint=path, checkpoint_every=3, **kw
+    )
     torch.testing.assert_close(resumed.samples, full.samples)
     torch.testing.assert_close(resumed.log_weights, full.log_weights)
     assert float(resumed.log_evidence) == pytest.approx(float(full.log_evidence), nan_ok=True)

@@ -14,7 +14,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 import mcsample as mc
 from mcsample import _resampling_numba, resampling
@@ -39,7 +40,8 @@ def resample(backend, *args, **kwargs):
 
 log_weights = st.lists(
     st.one_of(st.floats(min_value=-30, max_value=30, allow_nan=False), st.just(-math.inf)),
-    min_size=1, max_size=50,
+    min_size=1,
+    max_size=50,
 ).filter(lambda v: any(math.isfinite(a) for a in v))
 
 

@@ -16,8 +16,9 @@ from mcsample.tempering import AdaptiveSchedule
 
 
 def broad(d, scale=4.0):
-    return torch.distributions.MultivariateNormal(torch.zeros(d, dtype=torch.float64),
-                                                  scale**2 * torch.eye(d, dtype=torch.float64))
+    return torch.distributions.MultivariateNormal(
+        torch.zeros(d, dtype=torch.float64), scale**2 * torch.eye(d, dtype=torch.float64)
+    )
 
 
 def mixture10():
@@ -30,12 +31,19 @@ def repeats(target, initial, n, runs, **kw):
     return [mc.smc(target, initial, n, generator=g, **kw) for _ in range(runs)]
 
 
-@pytest.mark.parametrize("schedule", ["adaptive", [0.0] + [float(b) for b in torch.logspace(-4, 0, 16)]],
-                         ids=["adaptive", "fixed"])
+@pytest.mark.parametrize(
+    "schedule", ["adaptive", [0.0] + [float(b) for b in torch.logspace(-4, 0, 16)]], ids=["adaptive", "fixed"]
+)
 def test_mixture_log_evidence_and_moments(schedule):
     target = mixture10()
-    results = repeats(target, broad(10), 800, 8, kernel=mc.kernels.MALA(num_steps=4),
-                      schedule=schedule if schedule == "adaptive" else schedule)
+    results = repeats(
+        target,
+        broad(10),
+        800,
+        8,
+        kernel=mc.kernels.MALA(num_steps=4),
+        schedule=schedule if schedule == "adaptive" else schedule,
+    )
     logz = torch.tensor([float(r.log_evidence) for r in results])
     se = float(logz.std()) / math.sqrt(len(logz))
     assert abs(float(logz.mean()) - float(target.log_normalizer)) < 5 * se + 0.02
@@ -50,8 +58,9 @@ def test_mixture_log_evidence_and_moments(schedule):
 
 
 def test_linear_regression_posterior_and_evidence():
-    target = BayesianLinearRegression.synthetic(num_data=40, dim=4, noise_std=0.5,
-                                                generator=torch.Generator().manual_seed(3))
+    target = BayesianLinearRegression.synthetic(
+        num_data=40, dim=4, noise_std=0.5, generator=torch.Generator().manual_seed(3)
+    )
     results = repeats(target, target.prior, 600, 8, kernel=mc.kernels.HMC())
     logz = torch.tensor([float(r.log_evidence) for r in results])
     se = float(logz.std()) / math.sqrt(len(logz))
@@ -66,13 +75,22 @@ def test_linear_regression_posterior_and_evidence():
 def test_single_run_stderr_is_calibrated():
     # Lee & Whiteley's estimator is derived for multinomial resampling: check its calibration
     # there over 200 independent runs. Var(z) has sd ~ 0.1 around 1.
-    target = Gaussian(torch.tensor([2.0, -1.0], dtype=torch.float64), 0.3 * torch.eye(2, dtype=torch.float64),
-                      log_scale=1.0)
+    target = Gaussian(
+        torch.tensor([2.0, -1.0], dtype=torch.float64), 0.3 * torch.eye(2, dtype=torch.float64), log_scale=1.0
+    )
     g = torch.Generator().manual_seed(11)
     z, logz, var_hat = [], [], []
     for _ in range(200):
-        r = mc.smc(target, broad(2, 2.0), 100, kernel=mc.kernels.RandomWalk(num_steps=3),
-                   schedule=[0.0, 0.05, 0.2, 0.5, 1.0], resample_threshold=1.0, scheme="multinomial", generator=g)
+        r = mc.smc(
+            target,
+            broad(2, 2.0),
+            100,
+            kernel=mc.kernels.RandomWalk(num_steps=3),
+            schedule=[0.0, 0.05, 0.2, 0.5, 1.0],
+            resample_threshold=1.0,
+            scheme="multinomial",
+            generator=g,
+        )
         logz.append(float(r.log_evidence))
         var_hat.append(float(r.log_evidence_stderr) ** 2)
         z.append((float(r.log_evidence) - float(target.log_normalizer)) / float(r.log_evidence_stderr))
@@ -86,8 +104,11 @@ def test_single_run_stderr_is_calibrated():
 
 def test_asymmetric_target_adaptive_schedule_reaches_one():
     # a target far from the initial, with a narrow asymmetric shape: adaptive tempering must not stall
-    target = Gaussian(torch.tensor([6.0, -3.0], dtype=torch.float64),
-                      torch.tensor([[0.05, 0.0], [0.0, 2.0]], dtype=torch.float64), log_scale=-4.0)
+    target = Gaussian(
+        torch.tensor([6.0, -3.0], dtype=torch.float64),
+        torch.tensor([[0.05, 0.0], [0.0, 2.0]], dtype=torch.float64),
+        log_scale=-4.0,
+    )
     r = mc.smc(target, broad(2, 1.0), 1000, kernel=mc.kernels.MALA(), generator=torch.Generator().manual_seed(0))
     assert float(r.betas[-1]) == 1.0 and len(r.betas) < 60
     assert abs(float(r.log_evidence - target.log_normalizer)) < 5 * float(r.log_evidence_stderr) + 0.1
@@ -113,12 +134,21 @@ def test_checkpoint_resume_gives_identical_result(tmp_path):
     full = mc.smc(target, broad(10), 300, generator=torch.Generator().manual_seed(9), **kw)
     path = tmp_path / "smc.pt"
     with pytest.raises(RuntimeError, match="max_steps=5"):
-        mc.smc(target, broad(10), 300, generator=torch.Generator().manual_seed(9), checkpoint=path,
-               checkpoint_every=2, max_steps=5, **kw)
+        mc.smc(
+            target,
+            broad(10),
+            300,
+            generator=torch.Generator().manual_seed(9),
+            checkpoint=path,
+            checkpoint_every=2,
+            max_steps=5,
+            **kw,
+        )
     saved = torch.load(path, weights_only=True)
     assert saved["state"]["index"] == 4
-    resumed = mc.smc(target, broad(10), 300, generator=torch.Generator().manual_seed(9),
-                     checkpoint=path, checkpoint_every=2, **kw)
+    resumed = mc.smc(
+        target, broad(10), 300, generator=torch.Generator().manual_seed(9), checkpoint=path, checkpoint_every=2, **kw
+    )
     assert torch.equal(full.particles.samples, resumed.particles.samples)
     assert torch.equal(full.betas, resumed.betas)
     assert float(full.log_evidence) == float(resumed.log_evidence)
@@ -131,18 +161,26 @@ def test_checkpoint_of_another_run_is_refused(tmp_path, capsys):
     kw = dict(kernel=mc.kernels.RandomWalk(num_steps=3), schedule=AdaptiveSchedule(cess=0.8))
     path = tmp_path / "smc.pt"
     with pytest.raises(RuntimeError, match="max_steps=3"):
-        mc.smc(target, broad(10), 300, generator=torch.Generator().manual_seed(9), checkpoint=path,
-               checkpoint_every=1, max_steps=3, **kw)
-    other_target = GaussianMixture.separated(dim=10, num_modes=4, spread=6.0, log_scale=2.0,
-                                             generator=torch.Generator().manual_seed(0))
+        mc.smc(
+            target,
+            broad(10),
+            300,
+            generator=torch.Generator().manual_seed(9),
+            checkpoint=path,
+            checkpoint_every=1,
+            max_steps=3,
+            **kw,
+        )
+    other_target = GaussianMixture.separated(
+        dim=10, num_modes=4, spread=6.0, log_scale=2.0, generator=torch.Generator().manual_seed(0)
+    )
     cases = [
         (dict(target=other_target), "target or proposal"),
         (dict(generator=torch.Generator().manual_seed(10)), "seed state"),
         (dict(num_particles=200), "num_particles"),
         (dict(kernel=mc.kernels.MALA()), "kernel"),
     ]
-    base = dict(target=target, initial=broad(10), num_particles=300,
-                generator=torch.Generator().manual_seed(9), **kw)
+    base = dict(target=target, initial=broad(10), num_particles=300, generator=torch.Generator().manual_seed(9), **kw)
     for change, message in cases:
         args = {**base, **change}
         if "generator" not in change:
@@ -156,8 +194,14 @@ def test_checkpoint_of_another_run_is_refused(tmp_path, capsys):
 
 def test_callback_sees_every_step_with_per_particle_weights():
     seen = []
-    r = mc.smc(mixture10(), broad(10), 128, kernel=mc.kernels.RandomWalk(num_steps=2),
-               generator=torch.Generator().manual_seed(2), callback=lambda s: seen.append((s.beta, s.log_w.clone())))
+    r = mc.smc(
+        mixture10(),
+        broad(10),
+        128,
+        kernel=mc.kernels.RandomWalk(num_steps=2),
+        generator=torch.Generator().manual_seed(2),
+        callback=lambda s: seen.append((s.beta, s.log_w.clone())),
+    )
     assert [b for b, _ in seen] == r.betas[1:].tolist()
     assert all(lw.shape == (128,) and lw.dtype == torch.float64 for _, lw in seen)
     assert torch.equal(seen[-1][1], r.particles.log_weights)

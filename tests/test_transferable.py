@@ -114,9 +114,10 @@ def test_maximum_likelihood_over_two_peptides_lowers_held_out_nll(peptides):
 
     flow = TransferableFlow(TransferableConfig(layers=2, width=16, depth=1))
     tokens, train, valid = [], [], []
-    for seq, p in peptides.items():
-        md = run_md(p, time_ps=2.0, report_interval_ps=0.02, equilibration_ps=0.5,
-                    generator=torch.Generator().manual_seed(0))
+    for p in peptides.values():
+        md = run_md(
+            p, time_ps=2.0, report_interval_ps=0.02, equilibration_ps=0.5, generator=torch.Generator().manual_seed(0)
+        )
         x = torch.as_tensor(md.trajectory.xyz, dtype=torch.float64)
         z = flow.proposal(p).internal(x).float()
         tokens.append(tokenize(p))
@@ -125,7 +126,8 @@ def test_maximum_likelihood_over_two_peptides_lowers_held_out_nll(peptides):
     model = PackedFlow(flow, tokens)
     rows_train, rows_valid = pack(tokens, train), pack(tokens, valid)
     before = float(-model.log_prob(rows_valid).mean())
-    fit_maximum_likelihood(model, rows_train, steps=60, batch_size=32, lr=5e-3, progress=False,
-                           generator=torch.Generator().manual_seed(1))
+    fit_maximum_likelihood(
+        model, rows_train, steps=60, batch_size=32, lr=5e-3, progress=False, generator=torch.Generator().manual_seed(1)
+    )
     after = float(-model.log_prob(rows_valid).mean())
     assert after < before - 25, (before, after)  # measured: -131 -> -181

@@ -27,9 +27,9 @@ from mcsample.flows.von_mises import (  # noqa: E402
 )
 from mcsample.systems.molecules import TorsionTarget  # noqa: E402
 
-ONE = "CCc1ccccc1C(C)(C)O"        # 2 torsions (ethyl, C(CH3)2OH)
-TWO = "OCCc1ccc(O)cc1"            # 2 torsions
-ONE_TORSION = "CCc1ccccc1"        # 1 torsion: ethyl-phenyl
+ONE = "CCc1ccccc1C(C)(C)O"  # 2 torsions (ethyl, C(CH3)2OH)
+TWO = "OCCc1ccc(O)cc1"  # 2 torsions
+ONE_TORSION = "CCc1ccccc1"  # 1 torsion: ethyl-phenyl
 
 
 @pytest.fixture(scope="module")
@@ -148,8 +148,9 @@ def test_maximum_likelihood_fits_von_mises_samples(targets):
     x = truth.sample((2000, 1))
     net = VonMisesNet(VonMisesConfig(hidden=16, num_layers=2, components=2))
     ts = TrainingSet(["m"], [featurize(t)], [x])
-    log = fit_maximum_likelihood(net, ts, steps=150, lr=1e-2, batch=256, mirror=False, log_every=149,
-                                 generator=torch.Generator().manual_seed(0))
+    log = fit_maximum_likelihood(
+        net, ts, steps=150, lr=1e-2, batch=256, mirror=False, log_every=149, generator=torch.Generator().manual_seed(0)
+    )
     with torch.no_grad():
         q = net.proposal(t)
         nll = float(-q.log_prob(x).mean())
@@ -192,8 +193,15 @@ def test_parallel_tempering_matches_exact_marginal(targets):
     Each bin within 5 standard errors, with a conservative effective sample size of N/10
     for the correlated, thinned chains (false-failure rate below 1e-5 per bin)."""
     t = targets[ONE_TORSION]
-    x, info = parallel_tempering(t, num_samples=4000, num_chains=32, num_replicas=4, burn_in=200,
-                                 thin=2, generator=torch.Generator().manual_seed(0))
+    x, info = parallel_tempering(
+        t,
+        num_samples=4000,
+        num_chains=32,
+        num_replicas=4,
+        burn_in=200,
+        thin=2,
+        generator=torch.Generator().manual_seed(0),
+    )
     bins = 16
     counts = np.histogram(x[:, 0].numpy(), bins=bins, range=(-math.pi, math.pi))[0] / x.shape[0]
     g = _grid(bins * 50)[:, None].double()

@@ -66,14 +66,33 @@ def get_model(args, train):
     t0 = time.perf_counter()
     net = ScoreUNet(1, tuple(args.channels))
     # pixels in [-1, 1]: DDPM's β_max = 20 already makes q_1 ≈ N(0, I) (the figures above use it)
-    res = train_score_model(net, VPSchedule("linear", beta_max=20.0), train, steps=args.train_steps, batch_size=128,
-                            lr=2e-3, generator=torch.Generator().manual_seed(args.seed), progress=True)
+    res = train_score_model(
+        net,
+        VPSchedule("linear", beta_max=20.0),
+        train,
+        steps=args.train_steps,
+        batch_size=128,
+        lr=2e-3,
+        generator=torch.Generator().manual_seed(args.seed),
+        progress=True,
+    )
     secs = time.perf_counter() - t0
-    save_checkpoint(path, res.model, metadata={
-        "data": "sklearn.datasets.load_digits, first 1500 images, pixels/8 - 1", "steps": args.train_steps,
-        "batch_size": 128, "lr": 2e-3, "seed": args.seed, "final_loss": float(np.mean(res.losses[-100:]))})
-    print(f"trained {args.train_steps} steps in {secs:.0f} s (last-100 mean loss "
-          f"{np.mean(res.losses[-100:]):.4f}); saved {path}")
+    save_checkpoint(
+        path,
+        res.model,
+        metadata={
+            "data": "sklearn.datasets.load_digits, first 1500 images, pixels/8 - 1",
+            "steps": args.train_steps,
+            "batch_size": 128,
+            "lr": 2e-3,
+            "seed": args.seed,
+            "final_loss": float(np.mean(res.losses[-100:])),
+        },
+    )
+    print(
+        f"trained {args.train_steps} steps in {secs:.0f} s (last-100 mean loss "
+        f"{np.mean(res.losses[-100:]):.4f}); saved {path}"
+    )
     return res.model, secs
 
 
@@ -120,8 +139,10 @@ def metrics(truth: torch.Tensor, est: torch.Tensor) -> tuple[float, float]:
     from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
     a, b = truth[0].numpy().astype(np.float64), est[0].clamp(-1, 1).numpy().astype(np.float64)
-    return (float(peak_signal_noise_ratio(a, b, data_range=2.0)),
-            float(structural_similarity(a, b, data_range=2.0, win_size=5)))
+    return (
+        float(peak_signal_noise_ratio(a, b, data_range=2.0)),
+        float(structural_similarity(a, b, data_range=2.0, win_size=5)),
+    )
 
 
 def main(argv=None):
@@ -130,18 +151,24 @@ def main(argv=None):
     ap.add_argument("--retrain", action="store_true")
     ap.add_argument("--train-steps", type=int, default=1500)
     ap.add_argument("--channels", type=int, nargs=2, default=[32, 64])
-    ap.add_argument("--methods", nargs="+", default=["dps", "tds", "ensemble"],
-                    choices=["dps", "tds", "mcgdiff", "ensemble"])
+    ap.add_argument(
+        "--methods", nargs="+", default=["dps", "tds", "ensemble"], choices=["dps", "tds", "mcgdiff", "ensemble"]
+    )
     ap.add_argument("--particles", type=int, default=64, help="particles (SMC) / chains (DPS) per image")
     ap.add_argument("--steps", type=int, default=100)
-    ap.add_argument("--grid", choices=["log_snr", "uniform"], default="log_snr",
-                    help="time grid; uniform in log-SNR keeps the SMC weights of TDS/MCGdiff from "
-                         "collapsing in the last, large log-SNR steps of a uniform-in-t grid")
+    ap.add_argument(
+        "--grid",
+        choices=["log_snr", "uniform"],
+        default="log_snr",
+        help="time grid; uniform in log-SNR keeps the SMC weights of TDS/MCGdiff from "
+        "collapsing in the last, large log-SNR steps of a uniform-in-t grid",
+    )
     ap.add_argument("--images", type=int, default=4, help="held-out digits per task for the metrics")
     ap.add_argument("--sigma-y", type=float, default=0.05)
     ap.add_argument("--zeta", type=float, default=1.0, help="DPS step size")
-    ap.add_argument("--ensemble-lambda", type=float, default=1.0,
-                    help="likelihood drift of the ensemble sampler (1 = the paper)")
+    ap.add_argument(
+        "--ensemble-lambda", type=float, default=1.0, help="likelihood drift of the ensemble sampler (1 = the paper)"
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
@@ -161,8 +188,15 @@ def main(argv=None):
         ys = [op.simulate(x[None], generator=g)[0] for x in truths]
         pinv = [pseudo_inverse(op, y) for y in ys]
         ps = [metrics(x, e) for x, e in zip(truths, pinv)]
-        row = {"task": task, "method": "A+y", "psnr": np.mean([p[0] for p in ps]),
-               "ssim": np.mean([p[1] for p in ps]), "ess": float("nan"), "nfe": 0, "seconds": 0.0}
+        row = {
+            "task": task,
+            "method": "A+y",
+            "psnr": np.mean([p[0] for p in ps]),
+            "ssim": np.mean([p[1] for p in ps]),
+            "ess": float("nan"),
+            "nfe": 0,
+            "seconds": 0.0,
+        }
         rows.append(row)
         print(f"{task:17s} {'A+y':10s} {row['psnr']:6.2f} {row['ssim']:6.3f}")
         for name in args.methods:
@@ -178,12 +212,20 @@ def main(argv=None):
                 if i == 0:
                     draws = ws.resample(4, scheme="multinomial", generator=g).float()
                     panels.append((task, name, x, show_measurement(op, y), draws, mean, sd))
-            row = {"task": task, "method": name, "psnr": np.mean([s[0] for s in scores]),
-                   "ssim": np.mean([s[1] for s in scores]), "ess": np.mean(ess), "nfe": ws.info["nfe"],
-                   "seconds": np.mean(secs)}
+            row = {
+                "task": task,
+                "method": name,
+                "psnr": np.mean([s[0] for s in scores]),
+                "ssim": np.mean([s[1] for s in scores]),
+                "ess": np.mean(ess),
+                "nfe": ws.info["nfe"],
+                "seconds": np.mean(secs),
+            }
             rows.append(row)
-            print(f"{task:17s} {name:10s} {row['psnr']:6.2f} {row['ssim']:6.3f} {row['ess']:6.1f} "
-                  f"{row['nfe']:4d} {row['seconds']:7.1f}")
+            print(
+                f"{task:17s} {name:10s} {row['psnr']:6.2f} {row['ssim']:6.3f} {row['ess']:6.1f} "
+                f"{row['nfe']:4d} {row['seconds']:7.1f}"
+            )
     save_figure(panels, os.path.join(args.out, "digits_posterior.png"))
     path = os.path.join(args.out, "digits_metrics.csv")
     fd, tmp = tempfile.mkstemp(dir=args.out, suffix=".tmp")
@@ -213,8 +255,11 @@ def save_figure(panels, path: str) -> None:
         imgs = [x, meas, *draws, mean, sd]
         for c, img in enumerate(imgs):
             ax = axes[r, c]
-            kw = {"vmin": 0.0, "vmax": 0.5, "cmap": "viridis"} if c == len(imgs) - 1 else \
-                {"vmin": -1.0, "vmax": 1.0, "cmap": cmap}
+            kw = (
+                {"vmin": 0.0, "vmax": 0.5, "cmap": "viridis"}
+                if c == len(imgs) - 1
+                else {"vmin": -1.0, "vmax": 1.0, "cmap": cmap}
+            )
             ax.imshow(np.ma.masked_invalid(img[0].numpy()), **kw)
             ax.set_xticks([])
             ax.set_yticks([])

@@ -112,8 +112,9 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--particles", type=int, nargs="+", default=[100, 500, 2000])
     ap.add_argument("--samples", type=int, default=2000)
     ap.add_argument("--steps", type=int, default=100)
-    ap.add_argument("--methods", nargs="+", default=["dps", "tds", "mcgdiff", "ensemble", "ensemble-half"],
-                    choices=sorted(METHODS))
+    ap.add_argument(
+        "--methods", nargs="+", default=["dps", "tds", "mcgdiff", "ensemble", "ensemble-half"], choices=sorted(METHODS)
+    )
     ap.add_argument("--zeta", type=float, default=0.1, help="DPS step size (Cardoso et al. used 0.1)")
     ap.add_argument("--beta-max", type=float, default=40.0)
     ap.add_argument("--seed", type=int, default=0)
@@ -145,15 +146,34 @@ def main(argv=None) -> list[dict]:
                             raise RuntimeError(f"{name} produced non-finite samples (d={d}, d_y={dy}, problem {k})")
                         sw = sliced_w(x.numpy(), ref, k)
                         results.setdefault((name, "-" if name == "dps" else n), []).append((sw, nfe, sec))
-                        per_problem.append({"method": name, "particles": "-" if name == "dps" else n, "d": d,
-                                            "d_y": dy, "problem": k, "sigma_y": prob.operator.sigma_y,
-                                            "sliced_w": sw, "nfe": nfe, "seconds": sec})
+                        per_problem.append(
+                            {
+                                "method": name,
+                                "particles": "-" if name == "dps" else n,
+                                "d": d,
+                                "d_y": dy,
+                                "problem": k,
+                                "sigma_y": prob.operator.sigma_y,
+                                "sliced_w": sw,
+                                "nfe": nfe,
+                                "seconds": sec,
+                            }
+                        )
             for (name, n), vals in results.items():
                 sw = np.array([v[0] for v in vals])
                 mean, ci = sw.mean(), 1.96 * sw.std(ddof=1) / math.sqrt(len(sw)) if len(sw) > 1 else float("nan")
                 nfe, sec = vals[0][1], float(np.mean([v[2] for v in vals]))
-                row = {"method": name, "particles": n, "d": d, "d_y": dy, "problems": len(sw),
-                       "sliced_w_mean": mean, "sliced_w_ci95": ci, "nfe": nfe, "seconds_per_problem": sec}
+                row = {
+                    "method": name,
+                    "particles": n,
+                    "d": d,
+                    "d_y": dy,
+                    "problems": len(sw),
+                    "sliced_w_mean": mean,
+                    "sliced_w_ci95": ci,
+                    "nfe": nfe,
+                    "seconds_per_problem": sec,
+                }
                 summary.append(row)
                 print(f"{name:15s} {str(n):>5s} {d:4d} {dy:3d}   {mean:8.3f} ± {ci:7.3f} {nfe:5d} {sec:9.2f}")
             sys.stdout.flush()

@@ -121,9 +121,15 @@ def _record(name, source, mol, min_torsions=1, min_heavy=1):
         return None
     scaffold = MurckoScaffold.MurckoScaffoldSmiles(mol=mol)
     held = hashlib.md5(scaffold.encode()).digest()[0] < 256 // 5
-    return {"name": name, "source": source, "smiles": Chem.MolToSmiles(mol), "num_torsions": T,
-            "heavy_atoms": mol.GetNumHeavyAtoms(), "scaffold": scaffold,
-            "split": "heldout" if held else "train"}
+    return {
+        "name": name,
+        "source": source,
+        "smiles": Chem.MolToSmiles(mol),
+        "num_torsions": T,
+        "heavy_atoms": mol.GetNumHeavyAtoms(),
+        "scaffold": scaffold,
+        "split": "heldout" if held else "train",
+    }
 
 
 def build(max_egfr: int = 40, max_nci: int = 300) -> list[dict]:
@@ -162,8 +168,13 @@ def build(max_egfr: int = 40, max_nci: int = 300) -> list[dict]:
         mol = Chem.MolFromSmiles(parts[0]) if parts else None
         if mol is None:
             continue
-        rec = _record(f"nci_{parts[1] if len(parts) > 1 else n}", f"RDKit Data/NCI/first_5K.smi line {n + 1}",
-                      _clean(mol), min_torsions=2, min_heavy=8)
+        rec = _record(
+            f"nci_{parts[1] if len(parts) > 1 else n}",
+            f"RDKit Data/NCI/first_5K.smi line {n + 1}",
+            _clean(mol),
+            min_torsions=2,
+            min_heavy=8,
+        )
         if rec is None or rec["split"] == "heldout" or rec["scaffold"] in scaffolds or rec["smiles"] in seen:
             continue
         scaffolds.add(rec["scaffold"])

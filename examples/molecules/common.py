@@ -42,8 +42,7 @@ def make_target(row: dict, temperature: float = 300.0):
     return TorsionTarget.from_smiles(row["smiles"], temperature=temperature)
 
 
-def reference(row: dict, target, settings: dict, kind: str, seed: int = 0,
-              cache: Path | None = None) -> torch.Tensor:
+def reference(row: dict, target, settings: dict, kind: str, seed: int = 0, cache: Path | None = None) -> torch.Tensor:
     """Parallel-tempering samples ``(S, T)`` of ``target``, cached in
     ``outputs/molecules/reference/<kind>/<name>.pt`` together with the settings used."""
     from mcsample.flows.training_von_mises import parallel_tempering
@@ -74,8 +73,9 @@ def histogram(theta: torch.Tensor, weights: torch.Tensor | None = None, bins: in
     return np.array(out)
 
 
-def histogram_kl(ref: torch.Tensor, theta: torch.Tensor, weights: torch.Tensor | None = None,
-                 bins: int = 32, eps: float = 1e-6) -> np.ndarray:
+def histogram_kl(
+    ref: torch.Tensor, theta: torch.Tensor, weights: torch.Tensor | None = None, bins: int = 32, eps: float = 1e-6
+) -> np.ndarray:
     """KL(reference || model) per torsion of ``bins``-bin histograms, both floored at ``eps``
     and renormalized (VonMisesNet's metric)."""
     p = histogram(ref, bins=bins) + eps

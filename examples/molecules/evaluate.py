@@ -54,11 +54,20 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import EVAL_REFERENCE, OUTPUTS, circular_emd, histogram, histogram_kl, load_molecules, make_target, reference  # noqa: E402
+from common import (  # noqa: E402
+    EVAL_REFERENCE,
+    OUTPUTS,
+    circular_emd,
+    histogram,
+    histogram_kl,
+    load_molecules,
+    make_target,
+    reference,
+)
 
 import mcsample as mc  # noqa: E402
-from mcsample.systems.conformers import TorsionMoves  # noqa: E402
 from mcsample.flows.von_mises import DEFAULT_CHECKPOINT, load_checkpoint  # noqa: E402
+from mcsample.systems.conformers import TorsionMoves  # noqa: E402
 
 METHODS = ["etkdg", "network", "network+IS", "network+SMC", "reference subsample"]
 
@@ -66,7 +75,8 @@ METHODS = ["etkdg", "network", "network+IS", "network+SMC", "reference subsample
 def run_etkdg(target, n, seed):
     """ETKDGv3 + MMFF94 minimization, single thread; torsions of the minimized conformers."""
     from rdkit import Chem
-    from rdkit.Chem import rdDistGeom, rdForceFieldHelpers as FH
+    from rdkit.Chem import rdDistGeom
+    from rdkit.Chem import rdForceFieldHelpers as FH
 
     m = Chem.Mol(target.mol)
     m.RemoveAllConformers()
@@ -130,21 +140,40 @@ def evaluate(rows, net, n, seed, methods=tuple(METHODS), log=print):
             "network": lambda: run_network(target, q, n, gen),
             "network+IS": lambda: run_is(target, q, n, gen),
             "network+SMC": lambda: run_smc(target, q, n, gen),
-            "reference subsample": lambda: (ref[torch.randperm(ref.shape[0], generator=gen)[:n]], None,
-                                            float("nan"), 1.0),
+            "reference subsample": lambda: (
+                ref[torch.randperm(ref.shape[0], generator=gen)[:n]],
+                None,
+                float("nan"),
+                1.0,
+            ),
         }
         outs = {m: runners[m]() for m in METHODS if m in methods}
         for method, (theta, w, dt, essf) in outs.items():
             kl = histogram_kl(ref, theta, w)
             emd = circular_emd(ref, theta, w)
-            results.append({"molecule": row["name"], "torsions": T, "method": method,
-                            "kl": float(kl.mean()), "emd": float(emd.mean()),
-                            "ms_per_conformer": 1e3 * dt / n, "ess_fraction": essf})
+            results.append(
+                {
+                    "molecule": row["name"],
+                    "torsions": T,
+                    "method": method,
+                    "kl": float(kl.mean()),
+                    "emd": float(emd.mean()),
+                    "ms_per_conformer": 1e3 * dt / n,
+                    "ess_fraction": essf,
+                }
+            )
         if k == 0 or T > marginals.get("T", 0):
-            marginals = {"T": T, "name": row["name"], "ref": histogram(ref),
-                         **{m: histogram(o[0], o[1]) for m, o in outs.items()}}
-        log(f"[{k + 1}/{len(rows)}] {row['name']} T={T}: " + ", ".join(
-            f"{r['method']} KL {r['kl']:.3f}" for r in results[-len(outs):]) + f" ({time.perf_counter() - t0:.0f} s)")
+            marginals = {
+                "T": T,
+                "name": row["name"],
+                "ref": histogram(ref),
+                **{m: histogram(o[0], o[1]) for m, o in outs.items()},
+            }
+        log(
+            f"[{k + 1}/{len(rows)}] {row['name']} T={T}: "
+            + ", ".join(f"{r['method']} KL {r['kl']:.3f}" for r in results[-len(outs) :])
+            + f" ({time.perf_counter() - t0:.0f} s)"
+        )
     return results, marginals
 
 
@@ -156,15 +185,17 @@ def summarize(results):
             continue
         essf = [r["ess_fraction"] for r in rs if not math.isnan(r["ess_fraction"])]
         ms = [r["ms_per_conformer"] for r in rs if not math.isnan(r["ms_per_conformer"])]
-        rows.append({
-            "method": m,
-            "mean_kl": float(np.mean([r["kl"] for r in rs])),
-            "median_kl": float(np.median([r["kl"] for r in rs])),
-            "mean_emd_rad": float(np.mean([r["emd"] for r in rs])),
-            "ess_fraction": float(np.mean(essf)) if essf else float("nan"),
-            "ms_per_conformer": float(np.mean(ms)) if ms else float("nan"),
-            "molecules": len(rs),
-        })
+        rows.append(
+            {
+                "method": m,
+                "mean_kl": float(np.mean([r["kl"] for r in rs])),
+                "median_kl": float(np.median([r["kl"] for r in rs])),
+                "mean_emd_rad": float(np.mean([r["emd"] for r in rs])),
+                "ess_fraction": float(np.mean(essf)) if essf else float("nan"),
+                "ms_per_conformer": float(np.mean(ms)) if ms else float("nan"),
+                "molecules": len(rs),
+            }
+        )
     return rows
 
 
@@ -224,12 +255,15 @@ def main(argv=None):
     _write_csv(results, args.out / "evaluation.csv")
     _write_csv(summary, args.out / "evaluation_summary.csv")
     plot(summary, marginals, args.out / "evaluation.png")
-    print(f"\n{len(rows)} held-out molecules, {args.num_conformers} conformers each "
-          f"(checkpoint {args.checkpoint.name})")
+    print(
+        f"\n{len(rows)} held-out molecules, {args.num_conformers} conformers each (checkpoint {args.checkpoint.name})"
+    )
     print(f"{'method':22s} {'mean KL':>8s} {'median KL':>9s} {'EMD rad':>8s} {'ESS/N':>6s} {'ms/conf':>8s}")
     for s in summary:
-        print(f"{s['method']:22s} {s['mean_kl']:8.3f} {s['median_kl']:9.3f} {s['mean_emd_rad']:8.3f} "
-              f"{s['ess_fraction']:6.3f} {s['ms_per_conformer']:8.3f}")
+        print(
+            f"{s['method']:22s} {s['mean_kl']:8.3f} {s['median_kl']:9.3f} {s['mean_emd_rad']:8.3f} "
+            f"{s['ess_fraction']:6.3f} {s['ms_per_conformer']:8.3f}"
+        )
     print(f"outputs in {args.out}")
 
 

@@ -38,7 +38,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import EVAL_REFERENCE, OUTPUTS, TRAIN_REFERENCE, load_molecules, make_target, reference  # noqa: E402
 
-from mcsample.flows.training_von_mises import TrainingSet, negative_log_likelihood, fine_tune_snis, fit_maximum_likelihood  # noqa: E402
+from mcsample.flows.training_von_mises import (  # noqa: E402
+    TrainingSet,
+    fine_tune_snis,
+    fit_maximum_likelihood,
+    negative_log_likelihood,
+)
 from mcsample.flows.von_mises import DEFAULT_CHECKPOINT, VonMisesConfig, VonMisesNet, featurize, save_checkpoint  # noqa: E402
 
 
@@ -53,8 +58,7 @@ def build_set(rows, settings, kind, progress=True):
         samples.append(s)
         targets.append(target)
         if progress:
-            print(f"[{n + 1}/{len(rows)}] {row['name']} T={target.num_torsions} "
-                  f"({time.time() - t0:.0f} s)", flush=True)
+            print(f"[{n + 1}/{len(rows)}] {row['name']} T={target.num_torsions} ({time.time() - t0:.0f} s)", flush=True)
     return TrainingSet(names, graphs, samples), targets
 
 
@@ -75,10 +79,14 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--references-only", action="store_true", help="only compute/cache the references")
     ap.add_argument("--limit", type=int, default=None, help="use only the first N training molecules")
-    ap.add_argument("--valid-fraction", type=float, default=0.1,
-                    help="training scaffolds held back from the fit for early stopping")
-    ap.add_argument("--heldout-nll", action="store_true",
-                    help="report the final NLL on the held-out test molecules (references of evaluate.py)")
+    ap.add_argument(
+        "--valid-fraction", type=float, default=0.1, help="training scaffolds held back from the fit for early stopping"
+    )
+    ap.add_argument(
+        "--heldout-nll",
+        action="store_true",
+        help="report the final NLL on the held-out test molecules (references of evaluate.py)",
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
@@ -87,50 +95,77 @@ def main(argv=None):
     cut = int(256 * args.valid_fraction)
     is_valid = [hashlib.md5(r["scaffold"].encode()).digest()[1] < cut for r in rows]
     full, targets = build_set(rows, TRAIN_REFERENCE, "train")
-    pick = lambda flag: TrainingSet(*[[v for v, f in zip(col, is_valid) if f == flag]
-                                      for col in (full.names, full.graphs, full.samples)])
+    pick = lambda flag: TrainingSet(
+        *[[v for v, f in zip(col, is_valid) if f == flag] for col in (full.names, full.graphs, full.samples)]
+    )
     train, valid = pick(False), pick(True)
     fit_targets = [t for t, f in zip(targets, is_valid) if not f]
     if args.references_only:
         return
-    config = VonMisesConfig(hidden=args.hidden, num_layers=args.layers, components=args.components,
-                            autoregressive=args.autoregressive, dropout=args.dropout,
-                            uniform_weight=args.uniform_weight)
+    config = VonMisesConfig(
+        hidden=args.hidden,
+        num_layers=args.layers,
+        components=args.components,
+        autoregressive=args.autoregressive,
+        dropout=args.dropout,
+        uniform_weight=args.uniform_weight,
+    )
     net = VonMisesNet(config)
     print(f"fit on {len(train)} molecules, early stopping on {len(valid)}", flush=True)
     t0 = time.time()
-    log = fit_maximum_likelihood(net, train, steps=args.steps, lr=args.lr, batch=args.batch,
-                                 generator=torch.Generator().manual_seed(args.seed), valid=valid,
-                                 weight_decay=args.weight_decay,
-                                 progress=True)
+    log = fit_maximum_likelihood(
+        net,
+        train,
+        steps=args.steps,
+        lr=args.lr,
+        batch=args.batch,
+        generator=torch.Generator().manual_seed(args.seed),
+        valid=valid,
+        weight_decay=args.weight_decay,
+        progress=True,
+    )
     fit_time = time.time() - t0
     snis = []
     if args.snis_steps:
-        snis = fine_tune_snis(net, fit_targets, steps=args.snis_steps,
-                              generator=torch.Generator().manual_seed(args.seed), progress=True)
+        snis = fine_tune_snis(
+            net, fit_targets, steps=args.snis_steps, generator=torch.Generator().manual_seed(args.seed), progress=True
+        )
     heldout = None
     if args.heldout_nll:
         test = build_set(load_molecules("heldout"), EVAL_REFERENCE, "heldout", progress=False)[0]
         with torch.no_grad():
-            heldout = float(negative_log_likelihood(net, test.graphs, [s.float() for s in test.samples], 10**9,
-                                 torch.Generator().manual_seed(0)))
+            heldout = float(
+                negative_log_likelihood(
+                    net, test.graphs, [s.float() for s in test.samples], 10**9, torch.Generator().manual_seed(0)
+                )
+            )
         print(f"held-out test NLL per torsion: {heldout:.3f} nats", flush=True)
     meta = {
         "what": "VonMisesNet-style torsion mixture trained by maximum likelihood on parallel-tempering "
-                "reference samples (MMFF94, 300 K) of the training molecules of molecules.csv",
+        "reference samples (MMFF94, 300 K) of the training molecules of molecules.csv",
         "script": "examples/molecules/train.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "reference": TRAIN_REFERENCE, "steps": args.steps, "lr": args.lr, "batch": args.batch,
-        "weight_decay": args.weight_decay, "seed": args.seed, "snis_steps": args.snis_steps,
-        "fit_molecules": len(train), "early_stopping_molecules": len(valid),
-        "best_step": log[-1].get("best_step"), "best_valid_nll": log[-1].get("best_valid_nll"),
-        "heldout_test_nll": heldout, "fit_seconds": round(fit_time),
+        "reference": TRAIN_REFERENCE,
+        "steps": args.steps,
+        "lr": args.lr,
+        "batch": args.batch,
+        "weight_decay": args.weight_decay,
+        "seed": args.seed,
+        "snis_steps": args.snis_steps,
+        "fit_molecules": len(train),
+        "early_stopping_molecules": len(valid),
+        "best_step": log[-1].get("best_step"),
+        "best_valid_nll": log[-1].get("best_valid_nll"),
+        "heldout_test_nll": heldout,
+        "fit_seconds": round(fit_time),
     }
     save_checkpoint(net, args.out, meta)
     OUTPUTS.mkdir(parents=True, exist_ok=True)
     with open(OUTPUTS / f"train_log_{args.out.stem}.json", "w") as f:
         json.dump({"meta": meta, "log": log, "snis": snis}, f, indent=1)
-    print(f"wrote {args.out} ({os.path.getsize(args.out) / 1e6:.2f} MB); best validation NLL "
-          f"{meta['best_valid_nll']} nats/torsion at step {meta['best_step']}")
+    print(
+        f"wrote {args.out} ({os.path.getsize(args.out) / 1e6:.2f} MB); best validation NLL "
+        f"{meta['best_valid_nll']} nats/torsion at step {meta['best_step']}"
+    )
 
 
 if __name__ == "__main__":

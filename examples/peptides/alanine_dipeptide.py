@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -60,19 +59,51 @@ RECIPE = {
     "architecture": {"layers": 8, "hidden": 128, "depth": 2, "bins": 8, "bound": 5.0},
     "maximum_likelihood": {"steps": 1500, "batch_size": 256, "lr": 1e-3},
     "reverse_kl": {"steps": 1500, "batch_size": 256, "lr": 3e-4, "data_weight": 1.0},
-    "snis": {"rounds_per_beta": 24, "num_samples": 16384, "buffer_size": 16384, "steps_per_round": 50,
-             "batch_size": 256, "lr": 1e-4, "regularization": 0.5, "truncate": 0.002},
-    "snis_polish": {"rounds_per_beta": 24, "num_samples": 16384, "buffer_size": 16384, "steps_per_round": 50,
-                    "batch_size": 256, "lr": 5e-5, "regularization": 0.5, "truncate": 0.002},
+    "snis": {
+        "rounds_per_beta": 24,
+        "num_samples": 16384,
+        "buffer_size": 16384,
+        "steps_per_round": 50,
+        "batch_size": 256,
+        "lr": 1e-4,
+        "regularization": 0.5,
+        "truncate": 0.002,
+    },
+    "snis_polish": {
+        "rounds_per_beta": 24,
+        "num_samples": 16384,
+        "buffer_size": 16384,
+        "steps_per_round": 50,
+        "batch_size": 256,
+        "lr": 5e-5,
+        "regularization": 0.5,
+        "truncate": 0.002,
+    },
 }
 QUICK = {
     "architecture": {"layers": 4, "hidden": 64, "depth": 2, "bins": 8, "bound": 5.0},
     "maximum_likelihood": {"steps": 200, "batch_size": 128, "lr": 1e-3},
     "reverse_kl": {"steps": 100, "batch_size": 128, "lr": 3e-4, "data_weight": 1.0},
-    "snis": {"rounds_per_beta": 3, "num_samples": 2048, "buffer_size": 2048, "steps_per_round": 10,
-             "batch_size": 128, "lr": 1e-4, "regularization": 0.5, "truncate": 0.002},
-    "snis_polish": {"rounds_per_beta": 2, "num_samples": 2048, "buffer_size": 2048, "steps_per_round": 10,
-                    "batch_size": 128, "lr": 5e-5, "regularization": 0.5, "truncate": 0.002},
+    "snis": {
+        "rounds_per_beta": 3,
+        "num_samples": 2048,
+        "buffer_size": 2048,
+        "steps_per_round": 10,
+        "batch_size": 128,
+        "lr": 1e-4,
+        "regularization": 0.5,
+        "truncate": 0.002,
+    },
+    "snis_polish": {
+        "rounds_per_beta": 2,
+        "num_samples": 2048,
+        "buffer_size": 2048,
+        "steps_per_round": 10,
+        "batch_size": 128,
+        "lr": 5e-5,
+        "regularization": 0.5,
+        "truncate": 0.002,
+    },
 }
 
 
@@ -87,9 +118,17 @@ def _md_job(solvent: str, temperature: float, seed: int, quick: bool, progress: 
 
     path = md_path(solvent, temperature, quick)
     path.parent.mkdir(parents=True, exist_ok=True)
-    run_md(alanine_dipeptide(solvent), 20.0 if quick else 1000.0, temperature=temperature,
-           report_interval_ps=0.1, equilibration_ps=10.0, generator=torch.Generator().manual_seed(seed),
-           path=path, progress=progress, threads=1)
+    run_md(
+        alanine_dipeptide(solvent),
+        20.0 if quick else 1000.0,
+        temperature=temperature,
+        report_interval_ps=0.1,
+        equilibration_ps=10.0,
+        generator=torch.Generator().manual_seed(seed),
+        path=path,
+        progress=progress,
+        threads=1,
+    )
     return str(path)
 
 
@@ -104,8 +143,8 @@ def make_data(solvent: str, quick: bool, progress: bool) -> dict:
 def train(peptide, data: dict, recipe: dict, out: Path, seed: int, progress: bool):
     """Maximum likelihood on both temperatures' frames, reverse KL + their likelihood, then SNIS
     refits at 300 K; each stage checkpointed and resumable."""
-    from mcsample.flows.boltzmann_generator import BoltzmannGenerator
     from mcsample.flows import training
+    from mcsample.flows.boltzmann_generator import BoltzmannGenerator
     from mcsample.systems.md import MDResult
 
     x300 = peptide.from_mdtraj(MDResult.load(data["300K"]).trajectory)
@@ -115,27 +154,61 @@ def train(peptide, data: dict, recipe: dict, out: Path, seed: int, progress: boo
     flow = BoltzmannGenerator.from_data(peptide, frames, seed=seed, **recipe["architecture"])
     ckpt = out / "training"
     ckpt.mkdir(parents=True, exist_ok=True)
-    ml = training.fit_maximum_likelihood(flow, frames, generator=torch.Generator().manual_seed(seed),
-                                         progress=progress, checkpoint=ckpt / "maximum_likelihood.pt",
-                                         **recipe["maximum_likelihood"])
-    rkl = training.fit_reverse_kl(flow, peptide.regularized_log_prob, eval_log_prob=peptide.log_prob, data=frames,
-                                  generator=torch.Generator().manual_seed(seed + 1), progress=progress,
-                                  checkpoint=ckpt / "reverse_kl.pt", valid_every=500, **recipe["reverse_kl"])
-    snis = training.fit_snis(flow, peptide.log_prob, betas=[1.0], generator=torch.Generator().manual_seed(seed + 2),
-                             progress=progress, checkpoint=ckpt / "snis.pt", **recipe["snis"])
-    polish = training.fit_snis(flow, peptide.log_prob, betas=[1.0], generator=torch.Generator().manual_seed(seed + 3),
-                               progress=progress, checkpoint=ckpt / "snis_polish.pt", **recipe["snis_polish"])
-    times = {"maximum_likelihood": ml.seconds, "reverse_kl": rkl.seconds, "snis": snis.seconds,
-             "snis_polish": polish.seconds}
+    ml = training.fit_maximum_likelihood(
+        flow,
+        frames,
+        generator=torch.Generator().manual_seed(seed),
+        progress=progress,
+        checkpoint=ckpt / "maximum_likelihood.pt",
+        **recipe["maximum_likelihood"],
+    )
+    rkl = training.fit_reverse_kl(
+        flow,
+        peptide.regularized_log_prob,
+        eval_log_prob=peptide.log_prob,
+        data=frames,
+        generator=torch.Generator().manual_seed(seed + 1),
+        progress=progress,
+        checkpoint=ckpt / "reverse_kl.pt",
+        valid_every=500,
+        **recipe["reverse_kl"],
+    )
+    snis = training.fit_snis(
+        flow,
+        peptide.log_prob,
+        betas=[1.0],
+        generator=torch.Generator().manual_seed(seed + 2),
+        progress=progress,
+        checkpoint=ckpt / "snis.pt",
+        **recipe["snis"],
+    )
+    polish = training.fit_snis(
+        flow,
+        peptide.log_prob,
+        betas=[1.0],
+        generator=torch.Generator().manual_seed(seed + 3),
+        progress=progress,
+        checkpoint=ckpt / "snis_polish.pt",
+        **recipe["snis_polish"],
+    )
+    times = {
+        "maximum_likelihood": ml.seconds,
+        "reverse_kl": rkl.seconds,
+        "snis": snis.seconds,
+        "snis_polish": polish.seconds,
+    }
     meta = {
         "what": f"BoltzmannGenerator for {peptide.name} (AMBER ff96, {peptide.temperature} K)",
         "made_by": "examples/peptides/alanine_dipeptide.py",
-        "recipe": recipe, "seed": seed,
+        "recipe": recipe,
+        "seed": seed,
         "data": {k: {"file": os.path.basename(v), "frames": int(MDResult.load(v).n_frames)} for k, v in data.items()},
-        "training_seconds": sum(times.values()), "stage_seconds": times,
+        "training_seconds": sum(times.values()),
+        "stage_seconds": times,
         "reverse_kl_ess_history": rkl.valid_metric,
         "snis_ess_history": snis.valid_metric + polish.valid_metric,
-        "torch": str(torch.__version__), "threads": torch.get_num_threads(),
+        "torch": str(torch.__version__),
+        "threads": torch.get_num_threads(),
     }
     training.save_flow(flow, out / "flow.pt", meta)
     return flow, meta
@@ -174,15 +247,25 @@ def evaluate(peptide, flow, data: dict | None, args, out: Path) -> dict:
     ens_is = mc.sample_peptide(peptide, args.num_samples, "is", proposal=flow, generator=g, progress=args.progress)
     ens_smc = mc.sample_peptide(peptide, args.smc_particles, "smc", proposal=flow, generator=g, progress=args.progress)
     print(summary_table({"IS": ens_is, "SMC": ens_smc}))
-    results = {"peptide": peptide.identity(), "flow_meta": getattr(flow, "meta", {}),
-               "is": ens_is.summary(), "smc": ens_smc.summary(), "references": {}}
+    results = {
+        "peptide": peptide.identity(),
+        "flow_meta": getattr(flow, "meta", {}),
+        "is": ens_is.summary(),
+        "smc": ens_smc.summary(),
+        "references": {},
+    }
     phi_q, psi_q = ens_is.ramachandran()
-    panels = {"flow (unweighted)": (phi_q.numpy(), psi_q.numpy(), None),
-              f"IS (ESS {ens_is.diagnostics.ess_fraction:.1%})": (phi_q.numpy(), psi_q.numpy(), ens_is.weights.numpy())}
+    panels = {
+        "flow (unweighted)": (phi_q.numpy(), psi_q.numpy(), None),
+        f"IS (ESS {ens_is.diagnostics.ess_fraction:.1%})": (phi_q.numpy(), psi_q.numpy(), ens_is.weights.numpy()),
+    }
     phi_s, psi_s = ens_smc.ramachandran()
     panels["SMC"] = (phi_s.numpy(), psi_s.numpy(), ens_smc.weights.numpy())
-    energy_sets = {"flow": (ens_is.energies.numpy(), None), "IS": (ens_is.energies.numpy(), ens_is.weights.numpy()),
-                   "SMC": (ens_smc.energies.numpy(), ens_smc.weights.numpy())}
+    energy_sets = {
+        "flow": (ens_is.energies.numpy(), None),
+        "IS": (ens_is.energies.numpy(), ens_is.weights.numpy()),
+        "SMC": (ens_smc.energies.numpy(), ens_smc.weights.numpy()),
+    }
     refs = {}
     if data is not None:
         md = MDResult.load(data["300K"])
@@ -197,23 +280,33 @@ def evaluate(peptide, flow, data: dict | None, args, out: Path) -> dict:
         dF = analysis.free_energy_difference(phi, statistical_inefficiency=g_ind)
         idx = basin_index(torch.as_tensor(np.asarray(phi)), torch.as_tensor(np.asarray(psi))).numpy()
         results["references"][name] = {
-            "path": os.path.basename(path), "frames": int(md.n_frames),
+            "path": os.path.basename(path),
+            "frames": int(md.n_frames),
             "mean_energy_kj_mol": float(np.mean(md.energies)),
             "free_energy_difference_kT": {"value": dF.value, "stderr": dF.stderr, "p_positive": dF.p_positive},
             "basin_populations": {b: float(np.mean(idx == k)) for k, b in enumerate(BASINS)},
             "energy_w1_kT": {
-                "IS": analysis.energy_wasserstein(ens_is.energies.numpy(), md.energies, weights_p=ens_is.weights.numpy()) / peptide.kT,
-                "SMC": analysis.energy_wasserstein(ens_smc.energies.numpy(), md.energies, weights_p=ens_smc.weights.numpy()) / peptide.kT,
+                "IS": analysis.energy_wasserstein(
+                    ens_is.energies.numpy(), md.energies, weights_p=ens_is.weights.numpy()
+                )
+                / peptide.kT,
+                "SMC": analysis.energy_wasserstein(
+                    ens_smc.energies.numpy(), md.energies, weights_p=ens_smc.weights.numpy()
+                )
+                / peptide.kT,
             },
         }
         panels[name] = (np.asarray(phi), np.asarray(psi), None)
         energy_sets[name] = (md.energies, None)
         r = results["references"][name]
-        print(f"{name}: <U> {r['mean_energy_kj_mol']:.2f} kJ/mol, ΔF {dF.value:.2f} ± {dF.stderr:.2f} kT "
-              f"(P(φ>0) = {dF.p_positive:.4f}, {len(md.energies)} frames)")
+        print(
+            f"{name}: <U> {r['mean_energy_kj_mol']:.2f} kJ/mol, ΔF {dF.value:.2f} ± {dF.stderr:.2f} kT "
+            f"(P(φ>0) = {dF.p_positive:.4f}, {len(md.energies)} frames)"
+        )
     _ramachandran_panels(panels, out / "ramachandran.png")
-    analysis.plot_energy_histograms(energy_sets, out / "energies.png",
-                                    title=f"alanine dipeptide ({args.solvent}), 300 K")
+    analysis.plot_energy_histograms(
+        energy_sets, out / "energies.png", title=f"alanine dipeptide ({args.solvent}), 300 K"
+    )
     return results
 
 
@@ -228,21 +321,35 @@ def calibration(peptide, flow, args) -> dict:
         for seed in range(1000, 1000 + args.repeats):
             e = mc.sample_peptide(peptide, n, method, proposal=flow, generator=torch.Generator().manual_seed(seed))
             dF = e.free_energy_difference()
-            rows.append((e.diagnostics.log_evidence, e.diagnostics.log_evidence_stderr, dF["value"], dF["stderr"],
-                         e.diagnostics.ess_fraction))
+            rows.append(
+                (
+                    e.diagnostics.log_evidence,
+                    e.diagnostics.log_evidence_stderr,
+                    dF["value"],
+                    dF["stderr"],
+                    e.diagnostics.ess_fraction,
+                )
+            )
         a = np.array(rows, dtype=float)
         out[method] = {
-            "num": n, "repeats": args.repeats,
-            "log_evidence_mean": float(a[:, 0].mean()), "log_evidence_sd": float(a[:, 0].std(ddof=1)),
+            "num": n,
+            "repeats": args.repeats,
+            "log_evidence_mean": float(a[:, 0].mean()),
+            "log_evidence_sd": float(a[:, 0].std(ddof=1)),
             "log_evidence_stderr_mean": float(a[:, 1].mean()),
-            "delta_f_mean": float(a[:, 2].mean()), "delta_f_sd": float(a[:, 2].std(ddof=1)),
-            "delta_f_stderr_mean": float(a[:, 3].mean()), "ess_fraction_mean": float(a[:, 4].mean()),
+            "delta_f_mean": float(a[:, 2].mean()),
+            "delta_f_sd": float(a[:, 2].std(ddof=1)),
+            "delta_f_stderr_mean": float(a[:, 3].mean()),
+            "ess_fraction_mean": float(a[:, 4].mean()),
             "runs": a.tolist(),
         }
         r = out[method]
-        print(f"{method.upper()} x{args.repeats} ({n}): log Z {r['log_evidence_mean']:.3f}, sd {r['log_evidence_sd']:.3f} "
-              f"vs stderr {r['log_evidence_stderr_mean']:.3f}; ΔF {r['delta_f_mean']:.2f} kT, sd {r['delta_f_sd']:.2f} "
-              f"vs stderr {r['delta_f_stderr_mean']:.2f}; ESS {r['ess_fraction_mean']:.1%}")
+        print(
+            f"{method.upper()} x{args.repeats} ({n}): log Z {r['log_evidence_mean']:.3f}, "
+            f"sd {r['log_evidence_sd']:.3f} "
+            f"vs stderr {r['log_evidence_stderr_mean']:.3f}; ΔF {r['delta_f_mean']:.2f} kT, sd {r['delta_f_sd']:.2f} "
+            f"vs stderr {r['delta_f_stderr_mean']:.2f}; ESS {r['ess_fraction_mean']:.1%}"
+        )
     return out
 
 
@@ -256,15 +363,22 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None)
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
-    ap.add_argument("--repeats", type=int, default=0,
-                    help="also repeat IS and SMC with this many seeds and compare their spread with "
-                    "the reported stderr (about 40 s per repeat)")
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=0,
+        help="also repeat IS and SMC with this many seeds and compare their spread with "
+        "the reported stderr (about 40 s per repeat)",
+    )
     ap.add_argument("--progress", action="store_true", default=True)
     ap.add_argument("--no-progress", dest="progress", action="store_false")
     args = ap.parse_args(argv)
     args.num_samples = args.num_samples or (2000 if args.quick else 100_000)
     args.smc_particles = args.smc_particles or (500 if args.quick else 10_000)
-    out = Path(args.out or Path("outputs") / "peptides" / "boltzmann_generator" / (args.solvent + ("_quick" if args.quick else "")))
+    out = Path(
+        args.out
+        or Path("outputs") / "peptides" / "boltzmann_generator" / (args.solvent + ("_quick" if args.quick else ""))
+    )
     out.mkdir(parents=True, exist_ok=True)
 
     from mcsample.flows import pretrained
@@ -289,8 +403,9 @@ def main(argv=None) -> int:
     tmp = out / "results.json.tmp"
     tmp.write_text(json.dumps(finite_json(results), indent=1, default=float))
     os.replace(tmp, out / "results.json")
-    print(f"wrote {out / 'results.json'}, {out / 'ramachandran.png'}, {out / 'energies.png'} "
-          f"({results['seconds']:.0f} s)")
+    print(
+        f"wrote {out / 'results.json'}, {out / 'ramachandran.png'}, {out / 'energies.png'} ({results['seconds']:.0f} s)"
+    )
     return 0
 
 

@@ -67,20 +67,33 @@ def _run_one(solvent: str, args: dict) -> dict:
     if pt:
         temps = args["temperature"] * (args["t_max"] / args["temperature"]) ** np.linspace(0, 1, args["replicas"])
         res = run_parallel_tempering(
-            pep, temps, args["equilibration_ps"] + args["time_ps"], exchange_interval_ps=args["report_ps"],
-            timestep_fs=args["timestep_fs"], friction_per_ps=args["friction"],
-            report_interval_ps=args["report_ps"], generator=torch.Generator().manual_seed(args["seed"]),
+            pep,
+            temps,
+            args["equilibration_ps"] + args["time_ps"],
+            exchange_interval_ps=args["report_ps"],
+            timestep_fs=args["timestep_fs"],
+            friction_per_ps=args["friction"],
+            report_interval_ps=args["report_ps"],
+            generator=torch.Generator().manual_seed(args["seed"]),
             platform=args["platform"],
-            path=path, progress=not args["no_progress"], threads=args["threads"],
+            path=path,
+            progress=not args["no_progress"],
+            threads=args["threads"],
         )
         # drop the equilibration frames (the run starts at the minimized structure)
         keep = res.trajectory.time > args["equilibration_ps"] + 1e-9
         res.trajectory, res.potential_energy = res.trajectory[keep], res.potential_energy[keep]
     else:
         res = run_md(
-            pep, args["time_ps"], timestep_fs=args["timestep_fs"], friction_per_ps=args["friction"],
-            report_interval_ps=args["report_ps"], equilibration_ps=args["equilibration_ps"],
-            generator=torch.Generator().manual_seed(args["seed"]), platform=args["platform"], path=path,
+            pep,
+            args["time_ps"],
+            timestep_fs=args["timestep_fs"],
+            friction_per_ps=args["friction"],
+            report_interval_ps=args["report_ps"],
+            equilibration_ps=args["equilibration_ps"],
+            generator=torch.Generator().manual_seed(args["seed"]),
+            platform=args["platform"],
+            path=path,
             progress=not args["no_progress"],
             threads=args["threads"],
         )
@@ -91,33 +104,40 @@ def _run_one(solvent: str, args: dict) -> dict:
     dF = A.free_energy_difference(phi, kT=1.0, statistical_inefficiency=g_phi)
     kT = pep.kT
     plot = A.plot_ramachandran(
-        phi, psi, out / f"ramachandran_{solvent}{'_pt' if pt else ''}.png", kT=1.0, vmax=10.0,
+        phi,
+        psi,
+        out / f"ramachandran_{solvent}{'_pt' if pt else ''}.png",
+        kT=1.0,
+        vmax=10.0,
         title=f"alanine dipeptide, ff96 {solvent}, {pep.temperature:g} K, "
-              f"{args['time_ps'] / 1000:g} ns " + (f"PT ({args['replicas']} replicas)" if pt else "MD"),
+        f"{args['time_ps'] / 1000:g} ns " + (f"PT ({args['replicas']} replicas)" if pt else "MD"),
     )
     summary = dict(res.metadata)
-    summary.update({
-        "file": path.name,
-        "sampler": args["sampler"],
-        "analysed_frames": int(res.trajectory.n_frames),
-        "command": " ".join(sys.argv),
-        "solvent": solvent,
-        "kT_kJ_per_mol": kT,
-        "steps_per_second": (res.metadata["steps"] / res.metadata["wall_time_s"])
-        if res.metadata.get("wall_time_s") and "steps" in res.metadata else None,
-        "wall_time_this_call_s": wall,
-        "energy_mean_kJ_per_mol": float(res.energies.mean()),
-        "energy_std_kJ_per_mol": float(res.energies.std()),
-        "energy_statistical_inefficiency": g_e,
-        "energy_mean_stderr_kJ_per_mol": float(res.energies.std() * np.sqrt(g_e / len(res.energies))),
-        "p_phi_positive": dF.p_positive,
-        "deltaF_phi_pos_minus_neg_kT": dF.value,
-        "deltaF_stderr_kT": dF.stderr,
-        "phi_statistical_inefficiency": g_phi,
-        # entries into φ>0: with few of them the ΔF error bar (which assumes many) is not reliable
-        "phi_positive_visits": int(np.sum(np.diff((phi > 0).astype(int)) == 1) + int(phi[0] > 0)),
-        "ramachandran_png": os.path.basename(plot),
-    })
+    summary.update(
+        {
+            "file": path.name,
+            "sampler": args["sampler"],
+            "analysed_frames": int(res.trajectory.n_frames),
+            "command": " ".join(sys.argv),
+            "solvent": solvent,
+            "kT_kJ_per_mol": kT,
+            "steps_per_second": (res.metadata["steps"] / res.metadata["wall_time_s"])
+            if res.metadata.get("wall_time_s") and "steps" in res.metadata
+            else None,
+            "wall_time_this_call_s": wall,
+            "energy_mean_kJ_per_mol": float(res.energies.mean()),
+            "energy_std_kJ_per_mol": float(res.energies.std()),
+            "energy_statistical_inefficiency": g_e,
+            "energy_mean_stderr_kJ_per_mol": float(res.energies.std() * np.sqrt(g_e / len(res.energies))),
+            "p_phi_positive": dF.p_positive,
+            "deltaF_phi_pos_minus_neg_kT": dF.value,
+            "deltaF_stderr_kT": dF.stderr,
+            "phi_statistical_inefficiency": g_phi,
+            # entries into φ>0: with few of them the ΔF error bar (which assumes many) is not reliable
+            "phi_positive_visits": int(np.sum(np.diff((phi > 0).astype(int)) == 1) + int(phi[0] > 0)),
+            "ramachandran_png": os.path.basename(plot),
+        }
+    )
     # strict JSON: an empty region gives ΔF = ±inf, written as null
     summary = {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in summary.items()}
     tmp = out / f".alanine_dipeptide_{solvent}_{tag}.json.tmp{os.getpid()}"
@@ -133,8 +153,9 @@ def _fmt(value, stderr) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--solvent", nargs="+", default=["obc1", "vacuum"], choices=["obc1", "vacuum"])
     parser.add_argument("--time-ns", type=float, default=1.0, help="production length per solvent (ns)")
     parser.add_argument("--quick", action="store_true", help="20 ps per solvent (about a minute)")
@@ -146,9 +167,12 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--platform", default="CPU", help="OpenMM platform (CPU, Reference, CUDA, ...)")
     parser.add_argument("--jobs", type=int, default=2, help="solvents run in parallel processes")
-    parser.add_argument("--sampler", choices=["md", "pt"], default="md",
-                        help="plain Langevin MD, or parallel tempering (replica exchange) whose "
-                             "300 K replica visits the φ>0 basins")
+    parser.add_argument(
+        "--sampler",
+        choices=["md", "pt"],
+        default="md",
+        help="plain Langevin MD, or parallel tempering (replica exchange) whose 300 K replica visits the φ>0 basins",
+    )
     parser.add_argument("--replicas", type=int, default=6, help="PT: number of temperatures")
     parser.add_argument("--t-max", type=float, default=600.0, help="PT: highest temperature (K), geometric ladder")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -158,11 +182,20 @@ def main(argv=None) -> int:
     out = a.out if not a.quick or a.out != DEFAULT_OUT else DEFAULT_OUT / "quick"
     jobs = max(1, min(a.jobs, len(a.solvent)))
     args = {
-        "out": str(out), "time_ps": time_ps, "timestep_fs": a.timestep_fs, "friction": a.friction,
-        "report_ps": a.report_ps, "equilibration_ps": 2.0 if a.quick else a.equilibration_ps,
-        "temperature": a.temperature, "seed": a.seed, "platform": a.platform,
-        "no_progress": a.no_progress, "threads": 1 if jobs > 1 else None,
-        "sampler": a.sampler, "replicas": a.replicas, "t_max": a.t_max,
+        "out": str(out),
+        "time_ps": time_ps,
+        "timestep_fs": a.timestep_fs,
+        "friction": a.friction,
+        "report_ps": a.report_ps,
+        "equilibration_ps": 2.0 if a.quick else a.equilibration_ps,
+        "temperature": a.temperature,
+        "seed": a.seed,
+        "platform": a.platform,
+        "no_progress": a.no_progress,
+        "threads": 1 if jobs > 1 else None,
+        "sampler": a.sampler,
+        "replicas": a.replicas,
+        "t_max": a.t_max,
     }
     t0 = time.perf_counter()
     if jobs == 1:
@@ -178,8 +211,11 @@ def main(argv=None) -> int:
     sets = {}
     for s in summaries:
         sets[s["solvent"]] = MDResult.load(out / s["file"]).energies
-    A.plot_energy_histograms(sets, out / f"energies{'_pt' if a.sampler == 'pt' else ''}.png",
-                             title=f"alanine dipeptide ff96, {a.temperature:g} K ({a.sampler.upper()})")
+    A.plot_energy_histograms(
+        sets,
+        out / f"energies{'_pt' if a.sampler == 'pt' else ''}.png",
+        title=f"alanine dipeptide ff96, {a.temperature:g} K ({a.sampler.upper()})",
+    )
     print(f"\nwrote {out}/ in {time.perf_counter() - t0:.0f} s")
     for s in summaries:
         print(

@@ -47,8 +47,13 @@ HELD_OUT = ("EW", "FF", "IQ", "LQ", "PE", "TL", "VT", "YW")
 CONTROLS = ("AL", "GR", "KW", "SP")
 CHECKPOINT = ROOT / "flows" / "checkpoints" / "transferable.pt"
 #: training recipe of the shipped checkpoint
-RECIPE = {"architecture": {"layers": 8, "width": 48, "heads": 4, "depth": 1, "bins": 8},
-          "steps": 1500, "batch_size": 256, "lr": 1e-3, "seed": 0}
+RECIPE = {
+    "architecture": {"layers": 8, "width": 48, "heads": 4, "depth": 1, "bins": 8},
+    "steps": 1500,
+    "batch_size": 256,
+    "lr": 1e-3,
+    "seed": 0,
+}
 
 
 def make_peptide(seq: str):
@@ -73,9 +78,19 @@ def reference_md(seq: str, folder: Path, quick: bool) -> tuple[np.ndarray, np.nd
     (``transferable_data.py``) with another seed; cached in ``folder``."""
     import transferable_data as td
 
-    ns = argparse.Namespace(temps=5, t_max=650.0, walkers=16, timestep_fs=2.0, friction=1.0,
-                            hydrogen_mass=4.0, exchange_ps=0.02, report_ps=0.1, equilibration_ps=3.0,
-                            time_ps=8.0, seed=1)
+    ns = argparse.Namespace(
+        temps=5,
+        t_max=650.0,
+        walkers=16,
+        timestep_fs=2.0,
+        friction=1.0,
+        hydrogen_mass=4.0,
+        exchange_ps=0.02,
+        report_ps=0.1,
+        equilibration_ps=3.0,
+        time_ps=8.0,
+        seed=1,
+    )
     if quick:
         ns.walkers, ns.temps, ns.time_ps, ns.equilibration_ps = 4, 3, 0.4, 0.2
     settings = td._settings(ns)
@@ -111,25 +126,41 @@ def train(args) -> None:
         train_z.append(z[~torch.as_tensor(held)].float())
         valid_z.append(z[torch.as_tensor(held)].float() if held.any() else z[-8:].float())
     rows_train, rows_valid = pack(tokens, train_z), pack(tokens, valid_z)
-    print(f"{len(sequences)} sequences, {rows_train.shape[0]} training and {rows_valid.shape[0]} "
-          f"validation frames ({time.perf_counter() - t0:.0f} s to load)")
+    print(
+        f"{len(sequences)} sequences, {rows_train.shape[0]} training and {rows_valid.shape[0]} "
+        f"validation frames ({time.perf_counter() - t0:.0f} s to load)"
+    )
     model = PackedFlow(flow, tokens)
     steps = 200 if args.quick else args.steps
     ckpt = Path(args.out).with_suffix(".training.pt")
-    history = fit_maximum_likelihood(model, rows_train, valid=rows_valid, steps=steps,
-                                     batch_size=RECIPE["batch_size"], lr=args.lr,
-                                     valid_every=max(steps // 10, 1),
-                                     generator=torch.Generator().manual_seed(RECIPE["seed"]),
-                                     progress=True, checkpoint=ckpt, checkpoint_every=100)
+    history = fit_maximum_likelihood(
+        model,
+        rows_train,
+        valid=rows_valid,
+        steps=steps,
+        batch_size=RECIPE["batch_size"],
+        lr=args.lr,
+        valid_every=max(steps // 10, 1),
+        generator=torch.Generator().manual_seed(RECIPE["seed"]),
+        progress=True,
+        checkpoint=ckpt,
+        checkpoint_every=100,
+    )
     flow.training_set = list(sequences)
     nll = validation_nll(model, rows_valid)
     manifest = Path(args.data) / "manifest.json"
     previous = getattr(flow, "meta", {}) if args.init else {}
-    meta = {"recipe": RECIPE, "steps": steps, "lr": args.lr, "initialized_from": previous or None,
-            "training_sequences": list(sequences),
-            "data": json.loads(manifest.read_text())["settings"] if manifest.exists() else str(args.data),
-            "validation_nll": nll, "wall_time_s": history.seconds,
-            "made_by": "python examples/peptides/transferable.py train"}
+    meta = {
+        "recipe": RECIPE,
+        "steps": steps,
+        "lr": args.lr,
+        "initialized_from": previous or None,
+        "training_sequences": list(sequences),
+        "data": json.loads(manifest.read_text())["settings"] if manifest.exists() else str(args.data),
+        "validation_nll": nll,
+        "wall_time_s": history.seconds,
+        "made_by": "python examples/peptides/transferable.py train",
+    }
     save_flow(flow, args.out, meta)
     print(f"validation NLL {nll:.2f} nats per configuration; wrote {args.out}")
 
@@ -148,9 +179,10 @@ def _metrics(pep, ws_x, log_w, md_xyz, md_energies) -> dict:
     return {
         "ess_fraction": float(mc.ess(log_w)) / len(lw),
         "energy_w2_kT": float(A.energy_wasserstein(energies / kT, md_energies / kT, log_weights_p=lw, p=2)),
-        "torus_w2": float(A.torus_wasserstein(np.stack([phi, psi], -1), np.stack([mphi, mpsi], -1),
-                                              log_weights_p=lw)),
-        "phi": phi, "psi": psi, "log_w": lw,
+        "torus_w2": float(A.torus_wasserstein(np.stack([phi, psi], -1), np.stack([mphi, mpsi], -1), log_weights_p=lw)),
+        "phi": phi,
+        "psi": psi,
+        "log_w": lw,
     }
 
 
@@ -167,8 +199,9 @@ def evaluate(args) -> None:
     rows, table = {}, []
     for seq in sequences:
         pep = make_peptide(seq)
-        md_xyz, md_energies = reference_md(seq, out / ("reference_md_quick" if args.quick else "reference_md"),
-                                           args.quick)
+        md_xyz, md_energies = reference_md(
+            seq, out / ("reference_md_quick" if args.quick else "reference_md"), args.quick
+        )
         row = {"sequence": seq, "held_out": seq not in TRAINING_SEQUENCES, "md_frames": len(md_xyz)}
         g = torch.Generator().manual_seed(0)
         # zero-shot importance sampling
@@ -182,21 +215,29 @@ def evaluate(args) -> None:
         t0 = time.perf_counter()
         tuned = copy.deepcopy(flow).proposal(pep)
         rounds = 2 if args.quick else args.finetune_rounds
-        fit_snis(tuned, pep.log_prob, rounds_per_beta=rounds, num_samples=min(n, 2048),
-                 buffer_size=min(n, 2048), steps_per_round=20, lr=1e-4, progress=False,
-                 generator=torch.Generator().manual_seed(1))
+        fit_snis(
+            tuned,
+            pep.log_prob,
+            rounds_per_beta=rounds,
+            num_samples=min(n, 2048),
+            buffer_size=min(n, 2048),
+            steps_per_round=20,
+            lr=1e-4,
+            progress=False,
+            generator=torch.Generator().manual_seed(1),
+        )
         ws_ft = mc.importance_sample(pep, tuned, n, batch_size=1024, generator=torch.Generator().manual_seed(2))
         ft = _metrics(pep, ws_ft.samples, ws_ft.log_weights, md_xyz, md_energies)
         row["finetuned"] = {k: v for k, v in ft.items() if k not in ("phi", "psi", "log_w")}
         row["finetuned"].update(seconds=time.perf_counter() - t0, energy_evaluations=n + rounds * min(n, 2048))
         # SMC from the (zero-shot) flow
         t0 = time.perf_counter()
-        ens = mc.sample_peptide(pep, min(n, 1024), method="smc", proposal=prop,
-                                generator=torch.Generator().manual_seed(3))
+        ens = mc.sample_peptide(
+            pep, min(n, 1024), method="smc", proposal=prop, generator=torch.Generator().manual_seed(3)
+        )
         sm = _metrics(pep, ens.samples.samples, ens.samples.log_weights, md_xyz, md_energies)
         row["smc"] = {k: v for k, v in sm.items() if k not in ("phi", "psi", "log_w")}
-        row["smc"].update(seconds=time.perf_counter() - t0,
-                          energy_evaluations=int(ens.diagnostics.energy_evaluations))
+        row["smc"].update(seconds=time.perf_counter() - t0, energy_evaluations=int(ens.diagnostics.energy_evaluations))
         rows[seq] = row
         table.append(row)
         mphi, mpsi = A.ramachandran_angles(md_xyz, pep.topology)
@@ -209,10 +250,12 @@ def evaluate(args) -> None:
 def _line(row: dict) -> str:
     z, f, s = row["zero_shot"], row["finetuned"], row["smc"]
     tag = "held-out" if row["held_out"] else "training"
-    return (f"{row['sequence']:3s} {tag:8s} ESS {z['ess_fraction']:.3%} -> {f['ess_fraction']:.3%} | "
-            f"energy W2 {z['energy_w2_kT']:.2f} / {f['energy_w2_kT']:.2f} / {s['energy_w2_kT']:.2f} kT | "
-            f"torus W2 {z['torus_w2']:.3f} / {f['torus_w2']:.3f} / {s['torus_w2']:.3f} "
-            f"(flow IS / fine-tuned IS / SMC)")
+    return (
+        f"{row['sequence']:3s} {tag:8s} ESS {z['ess_fraction']:.3%} -> {f['ess_fraction']:.3%} | "
+        f"energy W2 {z['energy_w2_kT']:.2f} / {f['energy_w2_kT']:.2f} / {s['energy_w2_kT']:.2f} kT | "
+        f"torus W2 {z['torus_w2']:.3f} / {f['torus_w2']:.3f} / {s['torus_w2']:.3f} "
+        f"(flow IS / fine-tuned IS / SMC)"
+    )
 
 
 def _plot(path: Path, seq: str, flow_metrics: dict, smc_metrics: dict, md) -> None:
@@ -222,9 +265,16 @@ def _plot(path: Path, seq: str, flow_metrics: dict, smc_metrics: dict, md) -> No
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(12, 4), sharex=True, sharey=True)
-    panels = [("flow (unweighted)", flow_metrics["phi"], flow_metrics["psi"], None),
-              ("SMC (weighted)", smc_metrics["phi"], smc_metrics["psi"], np.exp(smc_metrics["log_w"] - smc_metrics["log_w"].max())),
-              ("MD (reference)", md[0], md[1], None)]
+    panels = [
+        ("flow (unweighted)", flow_metrics["phi"], flow_metrics["psi"], None),
+        (
+            "SMC (weighted)",
+            smc_metrics["phi"],
+            smc_metrics["psi"],
+            np.exp(smc_metrics["log_w"] - smc_metrics["log_w"].max()),
+        ),
+        ("MD (reference)", md[0], md[1], None),
+    ]
     for ax, (title, phi, psi, w) in zip(axes, panels):
         ax.hist2d(phi, psi, bins=60, range=[[-np.pi, np.pi], [-np.pi, np.pi]], weights=w, cmap="viridis")
         ax.set_title(f"{seq}: {title}")

@@ -79,12 +79,13 @@ class GaussianMixtureDiffusion:
             self.eigvecs = evecs.to(means.dtype)
         else:
             raise ValueError(
-                f"covs must be a scalar, (K,), (K, d) or (K, d, d) with K={K}, d={d}; "
-                f"got {tuple(covs.shape)}"
+                f"covs must be a scalar, (K,), (K, d) or (K, d, d) with K={K}, d={d}; got {tuple(covs.shape)}"
             )
         if bool((self.eigvals < 0).any()):
-            raise ValueError("mixture covariances must be positive semi-definite "
-                             f"(smallest eigenvalue {float(self.eigvals.min()):.3g})")
+            raise ValueError(
+                "mixture covariances must be positive semi-definite "
+                f"(smallest eigenvalue {float(self.eigvals.min()):.3g})"
+            )
         self._cache: dict = {}
 
     # ------------------------------------------------------------------------------------
@@ -202,7 +203,7 @@ class GaussianMixtureDiffusion:
         means, _, _, evecs = self._params(x)
         w_res = resid / var  # Σ_k^{-1}(x - a m_k) in eigenbasis, (B, K, d)
         if want_score:
-            z = (r.unsqueeze(-1) * w_res)
+            z = r.unsqueeze(-1) * w_res
             if evecs is not None:
                 z = torch.einsum("kij,bkj->bki", evecs, z)
             score = -z.sum(1)
@@ -277,5 +278,7 @@ class GaussianMixtureDiffusion:
         return GaussianMixtureDiffusion(self.weights, a * self.means, covs, self.schedule)
 
     def __repr__(self) -> str:
-        return (f"GaussianMixtureDiffusion(K={self.num_components}, d={self.dim}, "
-                f"covs={self.kind}, schedule={self.schedule!r})")
+        return (
+            f"GaussianMixtureDiffusion(K={self.num_components}, d={self.dim}, "
+            f"covs={self.kind}, schedule={self.schedule!r})"
+        )

@@ -54,18 +54,24 @@ class ScoreMLP(nn.Module):
 
     def __init__(self, dim: int, hidden: int = 128, depth: int = 3, time_embed_dim: int = 64):
         super().__init__()
-        self.config = {"class": "ScoreMLP", "kwargs": {"dim": dim, "hidden": hidden, "depth": depth,
-                                                        "time_embed_dim": time_embed_dim}}
+        self.config = {
+            "class": "ScoreMLP",
+            "kwargs": {"dim": dim, "hidden": hidden, "depth": depth, "time_embed_dim": time_embed_dim},
+        }
         self.time = _TimeMLP(time_embed_dim, hidden)
         self.inp = nn.Linear(dim, hidden)
         self.blocks = nn.ModuleList()
         for _ in range(depth):
-            self.blocks.append(nn.ModuleDict({
-                "norm": nn.LayerNorm(hidden),
-                "temb": nn.Linear(hidden, hidden),
-                "fc1": nn.Linear(hidden, hidden),
-                "fc2": nn.Linear(hidden, hidden),
-            }))
+            self.blocks.append(
+                nn.ModuleDict(
+                    {
+                        "norm": nn.LayerNorm(hidden),
+                        "temb": nn.Linear(hidden, hidden),
+                        "fc1": nn.Linear(hidden, hidden),
+                        "fc2": nn.Linear(hidden, hidden),
+                    }
+                )
+            )
         self.out = nn.Sequential(nn.LayerNorm(hidden), nn.SiLU(), nn.Linear(hidden, dim))
         nn.init.zeros_(self.out[-1].weight)
         nn.init.zeros_(self.out[-1].bias)
@@ -107,12 +113,20 @@ class ScoreUNet(nn.Module):
     convolution.
     """
 
-    def __init__(self, in_channels: int = 1, channels: tuple[int, int] = (32, 64),
-                 time_embed_dim: int = 64, groups: int = 8):
+    def __init__(
+        self, in_channels: int = 1, channels: tuple[int, int] = (32, 64), time_embed_dim: int = 64, groups: int = 8
+    ):
         super().__init__()
         c0, c1 = (int(c) for c in channels)
-        self.config = {"class": "ScoreUNet", "kwargs": {"in_channels": in_channels, "channels": [c0, c1],
-                                                         "time_embed_dim": time_embed_dim, "groups": groups}}
+        self.config = {
+            "class": "ScoreUNet",
+            "kwargs": {
+                "in_channels": in_channels,
+                "channels": [c0, c1],
+                "time_embed_dim": time_embed_dim,
+                "groups": groups,
+            },
+        }
         temb = 4 * c0
         self.time = _TimeMLP(time_embed_dim, temb)
         self.inp = nn.Conv2d(in_channels, c0, 3, padding=1)

@@ -50,8 +50,10 @@ def expand_like(c, x: Tensor) -> Tensor:
         return c.reshape(c.shape[0], *([1] * (x.ndim - 1)))
     if c.ndim == 1 and c.shape[0] == 1:
         return c.reshape(*([1] * x.ndim))
-    raise ValueError(f"coefficient of shape {tuple(c.shape)} does not broadcast against x of shape "
-                     f"{tuple(x.shape)}; expected a scalar or ({x.shape[0]},)")
+    raise ValueError(
+        f"coefficient of shape {tuple(c.shape)} does not broadcast against x of shape "
+        f"{tuple(x.shape)}; expected a scalar or ({x.shape[0]},)"
+    )
 
 
 def eps_to_score(eps: Tensor, sigma) -> Tensor:
@@ -143,8 +145,16 @@ class Denoiser:
             t = 1 for the linear VP schedule).
     """
 
-    def __init__(self, net, schedule, prediction: str = "eps", *, data_shift: float = 0.0,
-                 data_scale: float = 1.0, data_var: float | None = None):
+    def __init__(
+        self,
+        net,
+        schedule,
+        prediction: str = "eps",
+        *,
+        data_shift: float = 0.0,
+        data_scale: float = 1.0,
+        data_var: float | None = None,
+    ):
         if prediction not in PREDICTIONS:
             raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
         if data_var is not None and (prediction != "eps" or not data_var > 0):

@@ -69,8 +69,14 @@ METHODS = ("em_sde", "em_ode", "ddim", "dpmpp_2m", "deis")
 # coefficients
 
 
-def prior_sample(schedule, shape, t_max: float = 1.0, generator: torch.Generator | None = None,
-                 dtype: torch.dtype = torch.float32, device=None) -> Tensor:
+def prior_sample(
+    schedule,
+    shape,
+    t_max: float = 1.0,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.float32,
+    device=None,
+) -> Tensor:
     r"""Draw :math:`x_{t_{\max}}\sim\mathcal N(0,\sigma_{t_{\max}}^2 I)`, the usual stand-in for
     :math:`q_{t_{\max}}` (its mean :math:`\alpha_{t_{\max}}E[x_0]` and the
     :math:`\alpha^2\mathrm{Cov}[x_0]` part of its covariance are neglected)."""
@@ -87,8 +93,9 @@ def _noise(x: Tensor, generator) -> Tensor:
 # pure updates
 
 
-def em_update(x: Tensor, score: Tensor, dt: float, f: float, g2: float, *, ode: bool = False,
-              noise: Tensor | None = None) -> Tensor:
+def em_update(
+    x: Tensor, score: Tensor, dt: float, f: float, g2: float, *, ode: bool = False, noise: Tensor | None = None
+) -> Tensor:
     r"""One Euler–Maruyama step backward by ``dt`` > 0: reverse SDE
     :math:`x - dt\,(f x - g^2 s) + \sqrt{g^2 dt}\,z`, or the probability-flow ODE
     :math:`x - dt\,(f x - \tfrac12 g^2 s)` when ``ode``."""
@@ -100,8 +107,9 @@ def em_update(x: Tensor, score: Tensor, dt: float, f: float, g2: float, *, ode: 
     return out
 
 
-def dpmpp_2m_update(x: Tensor, x0: Tensor, x0_prev: Tensor, a_t: float, s_s: float, s_t: float,
-                    h: float, h_prev: float) -> Tensor:
+def dpmpp_2m_update(
+    x: Tensor, x0: Tensor, x0_prev: Tensor, a_t: float, s_s: float, s_t: float, h: float, h_prev: float
+) -> Tensor:
     r"""DPM-Solver++(2M) (Lu et al. 2022, Alg. 2): :math:`r=h_{\rm prev}/h`,
     :math:`D = \hat x_s + \frac{1}{2r}(\hat x_s-\hat x_{s'})`,
     :math:`x_t = \frac{\sigma_t}{\sigma_s}x_s - \alpha_t(e^{-h}-1)D`."""
@@ -164,9 +172,17 @@ def _time(x: Tensor, t: float) -> Tensor:
     return torch.full((x.shape[0],), t, dtype=x.dtype, device=x.device)
 
 
-def sampler_step(state: SamplerState, model, co: dict, method: str, *, eta: float = 0.0,
-                 order: int = 2, lower_order_final: bool = False,
-                 generator: torch.Generator | None = None) -> SamplerState:
+def sampler_step(
+    state: SamplerState,
+    model,
+    co: dict,
+    method: str,
+    *,
+    eta: float = 0.0,
+    order: int = 2,
+    lower_order_final: bool = False,
+    generator: torch.Generator | None = None,
+) -> SamplerState:
     """Advance ``state`` by one grid interval with ``method`` (see :data:`METHODS`); ``co`` is
     :func:`~mcsample.diffusion.grid_coefficients` of the grid."""
     i = state.step
@@ -208,10 +224,19 @@ def sampler_step(state: SamplerState, model, co: dict, method: str, *, eta: floa
     return SamplerState(x=x_new, step=i + 1, nfe=state.nfe + 1, history=history, trajectory=traj)
 
 
-def sample(model, x_init: Tensor, grid: Tensor, method: str = "dpmpp_2m", *, eta: float = 0.0,
-           order: int = 2, lower_order_final: bool | None = None,
-           generator: torch.Generator | None = None, return_trajectory: bool = False,
-           progress: bool = False) -> SamplerResult:
+def sample(
+    model,
+    x_init: Tensor,
+    grid: Tensor,
+    method: str = "dpmpp_2m",
+    *,
+    eta: float = 0.0,
+    order: int = 2,
+    lower_order_final: bool | None = None,
+    generator: torch.Generator | None = None,
+    return_trajectory: bool = False,
+    progress: bool = False,
+) -> SamplerResult:
     r"""Integrate from ``x_init`` at ``grid[0]`` to ``grid[-1]`` with one of :data:`METHODS`.
 
     Args:
@@ -248,8 +273,9 @@ def sample(model, x_init: Tensor, grid: Tensor, method: str = "dpmpp_2m", *, eta
 
         steps = tqdm(steps, desc=f"diffusion {method}")
     for _ in steps:
-        state = sampler_step(state, model, co, method, eta=eta, order=order,
-                             lower_order_final=lower_order_final, generator=generator)
+        state = sampler_step(
+            state, model, co, method, eta=eta, order=order, lower_order_final=lower_order_final, generator=generator
+        )
     traj = torch.stack(state.trajectory) if state.trajectory is not None else None
     return SamplerResult(samples=state.x, nfe=state.nfe, grid=torch.as_tensor(grid), trajectory=traj)
 

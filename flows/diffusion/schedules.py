@@ -125,8 +125,13 @@ class VPSchedule(_Schedule):
         self.beta_max = float(beta_max)
         self.cosine_s = float(cosine_s)
         self.cosine_t_end = float(cosine_t_end)
-        self._kwargs = {"kind": kind, "beta_min": self.beta_min, "beta_max": self.beta_max,
-                        "cosine_s": self.cosine_s, "cosine_t_end": self.cosine_t_end}
+        self._kwargs = {
+            "kind": kind,
+            "beta_min": self.beta_min,
+            "beta_max": self.beta_max,
+            "cosine_s": self.cosine_s,
+            "cosine_t_end": self.cosine_t_end,
+        }
         self._phi_scale = 0.5 * math.pi / (1.0 + self.cosine_s)
         self._log_cos_phi0 = math.log(math.cos(self.cosine_s * self._phi_scale))
 

@@ -32,8 +32,7 @@ from .networks import network_from_config
 from .parameterization import Denoiser, expand_like
 from .schedules import schedule_from_config
 
-__all__ = ["dsm_loss", "LossAwareTimeSampler", "TrainResult", "train_score_model",
-           "save_checkpoint", "load_checkpoint"]
+__all__ = ["dsm_loss", "LossAwareTimeSampler", "TrainResult", "train_score_model", "save_checkpoint", "load_checkpoint"]
 
 CHECKPOINT_FORMAT = "mcsample.diffusion/1"
 
@@ -57,8 +56,15 @@ class LossAwareTimeSampler:
     the uniform; sample weights :math:`1/(K p_k)` keep the loss an unbiased estimate of the
     uniform-time objective. Uniform until every bin has been seen ``warmup`` times."""
 
-    def __init__(self, t_min: float, t_max: float, num_bins: int = 20, rate: float = 0.05,
-                 uniform_mix: float = 0.05, warmup: int = 10):
+    def __init__(
+        self,
+        t_min: float,
+        t_max: float,
+        num_bins: int = 20,
+        rate: float = 0.05,
+        uniform_mix: float = 0.05,
+        warmup: int = 10,
+    ):
         self.t_min, self.t_max = float(t_min), float(t_max)
         self.num_bins, self.rate = int(num_bins), float(rate)
         self.uniform_mix, self.warmup = float(uniform_mix), int(warmup)
@@ -142,7 +148,8 @@ def train_score_model(
         p.requires_grad_(False)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda i: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps)))
+        opt, lambda i: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps))
+    )
     sampler = LossAwareTimeSampler(t_min, t_max) if importance else None
     losses = []
     it = range(steps)
@@ -185,8 +192,10 @@ def save_checkpoint(path: str | os.PathLike, model: Denoiser, metadata: dict | N
     ``path``, then renamed over it."""
     net = model.net
     if not hasattr(net, "config"):
-        raise TypeError(f"{type(net).__name__} has no .config; only networks from "
-                        "mcsample.flows.diffusion.networks can be checkpointed")
+        raise TypeError(
+            f"{type(net).__name__} has no .config; only networks from "
+            "mcsample.flows.diffusion.networks can be checkpointed"
+        )
     payload = {
         "format": CHECKPOINT_FORMAT,
         "network": net.config,
@@ -217,13 +226,20 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> Denoiser:
     return the :class:`Denoiser` in eval mode; its ``metadata`` is attached as an attribute."""
     payload = torch.load(os.fspath(path), map_location=map_location, weights_only=True)
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not an mcsample diffusion checkpoint (format "
-                         f"{payload.get('format') if isinstance(payload, dict) else type(payload).__name__!r})")
+        raise ValueError(
+            f"{path} is not an mcsample diffusion checkpoint (format "
+            f"{payload.get('format') if isinstance(payload, dict) else type(payload).__name__!r})"
+        )
     net = network_from_config(payload["network"])
     net.load_state_dict(payload["state_dict"])
     net.to(map_location if isinstance(map_location, (str, torch.device)) else "cpu").eval()
-    model = Denoiser(net, schedule_from_config(payload["schedule"]), payload["prediction"],
-                     data_shift=payload["data_shift"], data_scale=payload["data_scale"],
-                     data_var=payload.get("data_var"))
+    model = Denoiser(
+        net,
+        schedule_from_config(payload["schedule"]),
+        payload["prediction"],
+        data_shift=payload["data_shift"],
+        data_scale=payload["data_scale"],
+        data_var=payload.get("data_var"),
+    )
     model.metadata = payload["metadata"]
     return model

@@ -46,8 +46,9 @@ def _randn_like(x: Tensor, generator) -> Tensor:
     return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
 
 
-def laplacian(fn, x: Tensor, method: str = "exact", num_probes: int = 1,
-              generator: torch.Generator | None = None) -> Tensor:
+def laplacian(
+    fn, x: Tensor, method: str = "exact", num_probes: int = 1, generator: torch.Generator | None = None
+) -> Tensor:
     r"""Laplacian :math:`\Delta\phi(x) = \operatorname{tr}\nabla^2\phi` of a batched scalar field,
     shape ``(B,)``.
 
@@ -90,9 +91,19 @@ class PosteriorSampler:
 
     name = "base"
 
-    def __init__(self, model, measurement, y: Tensor, *, num_steps: int = 100, grid: str | Tensor = "uniform",
-                 t_max: float = 1.0, t_min: float = 1e-3, times: Tensor | None = None):
-        """``grid``: the decreasing times from :math:`t_{\max}` to :math:`t_{\min}` (a tensor), or
+    def __init__(
+        self,
+        model,
+        measurement,
+        y: Tensor,
+        *,
+        num_steps: int = 100,
+        grid: str | Tensor = "uniform",
+        t_max: float = 1.0,
+        t_min: float = 1e-3,
+        times: Tensor | None = None,
+    ):
+        r"""``grid``: the decreasing times from :math:`t_{\max}` to :math:`t_{\min}` (a tensor), or
         the kind of grid :func:`mcsample.diffusion.time_grid` builds with ``num_steps``,
         ``t_max`` and ``t_min`` (``"uniform"`` or ``"log_snr"``). ``times`` is an older name
         for a tensor ``grid``."""
@@ -157,14 +168,17 @@ class PosteriorSampler:
             return torch.zeros(n, dtype=torch.float64, device=x.device)
         rho2 = self.prior_std() ** 2
         d = x[0].numel()
-        log_ref = -0.5 * x.reshape(n, -1).to(torch.float64).pow(2).sum(-1) / rho2 - 0.5 * d * math.log(2 * math.pi * rho2)
+        log_ref = -0.5 * x.reshape(n, -1).to(torch.float64).pow(2).sum(-1) / rho2 - 0.5 * d * math.log(
+            2 * math.pi * rho2
+        )
         with torch.no_grad():
             lq = self.model.log_prob(x, self._t(x, 0))
         return lq.to(torch.float64) - log_ref
 
     def initial_noise(self, num: int, generator) -> Tensor:
-        return self.prior_std() * torch.randn((num, *self.event_shape), generator=generator,
-                                              dtype=self.dtype, device=self.device)
+        return self.prior_std() * torch.randn(
+            (num, *self.event_shape), generator=generator, dtype=self.dtype, device=self.device
+        )
 
     # -- the Feynman-Kac model contract ------------------------------------------------------
     @property
@@ -190,8 +204,9 @@ class PosteriorSampler:
         self.event_shape = state.x.shape[1:]
         self.dtype, self.device = state.x.dtype, state.x.device
 
-    def start(self, num_particles: int, *, generator=None, dtype=torch.float32, device=None,
-              event_shape=None) -> PosteriorState:
+    def start(
+        self, num_particles: int, *, generator=None, dtype=torch.float32, device=None, event_shape=None
+    ) -> PosteriorState:
         """Set up a run of ``num_particles`` particles and return the initial state (then call
         :meth:`step` until :meth:`done`, or let :meth:`run` do it)."""
         self.num_particles = fk.check_num_particles(num_particles)
@@ -203,9 +218,20 @@ class PosteriorSampler:
         return fk.to_weighted_samples(state, method=self.name, seconds=seconds, grid=self.times, **info)
 
     @distributed.shardable
-    def run(self, num_particles: int, *, generator=None, dtype=torch.float32, device=None,
-            event_shape=None, progress: bool = False, checkpoint=None, checkpoint_every: int = 10,
-            resume: bool = True, group=None) -> WeightedSamples:
+    def run(
+        self,
+        num_particles: int,
+        *,
+        generator=None,
+        dtype=torch.float32,
+        device=None,
+        event_shape=None,
+        progress: bool = False,
+        checkpoint=None,
+        checkpoint_every: int = 10,
+        resume: bool = True,
+        group=None,
+    ) -> WeightedSamples:
         """Initialize ``num_particles`` particles and step to the end with the Feynman-Kac driver.
         With ``checkpoint`` the state is saved atomically every ``checkpoint_every`` steps and an
         existing checkpoint of the same run is resumed (:mod:`mcsample.checkpoint`): same result
@@ -219,13 +245,29 @@ class PosteriorSampler:
         self.dtype, self.device, self.num_particles = dtype, device, distributed.local_size(num_particles)
         run = None
         if checkpoint is not None:
-            run = fingerprint(self.kind, generator, num_particles=num_particles, dtype=dtype,
-                              device=None if device is None else torch.device(device).type,
-                              event_shape=list(self.event_shape), sampler=self, model=self.model,
-                              measurement=self.measurement)
+            run = fingerprint(
+                self.kind,
+                generator,
+                num_particles=num_particles,
+                dtype=dtype,
+                device=None if device is None else torch.device(device).type,
+                event_shape=list(self.event_shape),
+                sampler=self,
+                model=self.model,
+                measurement=self.measurement,
+            )
         generator = distributed.split_generator(generator, device)  # this rank's stream when sharded
-        state = fk.run(self, num_particles, generator=generator, progress=progress, checkpoint=checkpoint,
-                       checkpoint_every=checkpoint_every, resume=resume, fingerprint=run, device=device)
+        state = fk.run(
+            self,
+            num_particles,
+            generator=generator,
+            progress=progress,
+            checkpoint=checkpoint,
+            checkpoint_every=checkpoint_every,
+            resume=resume,
+            fingerprint=run,
+            device=device,
+        )
         return self.result(state, time.perf_counter() - start)
 
     @property

@@ -40,9 +40,11 @@ class DPS(PosteriorSampler):
         and its stderr are NaN, with the reason in ``info["log_evidence"]``."""
         out = super().result(state, seconds, **info)
         out.log_scale = torch.full_like(out.log_scale, math.nan)
-        out.info["log_evidence"] = ("not estimated: DPS moves independent chains by an approximate "
-                                    "likelihood gradient and has no importance weights; use TDS or "
-                                    "MCGdiff for the evidence")
+        out.info["log_evidence"] = (
+            "not estimated: DPS moves independent chains by an approximate "
+            "likelihood gradient and has no importance weights; use TDS or "
+            "MCGdiff for the evidence"
+        )
         return out
 
     def init(self, generator) -> PosteriorState:
@@ -68,11 +70,34 @@ class DPS(PosteriorSampler):
         return fk.record_ess(state)
 
 
-def dps(model, measurement, y: Tensor, num_particles: int, *, num_steps: int = 100, zeta: float = 1.0,
-        eta: float = 1.0, generator=None, dtype=torch.float32, device=None, event_shape=None,
-        progress: bool = False, checkpoint=None, checkpoint_every: int = 10, resume: bool = True,
-        **grid) -> WeightedSamples:
+def dps(
+    model,
+    measurement,
+    y: Tensor,
+    num_particles: int,
+    *,
+    num_steps: int = 100,
+    zeta: float = 1.0,
+    eta: float = 1.0,
+    generator=None,
+    dtype=torch.float32,
+    device=None,
+    event_shape=None,
+    progress: bool = False,
+    checkpoint=None,
+    checkpoint_every: int = 10,
+    resume: bool = True,
+    **grid,
+) -> WeightedSamples:
     """Run :class:`DPS` on ``num_particles`` independent chains (equal weights; evidence NaN)."""
     return DPS(model, measurement, y, zeta=zeta, eta=eta, num_steps=num_steps, **grid).run(
-        num_particles, generator=generator, dtype=dtype, device=device, event_shape=event_shape,
-        progress=progress, checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume)
+        num_particles,
+        generator=generator,
+        dtype=dtype,
+        device=device,
+        event_shape=event_shape,
+        progress=progress,
+        checkpoint=checkpoint,
+        checkpoint_every=checkpoint_every,
+        resume=resume,
+    )

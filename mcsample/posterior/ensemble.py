@@ -53,8 +53,16 @@ import torch
 from torch import Tensor
 
 from mcsample import feynman_kac as fk
-from mcsample.posterior.base import (PosteriorSampler, PosteriorState, _dot, _gaussian_measurement,
-                                     _randn_like, _sqsum, _svd_pieces, laplacian)
+from mcsample.posterior.base import (
+    PosteriorSampler,
+    PosteriorState,
+    _dot,
+    _gaussian_measurement,
+    _randn_like,
+    _sqsum,
+    _svd_pieces,
+    laplacian,
+)
 from mcsample.weighted import WeightedSamples
 
 __all__ = ["EnsembleSampler", "ensemble_sampler"]
@@ -246,10 +254,23 @@ class EnsembleSampler(PosteriorSampler):
 
     name = "ensemble"
 
-    def __init__(self, model, measurement, y, *, potential: str = "auto", v_scale: float = 1.0,
-                 likelihood_drift: float = 0.5, laplacian: str = "auto", num_probes: int = 1,
-                 exact_max_dim: int = 64, integrator: str = "auto", resample_threshold: float = 0.5,
-                 scheme: str = "multinomial", **grid):
+    def __init__(
+        self,
+        model,
+        measurement,
+        y,
+        *,
+        potential: str = "auto",
+        v_scale: float = 1.0,
+        likelihood_drift: float = 0.5,
+        laplacian: str = "auto",
+        num_probes: int = 1,
+        exact_max_dim: int = 64,
+        integrator: str = "auto",
+        resample_threshold: float = 0.5,
+        scheme: str = "multinomial",
+        **grid,
+    ):
         super().__init__(model, measurement, y, **grid)
         self.v_scale = float(v_scale)
         self.lam = float(likelihood_drift)
@@ -284,8 +305,11 @@ class EnsembleSampler(PosteriorSampler):
         self._make_potential(state.x.dtype, state.x.device)
 
     def _make_potential(self, dtype, device):
-        self._pot = (_LinearPotential(self, self.potential, dtype, device) if self.has_svd
-                     else _GenericPotential(self, self.potential))
+        self._pot = (
+            _LinearPotential(self, self.potential, dtype, device)
+            if self.has_svd
+            else _GenericPotential(self, self.potential)
+        )
 
     def init(self, generator) -> PosteriorState:
         num, dtype, device = self.num_particles, self.dtype, self.device
@@ -297,8 +321,7 @@ class EnsembleSampler(PosteriorSampler):
             state = fk.start(x, self.start_log_weight(x), log_scale=log_z0, counters=counters)
         else:  # importance sampling from N(0, ρ²I) with weights e^{-μ}
             x = self.initial_noise(num, generator)
-            state = fk.start(x, -self._pot.value(x, 0).to(torch.float64) + self.start_log_weight(x),
-                             counters=counters)
+            state = fk.start(x, -self._pot.value(x, 0).to(torch.float64) + self.start_log_weight(x), counters=counters)
         fk.check_log_weights(state.log_w, "ensemble sampler start")
         return fk.record_ess(state)
 
@@ -334,10 +357,12 @@ class EnsembleSampler(PosteriorSampler):
             xf = (x + h * H).reshape(n, -1)
             z = xf @ V
             decay = torch.exp(-k * h)
-            var = torch.where(k * h > 1e-8, -torch.expm1(-2 * k * h) / (2 * k).clamp(min=1e-30),
-                              torch.full_like(k, h))
-            z_new = centre + (z - centre) * decay + v * var.sqrt() * torch.randn(
-                z.shape, generator=generator, dtype=z.dtype, device=z.device)
+            var = torch.where(k * h > 1e-8, -torch.expm1(-2 * k * h) / (2 * k).clamp(min=1e-30), torch.full_like(k, h))
+            z_new = (
+                centre
+                + (z - centre) * decay
+                + v * var.sqrt() * torch.randn(z.shape, generator=generator, dtype=z.dtype, device=z.device)
+            )
             noise = _randn_like(xf, generator)
             noise = noise - (noise @ V) @ V.T  # null-space part of the Brownian increment
             x_new = (xf + v * math.sqrt(h) * noise + (z_new - z) @ V.T).reshape(x.shape)
@@ -347,18 +372,56 @@ class EnsembleSampler(PosteriorSampler):
         return fk.resample_if_needed(state, self.resample_threshold, self.scheme, generator)
 
 
-def ensemble_sampler(model, measurement, y: Tensor, num_particles: int, *, num_steps: int = 100,
-                     potential: str = "auto", v_scale: float = 1.0, likelihood_drift: float = 0.5,
-                     laplacian: str = "auto", num_probes: int = 1, integrator: str = "auto",
-                     resample_threshold: float = 0.5, scheme: str = "multinomial", generator=None,
-                     dtype=torch.float32, device=None, event_shape=None, progress: bool = False,
-                     checkpoint=None, checkpoint_every: int = 10, resume: bool = True, **grid) -> WeightedSamples:
+def ensemble_sampler(
+    model,
+    measurement,
+    y: Tensor,
+    num_particles: int,
+    *,
+    num_steps: int = 100,
+    potential: str = "auto",
+    v_scale: float = 1.0,
+    likelihood_drift: float = 0.5,
+    laplacian: str = "auto",
+    num_probes: int = 1,
+    integrator: str = "auto",
+    resample_threshold: float = 0.5,
+    scheme: str = "multinomial",
+    generator=None,
+    dtype=torch.float32,
+    device=None,
+    event_shape=None,
+    progress: bool = False,
+    checkpoint=None,
+    checkpoint_every: int = 10,
+    resume: bool = True,
+    **grid,
+) -> WeightedSamples:
     """Run :class:`EnsembleSampler` with ``num_particles`` particles; returns the denoised
     :math:`\\hat x_0` of the weighted particles at :math:`t_{\\min}`, and for linear measurements
     the log-evidence estimates :math:`\\log\\int q_{t_{\\min}}(x)p(y\\mid x)dx`."""
-    return EnsembleSampler(model, measurement, y, potential=potential, v_scale=v_scale,
-                           likelihood_drift=likelihood_drift, laplacian=laplacian, num_probes=num_probes,
-                           integrator=integrator, resample_threshold=resample_threshold, scheme=scheme,
-                           num_steps=num_steps, **grid).run(
-        num_particles, generator=generator, dtype=dtype, device=device, event_shape=event_shape,
-        progress=progress, checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume)
+    return EnsembleSampler(
+        model,
+        measurement,
+        y,
+        potential=potential,
+        v_scale=v_scale,
+        likelihood_drift=likelihood_drift,
+        laplacian=laplacian,
+        num_probes=num_probes,
+        integrator=integrator,
+        resample_threshold=resample_threshold,
+        scheme=scheme,
+        num_steps=num_steps,
+        **grid,
+    ).run(
+        num_particles,
+        generator=generator,
+        dtype=dtype,
+        device=device,
+        event_shape=event_shape,
+        progress=progress,
+        checkpoint=checkpoint,
+        checkpoint_every=checkpoint_every,
+        resume=resume,
+    )

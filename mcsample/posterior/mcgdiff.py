@@ -55,8 +55,18 @@ class MCGdiff(PosteriorSampler):
 
     name = "MCGdiff"
 
-    def __init__(self, model, measurement, y, *, eta: float = 1.0, kappa: float = 1e-4,
-                 resample_threshold: float = 1.0, scheme: str = "systematic", **grid):
+    def __init__(
+        self,
+        model,
+        measurement,
+        y,
+        *,
+        eta: float = 1.0,
+        kappa: float = 1e-4,
+        resample_threshold: float = 1.0,
+        scheme: str = "systematic",
+        **grid,
+    ):
         super().__init__(model, measurement, y, **grid)
         if not callable(getattr(measurement, "svd", None)) or getattr(measurement, "sigma_y", None) is None:
             raise TypeError("MCGdiff needs a linear Gaussian measurement with .svd() and .sigma_y")
@@ -73,8 +83,9 @@ class MCGdiff(PosteriorSampler):
         t_max = float(self.times[0])
         lam_max = float(self.schedule.log_snr(torch.tensor(t_max, dtype=torch.float64)))
         lam = -torch.log(sig_bar)
-        tau = torch.where(lam <= lam_max, torch.full_like(lam, t_max),
-                          self.schedule.t_of_log_snr(lam).to(torch.float64))
+        tau = torch.where(
+            lam <= lam_max, torch.full_like(lam, t_max), self.schedule.t_of_log_snr(lam).to(torch.float64)
+        )
         times = torch.cat([self.times, tau]).unique(sorted=True).flip(0)
         keep = torch.ones_like(times, dtype=torch.bool)
         keep[1:] = (times[:-1] - times[1:]) > 1e-12  # merge near-duplicates
@@ -91,8 +102,7 @@ class MCGdiff(PosteriorSampler):
 
     def _setup(self, dtype, device):
         U, S, V, ybar, uy, S64, y_perp_sq = _svd_pieces(self.measurement, self.y, dtype, device)
-        self._pieces = {"V": V, "ybar": ybar, "tau": self.tau_index.to(device), "S64": S64,
-                        "y_perp_sq": y_perp_sq}
+        self._pieces = {"V": V, "ybar": ybar, "tau": self.tau_index.to(device), "S64": S64, "y_perp_sq": y_perp_sq}
         return self._pieces
 
     def potential(self, j: int, dtype=torch.float64, device=None):
@@ -133,11 +143,20 @@ class MCGdiff(PosteriorSampler):
         m_dim = self.y.numel()
         r = ybar.numel()
         sig2 = self.measurement.sigma_y**2
-        log_jac = (torch.log(a_tau).sum() - torch.log(p["S64"].cpu()).sum()
-                   - 0.5 * p["y_perp_sq"] / sig2 - 0.5 * (m_dim - r) * math.log(2 * math.pi * sig2))
+        log_jac = (
+            torch.log(a_tau).sum()
+            - torch.log(p["S64"].cpu()).sum()
+            - 0.5 * p["y_perp_sq"] / sig2
+            - 0.5 * (m_dim - r) * math.log(2 * math.pi * sig2)
+        )
         x = x.reshape(num, *self.event_shape)
-        state = fk.start(x, self.start_log_weight(x), log_scale=float(log_norm) + float(log_jac),
-                         cache={"log_g": self._log_g_twist(z, 0)}, counters={"nfe": 0, "vjp": 0})
+        state = fk.start(
+            x,
+            self.start_log_weight(x),
+            log_scale=float(log_norm) + float(log_jac),
+            cache={"log_g": self._log_g_twist(z, 0)},
+            counters={"nfe": 0, "vjp": 0},
+        )
         return fk.record_ess(state)
 
     def step(self, state: PosteriorState, generator) -> PosteriorState:
@@ -175,13 +194,47 @@ class MCGdiff(PosteriorSampler):
         return state.replace(index=j + 1)
 
 
-def mcgdiff(model, measurement, y: Tensor, num_particles: int, *, num_steps: int = 100, eta: float = 1.0,
-            kappa: float = 1e-4, resample_threshold: float = 1.0, scheme: str = "systematic",
-            generator=None, dtype=torch.float32, device=None, event_shape=None, progress: bool = False,
-            checkpoint=None, checkpoint_every: int = 10, resume: bool = True, **grid) -> WeightedSamples:
+def mcgdiff(
+    model,
+    measurement,
+    y: Tensor,
+    num_particles: int,
+    *,
+    num_steps: int = 100,
+    eta: float = 1.0,
+    kappa: float = 1e-4,
+    resample_threshold: float = 1.0,
+    scheme: str = "systematic",
+    generator=None,
+    dtype=torch.float32,
+    device=None,
+    event_shape=None,
+    progress: bool = False,
+    checkpoint=None,
+    checkpoint_every: int = 10,
+    resume: bool = True,
+    **grid,
+) -> WeightedSamples:
     """Run :class:`MCGdiff` (resampling every step by default, as in the paper's code); the
     log-evidence of the result estimates :math:`\\log p(y)`."""
-    return MCGdiff(model, measurement, y, eta=eta, kappa=kappa, resample_threshold=resample_threshold,
-                   scheme=scheme, num_steps=num_steps, **grid).run(
-        num_particles, generator=generator, dtype=dtype, device=device, event_shape=event_shape,
-        progress=progress, checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume)
+    return MCGdiff(
+        model,
+        measurement,
+        y,
+        eta=eta,
+        kappa=kappa,
+        resample_threshold=resample_threshold,
+        scheme=scheme,
+        num_steps=num_steps,
+        **grid,
+    ).run(
+        num_particles,
+        generator=generator,
+        dtype=dtype,
+        device=device,
+        event_shape=event_shape,
+        progress=progress,
+        checkpoint=checkpoint,
+        checkpoint_every=checkpoint_every,
+        resume=resume,
+    )

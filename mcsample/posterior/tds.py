@@ -41,9 +41,19 @@ class TDS(PosteriorSampler):
 
     name = "TDS"
 
-    def __init__(self, model, measurement, y, *, eta: float = 1.0, inflation: float = 1.0,
-                 data_variance: float | None = None,
-                 resample_threshold: float = 0.5, scheme: str = "systematic", **grid):
+    def __init__(
+        self,
+        model,
+        measurement,
+        y,
+        *,
+        eta: float = 1.0,
+        inflation: float = 1.0,
+        data_variance: float | None = None,
+        resample_threshold: float = 0.5,
+        scheme: str = "systematic",
+        **grid,
+    ):
         super().__init__(model, measurement, y, **grid)
         fk.check_resampling(resample_threshold, scheme)
         if eta <= 0:
@@ -56,7 +66,8 @@ class TDS(PosteriorSampler):
             raise ValueError(
                 "TDS needs the prior's variance per coordinate for its Gaussian twist: pass "
                 "data_variance= (e.g. the variance of the training data), or use a model that "
-                "reports data_variance")
+                "reports data_variance"
+            )
         if data_variance is not None and not float(data_variance) > 0:
             raise ValueError(f"data_variance must be > 0, got {data_variance}")
         self.data_variance = None if data_variance is None else float(data_variance)
@@ -82,14 +93,17 @@ class TDS(PosteriorSampler):
             x0 = self.x0_from_score(xr, s, j)
             lt = self.log_twist(x0, j)
             (grad,) = torch.autograd.grad(lt.sum(), xr)
-        return {"score": s.detach(), "x0": x0.detach(), "log_twist": lt.detach().to(torch.float64),
-                "twist_grad": grad.detach()}
+        return {
+            "score": s.detach(),
+            "x0": x0.detach(),
+            "log_twist": lt.detach().to(torch.float64),
+            "twist_grad": grad.detach(),
+        }
 
     def init(self, generator) -> PosteriorState:
         x = self.initial_noise(self.num_particles, generator)
         cache = self._evaluate(x, 0)
-        state = fk.start(x, cache["log_twist"] + self.start_log_weight(x), cache=cache,
-                         counters={"nfe": 1, "vjp": 1})
+        state = fk.start(x, cache["log_twist"] + self.start_log_weight(x), cache=cache, counters={"nfe": 1, "vjp": 1})
         fk.check_log_weights(state.log_w, "TDS start")
         return fk.record_ess(state)
 
@@ -116,14 +130,49 @@ class TDS(PosteriorSampler):
         return fk.record_ess(state.replace(index=j + 1))
 
 
-def tds(model, measurement, y: Tensor, num_particles: int, *, num_steps: int = 100, eta: float = 1.0,
-        inflation: float = 1.0, data_variance: float | None = None, resample_threshold: float = 0.5,
-        scheme: str = "systematic", generator=None, dtype=torch.float32, device=None, event_shape=None,
-        progress: bool = False, checkpoint=None, checkpoint_every: int = 10, resume: bool = True,
-        **grid) -> WeightedSamples:
+def tds(
+    model,
+    measurement,
+    y: Tensor,
+    num_particles: int,
+    *,
+    num_steps: int = 100,
+    eta: float = 1.0,
+    inflation: float = 1.0,
+    data_variance: float | None = None,
+    resample_threshold: float = 0.5,
+    scheme: str = "systematic",
+    generator=None,
+    dtype=torch.float32,
+    device=None,
+    event_shape=None,
+    progress: bool = False,
+    checkpoint=None,
+    checkpoint_every: int = 10,
+    resume: bool = True,
+    **grid,
+) -> WeightedSamples:
     """Run :class:`TDS` with ``num_particles`` particles; the weighted particles target
     :math:`p_\\theta(x_0)p(y\\mid x_0)` and their log-evidence estimates :math:`\\log p(y)`."""
-    return TDS(model, measurement, y, eta=eta, inflation=inflation, data_variance=data_variance,
-               resample_threshold=resample_threshold, scheme=scheme, num_steps=num_steps, **grid).run(
-        num_particles, generator=generator, dtype=dtype, device=device, event_shape=event_shape,
-        progress=progress, checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume)
+    return TDS(
+        model,
+        measurement,
+        y,
+        eta=eta,
+        inflation=inflation,
+        data_variance=data_variance,
+        resample_threshold=resample_threshold,
+        scheme=scheme,
+        num_steps=num_steps,
+        **grid,
+    ).run(
+        num_particles,
+        generator=generator,
+        dtype=dtype,
+        device=device,
+        event_shape=event_shape,
+        progress=progress,
+        checkpoint=checkpoint,
+        checkpoint_every=checkpoint_every,
+        resume=resume,
+    )
