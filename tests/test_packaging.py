@@ -275,8 +275,8 @@ def test_smc_stays_the_function_after_the_submodule_is_imported():
     """``mcsample.smc`` names the function whether or not ``mcsample.smc`` (the module) was
     imported first."""
     code = (
-        "import mcsample as mc\nfrom mcsample.smc import SMCState\nimport mcsample.smc\n"
-        "print(callable(mc.smc), mc.smc.__module__, mc.smc is mc.smc.__globals__['smc'])"
+        "import sys\nimport mcsample as mc\nfrom mcsample.smc import SMCState\nimport mcsample.smc\n"
+        "print(callable(mc.smc), mc.smc.__module__, mc.smc is sys.modules['mcsample.smc'].smc)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["True", "mcsample.smc", "True"]
