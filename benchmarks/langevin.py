@@ -5,8 +5,9 @@ What is compared, on the same system in the same run:
 * ours: :func:`mcsample.systems.langevin.run_langevin` with R replicas integrated together
   (one batched energy + forces call per step: the compiled numba engine on the CPU, the fused
   torch engine on a GPU), R in 1 ... 2048, in replica-steps per second (R x steps / wall time);
-* theirs: OpenMM's ``LangevinMiddleIntegrator`` on its CPU platform (one Context, its default
-  threads), in steps per second (``integrator.step(n)``, no reporting in between).
+* theirs: OpenMM's ``LangevinMiddleIntegrator`` on its CPU platform (one Context), with its
+  default threads (all cores) and with one thread, in steps per second (``integrator.step(n)``,
+  no reporting in between).
 
 Both use a 1 fs step, friction 1/ps, the System's masses and the same temperature. OpenMM is
 timed right before every row of ours and each ratio compares the two neighbours in time (the
@@ -41,14 +42,16 @@ def _system(name: str):
     return Peptide.from_sequence(name, caps=False, solvent="obc1", temperature=310.0, cutoff=2.0)
 
 
-def openmm_steps_per_s(peptide, min_time: float) -> float:
-    """Steps per wall second of OpenMM's LangevinMiddleIntegrator (1 fs, 1/ps), CPU platform."""
+def openmm_steps_per_s(peptide, min_time: float, threads: int | None = None) -> float:
+    """Steps per wall second of OpenMM's LangevinMiddleIntegrator (1 fs, 1/ps), CPU platform
+    (``threads``: its default, all cores, when ``None``)."""
     import openmm
     import openmm.unit as unit
 
     integ = openmm.LangevinMiddleIntegrator(peptide.temperature * unit.kelvin, 1 / unit.picosecond,
                                             1 * unit.femtosecond)
-    ctx = openmm.Context(peptide.system, integ, openmm.Platform.getPlatformByName("CPU"))
+    props = {} if threads is None else {"Threads": str(int(threads))}
+    ctx = openmm.Context(peptide.system, integ, openmm.Platform.getPlatformByName("CPU"), props)
     ctx.setPositions(peptide.positions.numpy())
     ctx.setVelocitiesToTemperature(peptide.temperature * unit.kelvin, 1)
     integ.step(100)
@@ -106,21 +109,25 @@ def main(argv=None):
             for r in args.replicas:
                 torch.set_num_threads(default_threads)
                 omm = openmm_steps_per_s(peptide, args.min_time)
+                omm1 = openmm_steps_per_s(peptide, args.min_time, threads=1)
                 torch.set_num_threads(nt)
                 ours = ours_replica_steps_per_s(peptide, r, getattr(torch, dt), args.device,
                                                 args.min_time)
                 rows.append({"device": args.device, "threads": nt, "dtype": dt, "replicas": r,
                              "replica_steps_per_s": ours, "openmm_steps_per_s": omm,
-                             "ratio": ours / omm})
+                             "openmm_1thread_steps_per_s": omm1, "ratio": ours / omm,
+                             "ratio_vs_openmm_1thread": ours / omm1})
                 print(f"  {args.device} {nt}t {dt:7s} R={r:5d}: {ours:9.0f} replica-steps/s "
-                      f"(OpenMM {omm:6.0f} steps/s) ratio {ours / omm:6.1f}x", flush=True)
+                      f"(OpenMM {omm:6.0f}, 1 thread {omm1:6.0f} steps/s) ratio {ours / omm:6.1f}x, "
+                      f"{ours / omm1:6.1f}x", flush=True)
     torch.set_num_threads(default_threads)
     load_after = os.getloadavg()
     print(f"\n{'device':6s} {'thr':>3s} {'dtype':8s} {'R':>5s} {'ours/s':>10s} {'OpenMM/s':>9s} "
-          f"{'ratio':>7s}")
+          f"{'ratio':>7s} {'OpenMM 1t':>9s} {'ratio':>7s}")
     for r in rows:
         print(f"{r['device']:6s} {r['threads']:3d} {r['dtype']:8s} {r['replicas']:5d} "
-              f"{r['replica_steps_per_s']:10.0f} {r['openmm_steps_per_s']:9.0f} {r['ratio']:6.1f}x")
+              f"{r['replica_steps_per_s']:10.0f} {r['openmm_steps_per_s']:9.0f} {r['ratio']:6.1f}x "
+              f"{r['openmm_1thread_steps_per_s']:9.0f} {r['ratio_vs_openmm_1thread']:6.1f}x")
     print(f"load average before {load_before[0]:.1f}, after {load_after[0]:.1f}")
     print(json.dumps({
         "benchmark": "langevin_throughput", "system": args.system, "n_atoms": peptide.n_atoms,

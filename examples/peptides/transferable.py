@@ -14,8 +14,8 @@ training data (``transferable_data.py``'s sampler, another seed): zero-shot impo
 fine-tuning on that sequence (Prose's self-improvement, :func:`mcsample.flows.training.fit_snis`),
 and after SMC from the flow (:func:`mcsample.sample_peptide` with ``method="smc"``); wall time
 and energy evaluations of each. One table printed and written as
-``outputs/peptides/transferable/evaluation.json``, and Ramachandran plots (flow, corrected, MD)
-side by side per sequence, ``outputs/peptides/transferable/rama_<SEQ>.png``.
+``outputs/peptides/transferable_eval/evaluation.json``, and Ramachandran plots (flow, SMC, MD)
+side by side per sequence, ``outputs/peptides/transferable_eval/rama_<SEQ>.png``.
 
 Usage::
 
@@ -49,7 +49,7 @@ CHECKPOINT = ROOT / "flows" / "checkpoints" / "transferable.pt"
 #: training recipe of the shipped checkpoint
 RECIPE = {
     "architecture": {"layers": 8, "width": 48, "heads": 4, "depth": 1, "bins": 8},
-    "steps": 1500,
+    "steps": 1200,
     "batch_size": 256,
     "lr": 1e-3,
     "seed": 0,
@@ -73,27 +73,20 @@ def load_frames(folder: Path, seq: str):
         return f["xyz"].astype(np.float32), walker, f["potential_energy"].astype(np.float64)
 
 
-def reference_md(seq: str, folder: Path, quick: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Reference frames and energies of ``seq`` from the training data's sampler and settings
-    (``transferable_data.py``) with another seed; cached in ``folder``."""
+def reference_md(seq: str, folder: Path, quick: bool, data: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Reference frames and energies of ``seq`` made by the training data's sampler with the
+    training data's settings (read from ``data/manifest.json``) and another seed; cached in
+    ``folder``."""
     import transferable_data as td
 
-    ns = argparse.Namespace(
-        temps=5,
-        t_max=650.0,
-        walkers=16,
-        timestep_fs=2.0,
-        friction=1.0,
-        hydrogen_mass=4.0,
-        exchange_ps=0.02,
-        report_ps=0.1,
-        equilibration_ps=3.0,
-        time_ps=8.0,
-        seed=1,
-    )
+    manifest = data / "manifest.json"
+    if not manifest.exists():
+        raise SystemExit(f"{manifest} is missing: run examples/peptides/transferable_data.py first")
+    settings = dict(json.loads(manifest.read_text())["settings"])
+    settings["seed"] = int(settings["seed"]) + 1000
     if quick:
-        ns.walkers, ns.temps, ns.time_ps, ns.equilibration_ps = 4, 3, 0.4, 0.2
-    settings = td._settings(ns)
+        settings.update(num_walkers=4, num_temperatures=3, time_ps=0.4, equilibration_ps=0.2)
+        folder = folder.with_name(folder.name + "_quick")
     folder.mkdir(parents=True, exist_ok=True)
     if td._existing(folder / f"{seq}.npz", settings) is None:
         td._run_one(seq, settings, str(folder), False)
@@ -243,8 +236,19 @@ def evaluate(args) -> None:
         mphi, mpsi = A.ramachandran_angles(md_xyz, pep.topology)
         _plot(out / f"rama_{seq}.png", seq, zs, sm, (mphi, mpsi))
         print(_line(row), flush=True)
-    (out / "evaluation.json").write_text(json.dumps({"particles": n, "rows": table}, indent=1))
-    print(f"wrote {out / 'evaluation.json'}")
+    name = "evaluation.json" if args.sequences is None else f"evaluation_{'_'.join(sequences)}.json"
+    (out / name).write_text(
+        json.dumps(
+            {
+                "particles": n,
+                "smc_particles": args.smc_particles,
+                "finetune_rounds": args.finetune_rounds,
+                "rows": table,
+            },
+            indent=1,
+        )
+    )
+    print(f"wrote {out / name}")
 
 
 def _line(row: dict) -> str:
@@ -298,10 +302,23 @@ def main(argv=None) -> None:
     tr.add_argument("--quick", action="store_true", help="200 steps (a smoke run)")
     ev = sub.add_parser("evaluate", help="held-out table, JSON and Ramachandran plots")
     ev.add_argument("--checkpoint", default=str(CHECKPOINT), help="trained flow (default: %(default)s)")
-    ev.add_argument("--results", default="outputs/peptides/transferable", help="output folder (default: %(default)s)")
+    ev.add_argument(
+        "--data",
+        default="outputs/peptides/transferable",
+        help="training data folder, whose settings the reference MD repeats (default: %(default)s)",
+    )
+    ev.add_argument(
+        "--results", default="outputs/peptides/transferable_eval", help="output folder (default: %(default)s)"
+    )
+    ev.add_argument(
+        "--reference",
+        default="outputs/peptides/transferable_eval/reference_md",
+        help="reference MD folder, made when missing (default: %(default)s)",
+    )
     ev.add_argument("--sequences", nargs="*", help="sequences to evaluate (default: 8 held-out + 4 training)")
     ev.add_argument("--num-particles", type=int, default=8192, help="IS draws per sequence (default: %(default)s)")
     ev.add_argument("--finetune-rounds", type=int, default=8, help="SNIS rounds (default: %(default)s)")
+    ev.add_argument("--smc-particles", type=int, default=512, help="SMC particles (default: %(default)s)")
     ev.add_argument("--quick", action="store_true", help="512 draws, 2 SNIS rounds, short reference MD")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
