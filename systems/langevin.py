@@ -508,7 +508,11 @@ def run_langevin(
         BlowUpError: non-finite energies or positions, naming the replicas and the step.
     """
     model = _Model(target, masses, hydrogen_mass, remove_com_motion)
-    temperature = float(model.default_temperature if temperature is None else temperature)
+    temperature = model.default_temperature if temperature is None else temperature
+    if temperature is None or not float(temperature) > 0:
+        raise ValueError(f"temperature must be a positive number of kelvin (the target has none), "
+                         f"got {temperature!r}")
+    temperature = float(temperature)
     if device is None:
         device = positions.device if isinstance(positions, Tensor) else "cpu"
     _check_generator(generator, device)

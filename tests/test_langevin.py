@@ -227,18 +227,18 @@ def _basins(phi: np.ndarray, psi: np.ndarray) -> dict:
     return {"phi>0": phi > 0, "alpha_R": alpha, "beta": (phi < 0) & ~alpha}
 
 
-def _openmm_reference(peptide, temperature: float, time_ps: float, seed: int):
+def _openmm_reference(peptide, temperature: float, time_ps: float, seed: int, blocks: int):
     """<U> and basin populations of one OpenMM trajectory (LangevinMiddle, 1 fs, 1/ps, System
-    masses, 5 ps unrecorded), each with a block-averaged standard error (10 blocks)."""
+    masses, 5 ps unrecorded), each with a block-averaged standard error."""
     from mcsample.systems import analysis as A
     from mcsample.systems.md import run_md
 
     md = run_md(peptide, time_ps, temperature=temperature, report_interval_ps=0.1,
                 equilibration_ps=5.0, generator=_gen(seed), progress=False, threads=1)
     phi, psi = A.ramachandran_angles(md.trajectory)
-    out = {"U": block_stderr(md.energies, 10)}
+    out = {"U": block_stderr(md.energies, blocks)}
     for name, ind in _basins(phi, psi).items():
-        out[name] = block_stderr(ind.astype(float), 10)
+        out[name] = block_stderr(ind.astype(float), blocks)
     return out
 
 
@@ -258,47 +258,50 @@ def _ours(res, topology) -> dict:
     return out
 
 
-def _assert_agree(ours: dict, theirs: dict, z_max: float = 5.0) -> None:
+def _assert_agree(ours: dict, theirs: dict, keys, z_max: float = 5.0) -> None:
     for key in ours:
         (a, sa), (b, sb) = ours[key], theirs[key]
         z = (a - b) / math.sqrt(sa**2 + sb**2 + 1e-300)
         print(f"  {key:8s} ours {a:9.4f} ± {sa:.4f}   OpenMM {b:9.4f} ± {sb:.4f}   z = {z:+.2f}")
-        assert abs(z) < z_max, (key, a, sa, b, sb)
+    for key in keys:
+        (a, sa), (b, sb) = ours[key], theirs[key]
+        assert abs(a - b) < z_max * math.sqrt(sa**2 + sb**2), (key, a, sa, b, sb)
 
 
 @pytest.mark.slow
-def test_energy_and_basins_agree_with_openmm_at_300K(ala2):
-    """300 K, alanine dipeptide (ff96 + OBC1): <U> and the alpha_R / beta populations of batched
-    parallel tempering (the data-set settings: 4 temperatures 300-600 K x 32 walkers, BAOAB 2 fs
-    with 4 Da hydrogens, float32; 10 ps dropped, then 10 ps) agree with 200 ps of OpenMM's
-    LangevinMiddleIntegrator at 1 fs within 5 combined standard errors. The walkers start at the
-    minimized structure with independent Maxwell velocities; the 600 K rung crosses between
-    basins every few ps, so 10 ps of exchanges decorrelates them from the start."""
-    theirs = _openmm_reference(ala2, 300.0, 200.0, seed=11)
+def test_mean_energy_agrees_with_openmm_at_300K(ala2):
+    """300 K, alanine dipeptide (ff96 + OBC1): <U> of batched parallel tempering with the
+    data-set settings (4 temperatures 300-600 K x 32 walkers, BAOAB 2 fs with 4 Da hydrogens,
+    float32; 10 ps dropped, then 10 ps) equals <U> of 150 ps of OpenMM's LangevinMiddleIntegrator
+    at 1 fs within 5 combined standard errors. The walkers start at the minimized structure with
+    independent Maxwell velocities; <U> relaxes in about a picosecond. (The basin populations
+    are printed, not asserted: at 300 K alpha_R <-> beta takes tens of ps, phi>0 nanoseconds,
+    so 150 ps of MD does not pin them down; 1 ns of the project's OpenMM MD gave alpha_R 0.16 ±
+    0.05, phi>0 0.0008 ± 0.0002, <U> -98.43 ± 0.42 kJ/mol.)"""
+    theirs = _openmm_reference(ala2, 300.0, 150.0, seed=11, blocks=10)
     res = run_langevin_pt(ala2, geometric_temperatures(300.0, 600.0, 4), 32, 10.0,
                           exchange_interval_ps=0.02, timestep_fs=2.0, hydrogen_mass=4.0,
                           report_interval_ps=0.1, equilibration_ps=10.0, dtype=torch.float32,
                           generator=_gen(12), progress=False)
     print(f"\n300 K; swap acceptance {np.round(res.acceptance, 2)}")
-    ours = _ours(res, ala2.topology)
-    _assert_agree(ours, theirs)
+    _assert_agree(_ours(res, ala2.topology), theirs, keys=["U"])
 
 
 @pytest.mark.slow
-def test_energy_and_phi_positive_population_agree_with_openmm_at_600K(ala2):
-    """600 K, where phi>0 (alpha_L, C7ax) holds a few per cent and is crossed every few ps:
+def test_energy_and_basin_populations_agree_with_openmm_at_600K(ala2):
+    """600 K, where phi>0 (alpha_L, C7ax) holds ~6 % and is entered ~90 times per ns:
     <U> and the phi>0, alpha_R and beta populations of 64 independent BAOAB replicas (2 fs,
     4 Da hydrogens, float32; 10 ps dropped after a common minimized start with independent
-    Maxwell velocities, then 15 ps) agree with 200 ps of OpenMM at 1 fs within 5 combined
-    standard errors."""
-    theirs = _openmm_reference(ala2, 600.0, 200.0, seed=21)
+    Maxwell velocities, then 15 ps) agree with 600 ps of OpenMM at 1 fs (standard errors from
+    6 blocks of 100 ps) within 5 combined standard errors."""
+    theirs = _openmm_reference(ala2, 600.0, 600.0, seed=21, blocks=6)
     res = run_langevin(ala2, 64, 15.0, temperature=600.0, timestep_fs=2.0, hydrogen_mass=4.0,
                        report_interval_ps=0.1, equilibration_ps=10.0, dtype=torch.float32,
                        generator=_gen(22), progress=False)
     print("\n600 K")
     ours = _ours(res, ala2.topology)
     assert ours["phi>0"][0] > 0.01
-    _assert_agree(ours, theirs)
+    _assert_agree(ours, theirs, keys=["U", "phi>0", "alpha_R", "beta"])
 
 
 # -------------------------------------------------------------------------------- the data set

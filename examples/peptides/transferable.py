@@ -192,9 +192,7 @@ def evaluate(args) -> None:
     rows, table = {}, []
     for seq in sequences:
         pep = make_peptide(seq)
-        md_xyz, md_energies = reference_md(
-            seq, out / ("reference_md_quick" if args.quick else "reference_md"), args.quick
-        )
+        md_xyz, md_energies = reference_md(seq, Path(args.reference), args.quick, Path(args.data))
         row = {"sequence": seq, "held_out": seq not in TRAINING_SEQUENCES, "md_frames": len(md_xyz)}
         g = torch.Generator().manual_seed(0)
         # zero-shot importance sampling
@@ -236,18 +234,10 @@ def evaluate(args) -> None:
         mphi, mpsi = A.ramachandran_angles(md_xyz, pep.topology)
         _plot(out / f"rama_{seq}.png", seq, zs, sm, (mphi, mpsi))
         print(_line(row), flush=True)
-    name = "evaluation.json" if args.sequences is None else f"evaluation_{'_'.join(sequences)}.json"
-    (out / name).write_text(
-        json.dumps(
-            {
-                "particles": n,
-                "smc_particles": args.smc_particles,
-                "finetune_rounds": args.finetune_rounds,
-                "rows": table,
-            },
-            indent=1,
-        )
-    )
+        # written after every sequence, so that an interrupted run keeps what it measured
+        name = "evaluation.json" if args.sequences is None else f"evaluation_{'_'.join(sequences)}.json"
+        settings = {"particles": n, "smc_particles": args.smc_particles, "finetune_rounds": args.finetune_rounds}
+        (out / name).write_text(json.dumps({**settings, "rows": table}, indent=1))
     print(f"wrote {out / name}")
 
 

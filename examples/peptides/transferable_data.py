@@ -8,29 +8,44 @@ Only the 48 training sequences below are ever simulated (held-out sequences stay
 
 Sampler: batched parallel tempering on the project's torch energy
 (:func:`mcsample.systems.langevin.run_langevin_pt`), all replicas of all temperatures in one
-energy call per step: ``--walkers`` 16 independent replica-exchange chains over ``--temps`` 5
-temperatures on a geometric ladder 310 K to ``--t-max`` 650 K, BAOAB Langevin with a 2 fs step,
-friction 1/ps and hydrogen masses of 4 Da (mass repartitioning: the sampled configurations do
-not depend on the masses; validated against OpenMM's 1 fs integrator in
-``tests/test_langevin.py``), float32 positions, swap attempts every 0.02 ps. Every replica
-starts at the minimized structure with its own Maxwell velocities; ``--equilibration-ps`` 3 ps
-are dropped, then frames of the 310 K configurations every 0.1 ps for ``--time-ps`` 8 ps, i.e.
-16 x 80 = 1,280 frames per sequence (correlated within a walker; the walkers are independent).
+energy call per step: ``--walkers`` 8 independent replica-exchange chains over ``--temps`` 6
+temperatures on a geometric ladder 310 K to ``--t-max`` 800 K (swap acceptance 0.23-0.51),
+BAOAB Langevin with a 2 fs step, friction 1/ps and hydrogen masses of 4 Da (mass
+repartitioning: the sampled configurations do not depend on the masses; checked against
+OpenMM's 1 fs integrator in ``tests/test_langevin.py``), float32 positions, swap attempts every
+0.02 ps. Every replica starts from the minimized structure with psi(1) = 145 deg and
+phi(2) = -75 deg (the polyproline/beta basin) and its own Maxwell velocities;
+``--equilibration-ps`` 6 ps are dropped, then frames of the 310 K configurations every 0.1 ps
+for ``--time-ps`` 10 ps: 8 x 100 = 800 frames per sequence, 38,400 in all (16 MB), correlated
+within a walker, independent across walkers.
+
+What the data are and are not: the phi<0 basins (beta, polyproline, alpha_R) and the glycine
+basins (phi of Gly crosses freely: P(phi>0) 0.39-0.61 for CG, KG, MG, WG) are sampled; the
+phi>0 basins (alpha_L) of the other residues are under-represented. Their entry and exit take
+~10 ps even at 800-1000 K, longer than these runs, and a start in alpha_L does not relax
+within them (Leu-Met, 12 ps runs: P(phi>0) 0.75 from a phi = +60 deg start, 0.002 from the
+beta start).
+Starting in the beta basin biases P(phi>0) low rather than high; importance sampling or SMC
+with the trained flow corrects the weights, and ``--time-ps`` buys convergence.
 
 Outputs (``--out``, default ``outputs/peptides/transferable/``; ``--quick``: ``.../quick/``):
 
 * ``<SEQ>.npz`` -- :func:`mcsample.systems.md.save_npz` format (``MDResult.load`` reads it):
   ``xyz`` float32 ``(F, n, 3)`` nm, frame-major over the walkers (frame ``f`` of walker ``w`` is
   row ``f * W + w``), ``potential_energy`` kJ/mol, ``time_ps``, the topology, ``metadata``
-  (JSON: settings, seed, package versions, wall time, peptide identity, summary), plus
-  ``walker`` ``(F,)``, ``pt_temperatures``, ``pt_acceptance`` and ``pt_state_energies``;
+  (JSON: settings, seed, package versions, host and load, wall time, peptide identity,
+  summary), plus ``walker`` ``(F,)``, ``pt_temperatures``, ``pt_acceptance`` and
+  ``pt_state_energies`` ``(frames, K, W)``;
 * ``manifest.json`` -- every finished sequence's summary and the whole run's settings.
 
 Rerunning the same command skips the sequences already written (resume after an interruption);
-different settings for an existing file are refused rather than mixed.
+different settings for an existing file are refused rather than mixed. Each sequence's seed is
+derived from ``--seed`` and the sequence, so the order of the runs does not matter.
 
-Measured wall time of the full set on this project's 2 shared CPU cores: see
-``examples/peptides/README.md``.
+Measured wall time of the full set (two processes, one thread each, on 2 shared x86_64 cores):
+849 s (14 min) at load average 1.4-4.8 from other jobs; a first configuration with 15 % more
+replica-steps took 28 min at load 3-9. The data are regenerated, not stored in the repository. ``--quick`` (CG and AV, 4
+walkers x 3 temperatures x 0.4 ps) takes about 10 s, most of it loading the compiled energy.
 
 Usage::
 
@@ -187,7 +202,8 @@ def _run_one(seq: str, settings: dict, out: str, progress: bool) -> dict:
 
     t0 = time.perf_counter()
     pep = Peptide.from_sequence(seq, caps=False, solvent="obc1", temperature=310.0, cutoff=2.0)
-    start = _start_structure(pep, *settings["start_phi_psi_deg"])
+    angles = settings.get("start_phi_psi_deg")      # absent in settings from before it existed
+    start = _start_structure(pep, *angles) if angles else pep.positions
     t_build = time.perf_counter() - t0
     temps = geometric_temperatures(310.0, settings["t_max_K"], settings["num_temperatures"])
     seed = _sequence_seed(settings["seed"], seq)
