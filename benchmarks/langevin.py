@@ -48,8 +48,9 @@ def openmm_steps_per_s(peptide, min_time: float, threads: int | None = None) -> 
     import openmm
     import openmm.unit as unit
 
-    integ = openmm.LangevinMiddleIntegrator(peptide.temperature * unit.kelvin, 1 / unit.picosecond,
-                                            1 * unit.femtosecond)
+    integ = openmm.LangevinMiddleIntegrator(
+        peptide.temperature * unit.kelvin, 1 / unit.picosecond, 1 * unit.femtosecond
+    )
     props = {} if threads is None else {"Threads": str(int(threads))}
     ctx = openmm.Context(peptide.system, integ, openmm.Platform.getPlatformByName("CPU"), props)
     ctx.setPositions(peptide.positions.numpy())
@@ -73,8 +74,15 @@ def ours_replica_steps_per_s(peptide, replicas: int, dtype, device, min_time: fl
     res = run_langevin(peptide, replicas, 0.01, report_interval_ps=0.01, positions=x, **kw)  # warm-up
     steps, done, t0 = 10, 0, time.perf_counter()
     while time.perf_counter() - t0 < min_time:
-        res = run_langevin(peptide, replicas, steps / 1000.0, report_interval_ps=steps / 1000.0,
-                           positions=res.final_positions, velocities=res.final_velocities, **kw)
+        res = run_langevin(
+            peptide,
+            replicas,
+            steps / 1000.0,
+            report_interval_ps=steps / 1000.0,
+            positions=res.final_positions,
+            velocities=res.final_velocities,
+            **kw,
+        )
         done += steps
         steps = min(2 * steps, 5000)
     if device != "cpu":
@@ -84,12 +92,12 @@ def ours_replica_steps_per_s(peptide, replicas: int, dtype, device, min_time: fl
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--system", default="ala2-obc1",
-                    help="ala2-obc1, ala2-vacuum, or a training dipeptide such as AL")
+    ap.add_argument("--system", default="ala2-obc1", help="ala2-obc1, ala2-vacuum, or a training dipeptide such as AL")
     ap.add_argument("--replicas", type=int, nargs="+", default=[1, 64, 512, 2048])
     ap.add_argument("--dtypes", nargs="+", default=["float32", "float64"])
-    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2],
-                    help="torch/numba threads for ours (OpenMM keeps its default)")
+    ap.add_argument(
+        "--threads", type=int, nargs="+", default=[1, 2], help="torch/numba threads for ours (OpenMM keeps its default)"
+    )
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--min-time", type=float, default=2.0, help="seconds per measurement")
     args = ap.parse_args(argv)
@@ -98,9 +106,12 @@ def main(argv=None):
 
     load_before = os.getloadavg()
     peptide = _system(args.system)
-    print(f"# {args.system}: {peptide.n_atoms} atoms, {peptide.temperature:g} K; torch "
-          f"{torch.__version__}, OpenMM {openmm.__version__}; {os.cpu_count()} CPUs "
-          f"({platform.machine()}), load average {load_before[0]:.1f}", flush=True)
+    print(
+        f"# {args.system}: {peptide.n_atoms} atoms, {peptide.temperature:g} K; torch "
+        f"{torch.__version__}, OpenMM {openmm.__version__}; {os.cpu_count()} CPUs "
+        f"({platform.machine()}), load average {load_before[0]:.1f}",
+        flush=True,
+    )
     threads = args.threads if args.device == "cpu" else [torch.get_num_threads()]
     default_threads = torch.get_num_threads()
     rows = []
@@ -111,30 +122,53 @@ def main(argv=None):
                 omm = openmm_steps_per_s(peptide, args.min_time)
                 omm1 = openmm_steps_per_s(peptide, args.min_time, threads=1)
                 torch.set_num_threads(nt)
-                ours = ours_replica_steps_per_s(peptide, r, getattr(torch, dt), args.device,
-                                                args.min_time)
-                rows.append({"device": args.device, "threads": nt, "dtype": dt, "replicas": r,
-                             "replica_steps_per_s": ours, "openmm_steps_per_s": omm,
-                             "openmm_1thread_steps_per_s": omm1, "ratio": ours / omm,
-                             "ratio_vs_openmm_1thread": ours / omm1})
-                print(f"  {args.device} {nt}t {dt:7s} R={r:5d}: {ours:9.0f} replica-steps/s "
-                      f"(OpenMM {omm:6.0f}, 1 thread {omm1:6.0f} steps/s) ratio {ours / omm:6.1f}x, "
-                      f"{ours / omm1:6.1f}x", flush=True)
+                ours = ours_replica_steps_per_s(peptide, r, getattr(torch, dt), args.device, args.min_time)
+                rows.append(
+                    {
+                        "device": args.device,
+                        "threads": nt,
+                        "dtype": dt,
+                        "replicas": r,
+                        "replica_steps_per_s": ours,
+                        "openmm_steps_per_s": omm,
+                        "openmm_1thread_steps_per_s": omm1,
+                        "ratio": ours / omm,
+                        "ratio_vs_openmm_1thread": ours / omm1,
+                    }
+                )
+                print(
+                    f"  {args.device} {nt}t {dt:7s} R={r:5d}: {ours:9.0f} replica-steps/s "
+                    f"(OpenMM {omm:6.0f}, 1 thread {omm1:6.0f} steps/s) ratio {ours / omm:6.1f}x, "
+                    f"{ours / omm1:6.1f}x",
+                    flush=True,
+                )
     torch.set_num_threads(default_threads)
     load_after = os.getloadavg()
-    print(f"\n{'device':6s} {'thr':>3s} {'dtype':8s} {'R':>5s} {'ours/s':>10s} {'OpenMM/s':>9s} "
-          f"{'ratio':>7s} {'OpenMM 1t':>9s} {'ratio':>7s}")
+    print(
+        f"\n{'device':6s} {'thr':>3s} {'dtype':8s} {'R':>5s} {'ours/s':>10s} {'OpenMM/s':>9s} "
+        f"{'ratio':>7s} {'OpenMM 1t':>9s} {'ratio':>7s}"
+    )
     for r in rows:
-        print(f"{r['device']:6s} {r['threads']:3d} {r['dtype']:8s} {r['replicas']:5d} "
-              f"{r['replica_steps_per_s']:10.0f} {r['openmm_steps_per_s']:9.0f} {r['ratio']:6.1f}x "
-              f"{r['openmm_1thread_steps_per_s']:9.0f} {r['ratio_vs_openmm_1thread']:6.1f}x")
+        print(
+            f"{r['device']:6s} {r['threads']:3d} {r['dtype']:8s} {r['replicas']:5d} "
+            f"{r['replica_steps_per_s']:10.0f} {r['openmm_steps_per_s']:9.0f} {r['ratio']:6.1f}x "
+            f"{r['openmm_1thread_steps_per_s']:9.0f} {r['ratio_vs_openmm_1thread']:6.1f}x"
+        )
     print(f"load average before {load_before[0]:.1f}, after {load_after[0]:.1f}")
-    print(json.dumps({
-        "benchmark": "langevin_throughput", "system": args.system, "n_atoms": peptide.n_atoms,
-        "cpus": os.cpu_count(), "load_average_before": load_before, "load_average_after": load_after,
-        "median_openmm_steps_per_s": float(np.median([r["openmm_steps_per_s"] for r in rows])),
-        "results": rows,
-    }))
+    print(
+        json.dumps(
+            {
+                "benchmark": "langevin_throughput",
+                "system": args.system,
+                "n_atoms": peptide.n_atoms,
+                "cpus": os.cpu_count(),
+                "load_average_before": load_before,
+                "load_average_after": load_after,
+                "median_openmm_steps_per_s": float(np.median([r["openmm_steps_per_s"] for r in rows])),
+                "results": rows,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -89,8 +89,10 @@ def masses_of(system, hydrogen_mass: float | None = None) -> np.ndarray:
     n = system.getNumParticles()
     m = np.array([system.getParticleMass(i)._value for i in range(n)], dtype=np.float64)
     if np.any(m <= 0):
-        raise ValueError(f"particles {np.flatnonzero(m <= 0).tolist()} have zero mass (fixed "
-                         "particles are not supported by the Langevin integrator)")
+        raise ValueError(
+            f"particles {np.flatnonzero(m <= 0).tolist()} have zero mass (fixed "
+            "particles are not supported by the Langevin integrator)"
+        )
     if hydrogen_mass is not None:
         import openmm
 
@@ -105,8 +107,9 @@ def masses_of(system, hydrogen_mass: float | None = None) -> np.ndarray:
                             m[h] += delta
                             m[heavy] -= delta
         if np.any(m <= 0):
-            raise ValueError(f"hydrogen_mass={hydrogen_mass} leaves atoms "
-                             f"{np.flatnonzero(m <= 0).tolist()} without mass")
+            raise ValueError(
+                f"hydrogen_mass={hydrogen_mass} leaves atoms {np.flatnonzero(m <= 0).tolist()} without mass"
+            )
     return m
 
 
@@ -119,14 +122,12 @@ def geometric_temperatures(t_min: float, t_max: float, num: int) -> list[float]:
     return [float(t_min * (t_max / t_min) ** (k / (num - 1))) for k in range(num)]
 
 
-def maxwell_velocities(masses: Tensor, kT: Tensor, num: int, generator=None,
-                       remove_com: bool = False) -> Tensor:
+def maxwell_velocities(masses: Tensor, kT: Tensor, num: int, generator=None, remove_com: bool = False) -> Tensor:
     r"""Maxwell-Boltzmann velocities :math:`v_{ri}\sim\mathcal N(0, k_BT_r/m_i\,I_3)` (nm/ps),
     ``(num, n, 3)``, in ``masses``' dtype and device; ``kT`` (kJ/mol) is a scalar or ``(num,)``.
     ``remove_com`` subtracts each replica's centre-of-mass velocity."""
     kT = torch.as_tensor(kT, dtype=masses.dtype, device=masses.device).reshape(-1, 1, 1)
-    z = torch.randn((num, masses.shape[0], 3), generator=generator, dtype=masses.dtype,
-                    device=masses.device)
+    z = torch.randn((num, masses.shape[0], 3), generator=generator, dtype=masses.dtype, device=masses.device)
     v = z * torch.sqrt(kT / masses[None, :, None])
     return _remove_com(v, masses) if remove_com else v
 
@@ -146,7 +147,7 @@ def block_stderr(series, num_blocks: int = 20) -> tuple[float, float]:
     if b < 2:
         return float(a.mean()), math.nan
     n = (a.size // b) * b
-    means = a[a.size - n:].reshape(b, -1).mean(1)
+    means = a[a.size - n :].reshape(b, -1).mean(1)
     return float(a.mean()), float(means.std(ddof=1) / math.sqrt(b))
 
 
@@ -241,7 +242,7 @@ class _Model:
         elif hydrogen_mass is not None:
             raise ValueError("pass masses= or hydrogen_mass=, not both")
         self.masses = torch.as_tensor(np.asarray(masses, dtype=np.float64))
-        if hasattr(target, "_forcefield_for"):       # a Peptide: its batched torch energy
+        if hasattr(target, "_forcefield_for"):  # a Peptide: its batched torch energy
             self.energy_and_forces = lambda x: target._forcefield_for(x).energy_and_forces(x)
         elif hasattr(target, "energy_and_forces"):
             self.energy_and_forces = target.energy_and_forces
@@ -256,8 +257,7 @@ class _Model:
             if system is not None:
                 import openmm
 
-                remove_com_motion = any(isinstance(f, openmm.CMMotionRemover)
-                                        for f in system.getForces())
+                remove_com_motion = any(isinstance(f, openmm.CMMotionRemover) for f in system.getForces())
         self.remove_com = bool(remove_com_motion)
         self.system_sha256 = None
         if system is not None:
@@ -265,8 +265,7 @@ class _Model:
 
             import openmm
 
-            self.system_sha256 = hashlib.sha256(
-                openmm.XmlSerializer.serialize(system).encode()).hexdigest()[:16]
+            self.system_sha256 = hashlib.sha256(openmm.XmlSerializer.serialize(system).encode()).hexdigest()[:16]
 
 
 def _start(model: _Model, positions, num: int, dtype, device) -> Tensor:
@@ -277,8 +276,10 @@ def _start(model: _Model, positions, num: int, dtype, device) -> Tensor:
     if x.dim() == 2:
         x = x.expand(num, *x.shape)
     if x.dim() != 3 or x.shape[0] != num or x.shape[1:] != (model.masses.shape[0], 3):
-        raise ValueError(f"positions have shape {tuple(x.shape)}; expected ({model.masses.shape[0]}, 3) "
-                         f"or ({num}, {model.masses.shape[0]}, 3)")
+        raise ValueError(
+            f"positions have shape {tuple(x.shape)}; expected ({model.masses.shape[0]}, 3) "
+            f"or ({num}, {model.masses.shape[0]}, 3)"
+        )
     return x.clone().contiguous()
 
 
@@ -288,8 +289,10 @@ def _check_generator(generator, device) -> None:
     if not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator (or None), got {type(generator).__name__}")
     if torch.device(generator.device).type != torch.device(device).type:
-        raise ValueError(f"the generator is on {generator.device} but the replicas are on {device}: "
-                         f"pass torch.Generator(device={str(device)!r})")
+        raise ValueError(
+            f"the generator is on {generator.device} but the replicas are on {device}: "
+            f"pass torch.Generator(device={str(device)!r})"
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -299,8 +302,17 @@ def _check_generator(generator, device) -> None:
 class _BAOAB:
     """BAOAB steps for a batch of replicas with per-replica temperatures (module docstring)."""
 
-    def __init__(self, model: _Model, kT: Tensor, timestep_fs: float, friction_per_ps: float,
-                 dtype, device, generator, max_energy: float = math.inf):
+    def __init__(
+        self,
+        model: _Model,
+        kT: Tensor,
+        timestep_fs: float,
+        friction_per_ps: float,
+        dtype,
+        device,
+        generator,
+        max_energy: float = math.inf,
+    ):
         self.model, self.generator = model, generator
         self.max_energy = float(max_energy)
         self.m = model.masses.to(device=device, dtype=dtype)
@@ -325,17 +337,17 @@ class _BAOAB:
         half = 0.5 * self.h
         kick = half * self.inv_m
         for k in range(n):
-            v = torch.addcmul(v, f, kick)                       # B
-            x = torch.add(x, v, alpha=half)                     # A
-            if self.a < 1.0:                                    # O
+            v = torch.addcmul(v, f, kick)  # B
+            x = torch.add(x, v, alpha=half)  # A
+            if self.a < 1.0:  # O
                 xi = torch.randn(x.shape, generator=self.generator, dtype=x.dtype, device=x.device)
                 v = torch.addcmul(v * self.a, self.sigma, xi)
                 if self.model.remove_com:
                     v = _remove_com(v, self.m)
-            x = torch.add(x, v, alpha=half)                     # A
+            x = torch.add(x, v, alpha=half)  # A
             u, f = self.forces(x)
-            v = torch.addcmul(v, f, kick)                       # B
-            ok = (u < self.max_energy) & torch.isfinite(x.sum((1, 2)))   # False for NaN too
+            v = torch.addcmul(v, f, kick)  # B
+            ok = (u < self.max_energy) & torch.isfinite(x.sum((1, 2)))  # False for NaN too
             bad = torch.where(ok | (bad >= 0), bad, torch.full_like(bad, step0 + k + 1))
         return x, v, f, u, bad
 
@@ -366,16 +378,29 @@ def _steps_of(ps: float, timestep_fs: float, what: str) -> int:
     return n
 
 
-def _run(model: _Model, kT_rows: Tensor, num_frames: int, report_steps: int, eq_steps: int,
-         timestep_fs: float, friction_per_ps: float, x: Tensor, v: Tensor | None, generator,
-         frame_dtype, progress: bool, desc: str, max_energy: float, exchange=None,
-         record_rows=None):
+def _run(
+    model: _Model,
+    kT_rows: Tensor,
+    num_frames: int,
+    report_steps: int,
+    eq_steps: int,
+    timestep_fs: float,
+    friction_per_ps: float,
+    x: Tensor,
+    v: Tensor | None,
+    generator,
+    frame_dtype,
+    progress: bool,
+    desc: str,
+    max_energy: float,
+    exchange=None,
+    record_rows=None,
+):
     """The driver: equilibration, then ``num_frames`` blocks of ``report_steps`` steps, each
     followed by a frame of the rows ``record_rows`` (all if ``None``); ``exchange(x, v, f, u)``
     (parallel tempering) runs every ``exchange.every`` steps and returns the permuted state."""
     dtype, device = x.dtype, x.device
-    integ = _BAOAB(model, kT_rows, timestep_fs, friction_per_ps, dtype, device, generator,
-                   max_energy)
+    integ = _BAOAB(model, kT_rows, timestep_fs, friction_per_ps, dtype, device, generator, max_energy)
     if v is None:
         v = maxwell_velocities(integ.m, integ.kT, x.shape[0], generator, model.remove_com)
     else:
@@ -410,7 +435,7 @@ def _run(model: _Model, kT_rows: Tensor, num_frames: int, report_steps: int, eq_
     total = eq_steps + num_frames * report_steps
     bar = tqdm(total=total, disable=not progress, desc=desc, unit="step", mininterval=1.0)
     with bar:
-        while step < eq_steps:                                  # unrecorded, in report-sized chunks
+        while step < eq_steps:  # unrecorded, in report-sized chunks
             n = min(report_steps, eq_steps - step)
             x, v, f, u, bad, step = advance(x, v, f, u, bad, n, step)
             _raise_if_blown_up(bad, integ.kT, timestep_fs, max_energy)
@@ -428,8 +453,19 @@ def _run(model: _Model, kT_rows: Tensor, num_frames: int, report_steps: int, eq_
     return frames.cpu(), energies.cpu(), times, x, v, wall, step, extra_frames
 
 
-def _settings(model, timestep_fs, friction_per_ps, report_steps, eq_steps, dtype, frame_dtype,
-              num_replicas, generator, hydrogen_mass, masses_given):
+def _settings(
+    model,
+    timestep_fs,
+    friction_per_ps,
+    report_steps,
+    eq_steps,
+    dtype,
+    frame_dtype,
+    num_replicas,
+    generator,
+    hydrogen_mass,
+    masses_given,
+):
     return {
         "integrator": "BAOAB (Leimkuhler & Matthews 2013), batched torch",
         "system": model.name,
@@ -510,8 +546,7 @@ def run_langevin(
     model = _Model(target, masses, hydrogen_mass, remove_com_motion)
     temperature = model.default_temperature if temperature is None else temperature
     if temperature is None or not float(temperature) > 0:
-        raise ValueError(f"temperature must be a positive number of kelvin (the target has none), "
-                         f"got {temperature!r}")
+        raise ValueError(f"temperature must be a positive number of kelvin (the target has none), got {temperature!r}")
     temperature = float(temperature)
     if device is None:
         device = positions.device if isinstance(positions, Tensor) else "cpu"
@@ -524,17 +559,46 @@ def run_langevin(
     x = _start(model, positions, int(num_replicas), dtype, device)
     kT = torch.full((x.shape[0],), _R_KJ * temperature, dtype=torch.float64, device=device)
     frames, energies, times, xf, vf, wall, steps, _ = _run(
-        model, kT, num_frames, report_steps, eq_steps, timestep_fs, friction_per_ps, x, velocities,
-        generator, frame_dtype, progress, f"Langevin {model.name} {temperature:g} K x{x.shape[0]}",
-        max_energy)
-    meta = _settings(model, timestep_fs, friction_per_ps, report_steps, eq_steps, dtype,
-                     frame_dtype, x.shape[0], generator, hydrogen_mass, masses is not None)
-    meta.update({"kind": "batched_langevin", "temperature_K": temperature, "steps": steps,
-                 "time_ps": float(times[-1]) if len(times) else 0.0, "wall_time_s": wall,
-                 "replica_steps_per_s": steps * x.shape[0] / max(wall, 1e-9),
-                 "device": str(device)})
-    return LangevinResult(frames, energies, times, temperature, model.topology,
-                          xf.detach(), vf.detach(), meta)
+        model,
+        kT,
+        num_frames,
+        report_steps,
+        eq_steps,
+        timestep_fs,
+        friction_per_ps,
+        x,
+        velocities,
+        generator,
+        frame_dtype,
+        progress,
+        f"Langevin {model.name} {temperature:g} K x{x.shape[0]}",
+        max_energy,
+    )
+    meta = _settings(
+        model,
+        timestep_fs,
+        friction_per_ps,
+        report_steps,
+        eq_steps,
+        dtype,
+        frame_dtype,
+        x.shape[0],
+        generator,
+        hydrogen_mass,
+        masses is not None,
+    )
+    meta.update(
+        {
+            "kind": "batched_langevin",
+            "temperature_K": temperature,
+            "steps": steps,
+            "time_ps": float(times[-1]) if len(times) else 0.0,
+            "wall_time_s": wall,
+            "replica_steps_per_s": steps * x.shape[0] / max(wall, 1e-9),
+            "device": str(device),
+        }
+    )
+    return LangevinResult(frames, energies, times, temperature, model.topology, xf.detach(), vf.detach(), meta)
 
 
 class _Exchange:
@@ -543,13 +607,13 @@ class _Exchange:
 
     def __init__(self, temps: Tensor, walkers: int, every: int, generator):
         self.K, self.W, self.every, self.generator = temps.numel(), walkers, every, generator
-        self.beta = 1.0 / (_R_KJ * temps)                              # (K,) float64
+        self.beta = 1.0 / (_R_KJ * temps)  # (K,) float64
         self.T_rows = temps.repeat_interleave(walkers)
         self.count = 0
         dev = temps.device
         self.accepted = torch.zeros(self.K - 1, dtype=torch.float64, device=dev)
         self.attempts = torch.zeros(self.K - 1, dtype=torch.float64, device=dev)
-        self.label = torch.arange(self.K, device=dev).repeat_interleave(walkers)   # lineage
+        self.label = torch.arange(self.K, device=dev).repeat_interleave(walkers)  # lineage
         self.base = torch.arange(self.K * walkers, device=dev).reshape(self.K, walkers)
 
     def __call__(self, x, v, f, u):
@@ -560,7 +624,7 @@ class _Exchange:
         if s.numel() == 0:
             return x, v, f, u
         uk = u.reshape(K, W)
-        log_a = (self.beta[s] - self.beta[s + 1])[:, None] * (uk[s] - uk[s + 1])   # (P, W)
+        log_a = (self.beta[s] - self.beta[s + 1])[:, None] * (uk[s] - uk[s + 1])  # (P, W)
         r = torch.rand(log_a.shape, generator=self.generator, dtype=torch.float64, device=x.device)
         acc = torch.log(r) < log_a
         self.accepted[s] += acc.sum(1).to(torch.float64)
@@ -621,8 +685,7 @@ def run_langevin_pt(
     model = _Model(target, masses, hydrogen_mass, remove_com_motion)
     temps = np.asarray(temperatures, dtype=np.float64)
     if temps.ndim != 1 or temps.size < 2 or np.any(np.diff(temps) <= 0) or temps[0] <= 0:
-        raise ValueError(f"temperatures must be at least two, positive and strictly increasing; "
-                         f"got {temps.tolist()}")
+        raise ValueError(f"temperatures must be at least two, positive and strictly increasing; got {temps.tolist()}")
     if device is None:
         device = positions.device if isinstance(positions, Tensor) else "cpu"
     _check_generator(generator, device)
@@ -632,8 +695,10 @@ def run_langevin_pt(
     ex_steps = _steps_of(exchange_interval_ps, timestep_fs, "exchange_interval_ps")
     report_steps = _steps_of(report_interval_ps, timestep_fs, "report_interval_ps")
     if ex_steps < 1 or report_steps < 1 or report_steps % ex_steps:
-        raise ValueError(f"report_interval_ps={report_interval_ps} must be a positive multiple of "
-                         f"exchange_interval_ps={exchange_interval_ps} (both at least one step)")
+        raise ValueError(
+            f"report_interval_ps={report_interval_ps} must be a positive multiple of "
+            f"exchange_interval_ps={exchange_interval_ps} (both at least one step)"
+        )
     num_frames = _steps_of(time_ps, timestep_fs, "time_ps") // report_steps
     eq_steps = _steps_of(equilibration_ps, timestep_fs, "equilibration_ps")
     x = _start(model, positions, K * W, dtype, device)
@@ -641,20 +706,65 @@ def run_langevin_pt(
     kT_rows = (_R_KJ * t).repeat_interleave(W)
     exchange = _Exchange(t, W, ex_steps, generator)
     frames, energies, times, xf, vf, wall, steps, extra = _run(
-        model, kT_rows, num_frames, report_steps, eq_steps, timestep_fs, friction_per_ps, x,
-        velocities, generator, frame_dtype, progress,
-        f"PT {model.name} {K}T x{W}", max_energy, exchange=exchange, record_rows=slice(0, W))
+        model,
+        kT_rows,
+        num_frames,
+        report_steps,
+        eq_steps,
+        timestep_fs,
+        friction_per_ps,
+        x,
+        velocities,
+        generator,
+        frame_dtype,
+        progress,
+        f"PT {model.name} {K}T x{W}",
+        max_energy,
+        exchange=exchange,
+        record_rows=slice(0, W),
+    )
     acceptance = (exchange.accepted / exchange.attempts.clamp(min=1)).cpu().numpy()
     state_e = torch.stack([e for e, _ in extra]).cpu() if extra else torch.empty(0, K, W)
     labels = torch.stack([lab for _, lab in extra]).cpu() if extra else torch.empty(0, K, W)
-    meta = _settings(model, timestep_fs, friction_per_ps, report_steps, eq_steps, dtype,
-                     frame_dtype, K * W, generator, hydrogen_mass, masses is not None)
-    meta.update({"kind": "batched_parallel_tempering", "temperature_K": float(temps[0]),
-                 "temperatures_K": temps.tolist(), "num_walkers": W,
-                 "exchange_interval_ps": ex_steps * float(timestep_fs) / 1000.0,
-                 "acceptance": acceptance.tolist(), "steps": steps,
-                 "time_ps": float(times[-1]) if len(times) else 0.0, "wall_time_s": wall,
-                 "replica_steps_per_s": steps * K * W / max(wall, 1e-9), "device": str(device)})
-    return LangevinResult(frames, energies, times, float(temps[0]), model.topology, xf.detach(),
-                          vf.detach(), meta, temperatures=temps, acceptance=acceptance,
-                          state_energies=state_e, walker_at_state=labels)
+    meta = _settings(
+        model,
+        timestep_fs,
+        friction_per_ps,
+        report_steps,
+        eq_steps,
+        dtype,
+        frame_dtype,
+        K * W,
+        generator,
+        hydrogen_mass,
+        masses is not None,
+    )
+    meta.update(
+        {
+            "kind": "batched_parallel_tempering",
+            "temperature_K": float(temps[0]),
+            "temperatures_K": temps.tolist(),
+            "num_walkers": W,
+            "exchange_interval_ps": ex_steps * float(timestep_fs) / 1000.0,
+            "acceptance": acceptance.tolist(),
+            "steps": steps,
+            "time_ps": float(times[-1]) if len(times) else 0.0,
+            "wall_time_s": wall,
+            "replica_steps_per_s": steps * K * W / max(wall, 1e-9),
+            "device": str(device),
+        }
+    )
+    return LangevinResult(
+        frames,
+        energies,
+        times,
+        float(temps[0]),
+        model.topology,
+        xf.detach(),
+        vf.detach(),
+        meta,
+        temperatures=temps,
+        acceptance=acceptance,
+        state_energies=state_e,
+        walker_at_state=labels,
+    )

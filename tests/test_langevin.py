@@ -65,14 +65,24 @@ def ala2():
 def test_baoab_samples_the_exact_harmonic_variance_at_a_large_timestep():
     """<x^2> = kT/k per coordinate for omega*h = 1 (BAOAB is exact for harmonic U; a first-order
     or BBK-type scheme is off by ~(omega h)^2/4 = 25 % there)."""
-    ho = Harmonic(k=(400.0, 900.0, 4800.0))                 # omega = 20, 15, 20 per ps
-    h_fs = 50.0                                             # omega_max * h = 1
+    ho = Harmonic(k=(400.0, 900.0, 4800.0))  # omega = 20, 15, 20 per ps
+    h_fs = 50.0  # omega_max * h = 1
     T = 300.0
-    res = run_langevin(ho, 2048, 2.0, temperature=T, timestep_fs=h_fs, friction_per_ps=10.0,
-                       report_interval_ps=0.1, equilibration_ps=2.0, generator=_gen(0),
-                       progress=False, frame_dtype=torch.float64)
+    res = run_langevin(
+        ho,
+        2048,
+        2.0,
+        temperature=T,
+        timestep_fs=h_fs,
+        friction_per_ps=10.0,
+        report_interval_ps=0.1,
+        equilibration_ps=2.0,
+        generator=_gen(0),
+        progress=False,
+        frame_dtype=torch.float64,
+    )
     assert res.positions.shape == (20, 2048, 3, 3)
-    per_replica = (res.positions ** 2).mean((0, 3))          # (R, n): time average of x^2
+    per_replica = (res.positions**2).mean((0, 3))  # (R, n): time average of x^2
     est = per_replica.mean(0)
     se = per_replica.std(0) / math.sqrt(per_replica.shape[0])
     exact = KB * T / ho.k
@@ -90,8 +100,7 @@ def test_frictionless_baoab_is_openmm_langevin_middle_step_for_step(ala2):
     m = torch.as_tensor(masses_of(ala2.system))
     v0 = maxwell_velocities(m, KB * 300.0, 1, _gen(1), remove_com=True)[0]
     x0 = ala2.positions
-    integ = openmm.LangevinMiddleIntegrator(300 * unit.kelvin, 0 / unit.picosecond,
-                                            1 * unit.femtosecond)
+    integ = openmm.LangevinMiddleIntegrator(300 * unit.kelvin, 0 / unit.picosecond, 1 * unit.femtosecond)
     ctx = openmm.Context(ala2.system, integ, openmm.Platform.getPlatformByName("Reference"))
     ctx.setPositions(x0.numpy())
     ctx.setVelocities(v0.numpy())
@@ -101,8 +110,17 @@ def test_frictionless_baoab_is_openmm_langevin_middle_step_for_step(ala2):
         ref.append(ctx.getState(getPositions=True).getPositions(asNumpy=True)._value)
     f0 = ala2.forces(x0[None])[0]
     v_ours = v0 + 0.5e-3 * f0 / m[:, None]
-    res = run_langevin(ala2, 1, 0.1, friction_per_ps=0.0, report_interval_ps=0.001, positions=x0,
-                       velocities=v_ours[None], frame_dtype=torch.float64, progress=False)
+    res = run_langevin(
+        ala2,
+        1,
+        0.1,
+        friction_per_ps=0.0,
+        report_interval_ps=0.001,
+        positions=x0,
+        velocities=v_ours[None],
+        frame_dtype=torch.float64,
+        progress=False,
+    )
     diff = np.abs(res.positions[:, 0].numpy() - np.asarray(ref)).max()
     assert diff < 1e-10, diff
     assert res.positions.shape == (100, 1, 22, 3)
@@ -119,14 +137,23 @@ def test_total_energy_is_conserved_without_friction(ala2):
         g = _gen(3)
         total = []
         for seg in range(7):
-            res = run_langevin(ala2, 8, 0.05 if seg else 0.0, timestep_fs=h, friction_per_ps=0.0,
-                               report_interval_ps=0.05 if seg else h / 1000, positions=x,
-                               velocities=v, generator=g, progress=False)
+            res = run_langevin(
+                ala2,
+                8,
+                0.05 if seg else 0.0,
+                timestep_fs=h,
+                friction_per_ps=0.0,
+                report_interval_ps=0.05 if seg else h / 1000,
+                positions=x,
+                velocities=v,
+                generator=g,
+                progress=False,
+            )
             x, v = res.final_positions, res.final_velocities
             u = res.energies[-1] if seg else ala2.energy(x)
-            total.append((u + 0.5 * (m * v ** 2).sum((1, 2))).numpy())
+            total.append((u + 0.5 * (m * v**2).sum((1, 2))).numpy())
         total = np.asarray(total)
-        dev[h] = np.abs(total - total[0]).max(0)           # per replica
+        dev[h] = np.abs(total - total[0]).max(0)  # per replica
     assert dev[0.5].max() < 0.6, dev[0.5]
     assert np.median(dev[0.5] / dev[0.25]) > 2.5, dev
 
@@ -136,19 +163,30 @@ def test_parallel_tempering_keeps_each_temperature_exact():
     invariant: <x^2> = kT_0/k for the recorded frames and <U> = (3n/2) kT_k at every rung."""
     ho = Harmonic(k=(400.0, 900.0, 2500.0))
     temps = geometric_temperatures(300.0, 600.0, 4)
-    res = run_langevin_pt(ho, temps, 256, 2.0, exchange_interval_ps=0.01, timestep_fs=10.0,
-                          friction_per_ps=10.0, report_interval_ps=0.1, equilibration_ps=1.0,
-                          generator=_gen(5), progress=False, frame_dtype=torch.float64)
+    res = run_langevin_pt(
+        ho,
+        temps,
+        256,
+        2.0,
+        exchange_interval_ps=0.01,
+        timestep_fs=10.0,
+        friction_per_ps=10.0,
+        report_interval_ps=0.1,
+        equilibration_ps=1.0,
+        generator=_gen(5),
+        progress=False,
+        frame_dtype=torch.float64,
+    )
     assert res.positions.shape == (20, 256, 3, 3)
     assert res.state_energies.shape == (20, 4, 256)
     assert np.all((res.acceptance > 0.2) & (res.acceptance < 0.95)), res.acceptance
     # configurations move across the ladder: lineages started at the top reach the bottom
     assert bool((res.walker_at_state[:, 0] == 3).any())
-    per = (res.positions ** 2).mean((0, 3))
+    per = (res.positions**2).mean((0, 3))
     est, se = per.mean(0), per.std(0) / math.sqrt(per.shape[0])
     z = (est - KB * temps[0] / ho.k) / se
     assert torch.all(z.abs() < 5), z
-    u = res.state_energies.mean(0)                          # (K, W): per-walker time average
+    u = res.state_energies.mean(0)  # (K, W): per-walker time average
     mean_u, se_u = u.mean(1), u.std(1) / math.sqrt(u.shape[1])
     exact = 1.5 * 3 * KB * torch.as_tensor(temps, dtype=torch.float64)
     assert torch.all(((mean_u - exact) / se_u).abs() < 5), (mean_u, exact, se_u)
@@ -192,8 +230,7 @@ def test_a_blow_up_names_the_replica(ala2):
 
 def test_bad_arguments_are_refused(ala2):
     with pytest.raises(ValueError, match="multiple of"):
-        run_langevin_pt(ala2, [300, 400], 2, 0.1, exchange_interval_ps=0.03,
-                        report_interval_ps=0.05, progress=False)
+        run_langevin_pt(ala2, [300, 400], 2, 0.1, exchange_interval_ps=0.03, report_interval_ps=0.05, progress=False)
     with pytest.raises(ValueError, match="increasing"):
         run_langevin_pt(ala2, [400, 300], 2, 0.1, progress=False)
     with pytest.raises(TypeError, match="torch.Generator"):
@@ -233,8 +270,16 @@ def _openmm_reference(peptide, temperature: float, time_ps: float, seed: int, bl
     from mcsample.systems import analysis as A
     from mcsample.systems.md import run_md
 
-    md = run_md(peptide, time_ps, temperature=temperature, report_interval_ps=0.1,
-                equilibration_ps=5.0, generator=_gen(seed), progress=False, threads=1)
+    md = run_md(
+        peptide,
+        time_ps,
+        temperature=temperature,
+        report_interval_ps=0.1,
+        equilibration_ps=5.0,
+        generator=_gen(seed),
+        progress=False,
+        threads=1,
+    )
     phi, psi = A.ramachandran_angles(md.trajectory)
     out = {"U": block_stderr(md.energies, blocks)}
     for name, ind in _basins(phi, psi).items():
@@ -279,10 +324,20 @@ def test_mean_energy_agrees_with_openmm_at_300K(ala2):
     so 150 ps of MD does not pin them down; 1 ns of the project's OpenMM MD gave alpha_R 0.16 ±
     0.05, phi>0 0.0008 ± 0.0002, <U> -98.43 ± 0.42 kJ/mol.)"""
     theirs = _openmm_reference(ala2, 300.0, 150.0, seed=11, blocks=10)
-    res = run_langevin_pt(ala2, geometric_temperatures(300.0, 600.0, 4), 32, 10.0,
-                          exchange_interval_ps=0.02, timestep_fs=2.0, hydrogen_mass=4.0,
-                          report_interval_ps=0.1, equilibration_ps=10.0, dtype=torch.float32,
-                          generator=_gen(12), progress=False)
+    res = run_langevin_pt(
+        ala2,
+        geometric_temperatures(300.0, 600.0, 4),
+        32,
+        10.0,
+        exchange_interval_ps=0.02,
+        timestep_fs=2.0,
+        hydrogen_mass=4.0,
+        report_interval_ps=0.1,
+        equilibration_ps=10.0,
+        dtype=torch.float32,
+        generator=_gen(12),
+        progress=False,
+    )
     print(f"\n300 K; swap acceptance {np.round(res.acceptance, 2)}")
     _assert_agree(_ours(res, ala2.topology), theirs, keys=["U"])
 
@@ -295,9 +350,19 @@ def test_energy_and_basin_populations_agree_with_openmm_at_600K(ala2):
     Maxwell velocities, then 15 ps) agree with 600 ps of OpenMM at 1 fs (standard errors from
     6 blocks of 100 ps) within 5 combined standard errors."""
     theirs = _openmm_reference(ala2, 600.0, 600.0, seed=21, blocks=6)
-    res = run_langevin(ala2, 64, 15.0, temperature=600.0, timestep_fs=2.0, hydrogen_mass=4.0,
-                       report_interval_ps=0.1, equilibration_ps=10.0, dtype=torch.float32,
-                       generator=_gen(22), progress=False)
+    res = run_langevin(
+        ala2,
+        64,
+        15.0,
+        temperature=600.0,
+        timestep_fs=2.0,
+        hydrogen_mass=4.0,
+        report_interval_ps=0.1,
+        equilibration_ps=10.0,
+        dtype=torch.float32,
+        generator=_gen(22),
+        progress=False,
+    )
     print("\n600 K")
     ours = _ours(res, ala2.topology)
     assert ours["phi>0"][0] > 0.01
@@ -338,7 +403,7 @@ def test_transferable_data_quick_writes_resumes_and_refuses_other_sequences(tmp_
         assert meta["complete"] and meta["settings"]["force_field"].startswith("amber14-all")
         assert meta["settings"]["temperature_K"] == 310.0 and meta["identity"]["sequence"] == seq
         assert {"torch", "openmm", "mcsample"} <= set(meta["versions"])
-        assert res.n_frames == 4 * 4 and np.isfinite(res.energies).all()   # 4 walkers x 0.4 ps/0.1
+        assert res.n_frames == 4 * 4 and np.isfinite(res.energies).all()  # 4 walkers x 0.4 ps/0.1
         assert [r.name for r in res.trajectory.topology.residues] == [_three(c) for c in seq]
         assert res.trajectory.xyz.dtype == np.float32
     capsys.readouterr()

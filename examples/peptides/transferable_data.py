@@ -78,8 +78,28 @@ QUICK_SEQUENCES = ("CG", "AV")
 DEFAULT_OUT = Path("outputs") / "peptides" / "transferable"
 FORMAT = "transferable-data-1"
 # atoms of a residue inside a chain (with hydrogens), to start the largest peptides first
-_ATOMS = dict(G=7, A=10, S=11, C=11, D=12, P=14, N=14, T=14, E=15, V=16, Q=17, H=17, M=17, I=19,
-              L=19, K=22, F=20, Y=21, R=24, W=24)
+_ATOMS = dict(
+    G=7,
+    A=10,
+    S=11,
+    C=11,
+    D=12,
+    P=14,
+    N=14,
+    T=14,
+    E=15,
+    V=16,
+    Q=17,
+    H=17,
+    M=17,
+    I=19,
+    L=19,
+    K=22,
+    F=20,
+    Y=21,
+    R=24,
+    W=24,
+)
 
 
 def _settings(a) -> dict:
@@ -134,13 +154,14 @@ def _existing(path: Path, settings: dict) -> dict | None:
         meta = json.loads(str(f["metadata"]))
     for key, value in settings.items():
         if meta.get("settings", {}).get(key) != value:
-            raise SystemExit(f"{path} was written with {key}={meta.get('settings', {}).get(key)!r}, "
-                             f"not {value!r}: choose another --out (or remove the file)")
+            raise SystemExit(
+                f"{path} was written with {key}={meta.get('settings', {}).get(key)!r}, "
+                f"not {value!r}: choose another --out (or remove the file)"
+            )
     return meta if meta.get("complete") else None
 
 
-def _rotate_torsion(x: np.ndarray, bonds: list, i: int, j: int, k: int, l: int,
-                    target: float) -> np.ndarray:
+def _rotate_torsion(x: np.ndarray, bonds: list, i: int, j: int, k: int, l: int, target: float) -> np.ndarray:
     """Set the dihedral i-j-k-l to ``target`` (radians) by rotating the atoms on l's side of
     the j-k bond about that bond; unchanged when j-k is in a ring (proline's phi)."""
     nbrs = {a: set() for a in range(len(x))}
@@ -163,8 +184,7 @@ def _rotate_torsion(x: np.ndarray, bonds: list, i: int, j: int, k: int, l: int,
     t = target - current
     idx = np.array(sorted(side))
     r = x[idx] - x[k]
-    r = (r * np.cos(t) + np.cross(axis, r) * np.sin(t)
-         + axis * (r @ axis)[:, None] * (1 - np.cos(t)))        # Rodrigues
+    r = r * np.cos(t) + np.cross(axis, r) * np.sin(t) + axis * (r @ axis)[:, None] * (1 - np.cos(t))  # Rodrigues
     out = x.copy()
     out[idx] = r + x[k]
     return out
@@ -179,12 +199,11 @@ def _start_structure(pep, phi_deg: float, psi_deg: float) -> np.ndarray:
     atom = {(a.residue.index, a.name): a.index for a in top.atoms}
     bonds = [(b[0].index, b[1].index) for b in top.bonds]
     x = pep.positions.numpy().astype(np.float64)
-    x = _rotate_torsion(x, bonds, atom[0, "N"], atom[0, "CA"], atom[0, "C"], atom[1, "N"],
-                        np.deg2rad(psi_deg))
-    x = _rotate_torsion(x, bonds, atom[0, "C"], atom[1, "N"], atom[1, "CA"], atom[1, "C"],
-                        np.deg2rad(phi_deg))
-    ctx = openmm.Context(pep.system, openmm.VerletIntegrator(0.001),
-                         openmm.Platform.getPlatformByName("CPU"), {"Threads": "1"})
+    x = _rotate_torsion(x, bonds, atom[0, "N"], atom[0, "CA"], atom[0, "C"], atom[1, "N"], np.deg2rad(psi_deg))
+    x = _rotate_torsion(x, bonds, atom[0, "C"], atom[1, "N"], atom[1, "CA"], atom[1, "C"], np.deg2rad(phi_deg))
+    ctx = openmm.Context(
+        pep.system, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("CPU"), {"Threads": "1"}
+    )
     ctx.setPositions(x)
     openmm.LocalEnergyMinimizer.minimize(ctx, 1.0, 0)
     return ctx.getState(getPositions=True).getPositions(asNumpy=True)._value
@@ -202,25 +221,33 @@ def _run_one(seq: str, settings: dict, out: str, progress: bool) -> dict:
 
     t0 = time.perf_counter()
     pep = Peptide.from_sequence(seq, caps=False, solvent="obc1", temperature=310.0, cutoff=2.0)
-    angles = settings.get("start_phi_psi_deg")      # absent in settings from before it existed
+    angles = settings.get("start_phi_psi_deg")  # absent in settings from before it existed
     start = _start_structure(pep, *angles) if angles else pep.positions
     t_build = time.perf_counter() - t0
     temps = geometric_temperatures(310.0, settings["t_max_K"], settings["num_temperatures"])
     seed = _sequence_seed(settings["seed"], seq)
     res = run_langevin_pt(
-        pep, temps, settings["num_walkers"], settings["time_ps"],
-        exchange_interval_ps=settings["exchange_interval_ps"], timestep_fs=settings["timestep_fs"],
-        friction_per_ps=settings["friction_per_ps"], report_interval_ps=settings["report_interval_ps"],
-        generator=torch.Generator().manual_seed(seed), progress=progress,
-        equilibration_ps=settings["equilibration_ps"], dtype=torch.float32,
-        hydrogen_mass=settings["hydrogen_mass"], positions=start,
+        pep,
+        temps,
+        settings["num_walkers"],
+        settings["time_ps"],
+        exchange_interval_ps=settings["exchange_interval_ps"],
+        timestep_fs=settings["timestep_fs"],
+        friction_per_ps=settings["friction_per_ps"],
+        report_interval_ps=settings["report_interval_ps"],
+        generator=torch.Generator().manual_seed(seed),
+        progress=progress,
+        equilibration_ps=settings["equilibration_ps"],
+        dtype=torch.float32,
+        hydrogen_mass=settings["hydrogen_mass"],
+        positions=start,
     )
     F, W = res.num_frames, res.num_replicas
-    traj = res.trajectory()                                   # frame-major: row f * W + w
+    traj = res.trajectory()  # frame-major: row f * W + w
     energies = res.energies.reshape(-1).numpy()
     u_mean, u_se = res.mean_energy()
     phi, psi = A.ramachandran_angles(traj)
-    pos = (phi > 0).reshape(F, W).mean(0)                     # per walker
+    pos = (phi > 0).reshape(F, W).mean(0)  # per walker
     summary = {
         "sequence": seq,
         "n_atoms": pep.n_atoms,
@@ -241,8 +268,11 @@ def _run_one(seq: str, settings: dict, out: str, progress: bool) -> dict:
         "seed_of_this_sequence": seed,
         "identity": pep.identity(),
         "versions": _versions(),
-        "host": {"machine": platform.machine(), "cpu_count": os.cpu_count(),
-                 "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},
+        "host": {
+            "machine": platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        },
         "command": " ".join(sys.argv),
         "layout": "xyz row f * num_walkers + w is frame f of walker w (310 K)",
         "summary": summary,
@@ -274,10 +304,10 @@ def _write_manifest(out: Path, settings: dict, summaries: dict, wall: float) -> 
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sequences", nargs="+", default=None,
-                   help="a subset of the 48 training sequences (default: all)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--sequences", nargs="+", default=None, help="a subset of the 48 training sequences (default: all)")
     p.add_argument("--quick", action="store_true", help="2 sequences, a tiny run (seconds)")
     p.add_argument("--walkers", type=int, default=8, help="independent PT chains per sequence")
     p.add_argument("--temps", type=int, default=6, help="temperatures on the ladder")
@@ -302,8 +332,9 @@ def main(argv=None) -> int:
     seqs = [s.upper() for s in (a.sequences or (QUICK_SEQUENCES if a.quick else TRAINING_SEQUENCES))]
     foreign = [s for s in seqs if s not in TRAINING_SEQUENCES]
     if foreign:
-        raise SystemExit(f"{foreign} are not training sequences; this data set holds only "
-                         f"{' '.join(TRAINING_SEQUENCES)}")
+        raise SystemExit(
+            f"{foreign} are not training sequences; this data set holds only {' '.join(TRAINING_SEQUENCES)}"
+        )
     a.hydrogen_mass = a.hydrogen_mass or None
     settings = _settings(a)
     out = a.out
@@ -316,14 +347,12 @@ def main(argv=None) -> int:
             todo.append(s)
         else:
             summaries[s] = meta["summary"]
-    todo.sort(key=lambda s: -sum(_ATOMS[c] for c in s))       # largest first: shorter tail
+    todo.sort(key=lambda s: -sum(_ATOMS[c] for c in s))  # largest first: shorter tail
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
-    print(f"{len(summaries)} of {len(seqs)} sequences already in {out}; simulating {len(todo)}",
-          flush=True)
-    bar = tqdm(total=len(seqs), initial=len(summaries), disable=a.no_progress, unit="sequence",
-               desc="dipeptides")
+    print(f"{len(summaries)} of {len(seqs)} sequences already in {out}; simulating {len(todo)}", flush=True)
+    bar = tqdm(total=len(seqs), initial=len(summaries), disable=a.no_progress, unit="sequence", desc="dipeptides")
     with bar:
         if a.jobs <= 1:
             for s in todo:
@@ -340,14 +369,18 @@ def main(argv=None) -> int:
                     bar.update(1)
     _write_manifest(out, settings, summaries, time.perf_counter() - t0)
     wall = time.perf_counter() - t0
-    print(f"\nwrote {len(summaries)} sequences to {out}/ in {wall:.0f} s "
-          f"({sum(s['n_frames'] for s in summaries.values())} frames)")
+    print(
+        f"\nwrote {len(summaries)} sequences to {out}/ in {wall:.0f} s "
+        f"({sum(s['n_frames'] for s in summaries.values())} frames)"
+    )
     for s in sorted(summaries):
         r = summaries[s]
-        print(f"  {s} {r['n_atoms']:3d} atoms  {r['n_frames']} frames  <U> = "
-              f"{r['energy_mean_kJ_per_mol']:9.2f} ± {r['energy_mean_stderr_kJ_per_mol']:.2f}  "
-              f"P(φ>0) = {r['p_phi_positive']:.3f}  swaps {r['swap_acceptance']}  "
-              f"{r['wall_time_s']:.0f} s")
+        print(
+            f"  {s} {r['n_atoms']:3d} atoms  {r['n_frames']} frames  <U> = "
+            f"{r['energy_mean_kJ_per_mol']:9.2f} ± {r['energy_mean_stderr_kJ_per_mol']:.2f}  "
+            f"P(φ>0) = {r['p_phi_positive']:.3f}  swaps {r['swap_acceptance']}  "
+            f"{r['wall_time_s']:.0f} s"
+        )
     return 0
 
 
