@@ -172,7 +172,7 @@ def test_round_trip_float64_below_1e6_nm(ala2, ic):
     x2, _ = ic.to_cartesian(z)
     err = (x2 - x).norm(dim=-1).max().item()
     assert err < 1e-6, err
-    assert err < 1e-12  # what float64 actually gives; 1e-6 nm is the requirement
+    assert err < 1e-12  # what float64 actually gives (1e-6 nm would be enough for the weights)
     z2 = ic.to_internal(x2)
     diff = torch.remainder(z2 - z + math.pi, 2 * math.pi) - math.pi
     assert diff.abs().max() < 1e-10
