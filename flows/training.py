@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 
 from mcsample.checkpoint import differences, save_atomic
 from mcsample.diagnostics import ess as kish_ess
+from mcsample.protocols import check_generator
 from mcsample.resampling import resample
 
 __all__ = [
@@ -169,9 +170,8 @@ def _refuse_mismatch(saved: dict, current: dict, path) -> None:
 
 
 def _generator(generator: torch.Generator | None, device) -> torch.Generator:
+    check_generator(generator)
     if generator is not None:
-        if not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
         return generator
     g = torch.Generator(device=device)
     g.manual_seed(int(torch.randint(0, 2**62, ())))

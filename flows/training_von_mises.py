@@ -29,12 +29,13 @@ from __future__ import annotations
 
 import copy
 import math
-import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
+
+from mcsample.protocols import generator_or_seed
 
 __all__ = [
     "PTState",
@@ -260,19 +261,9 @@ def negative_log_likelihood(net, graphs, samples, batch: int, generator) -> Tens
 def _generator(generator, seed, who: str) -> torch.Generator:
     """``generator`` (``None``: one seeded from torch's global RNG), or the deprecated integer
     ``seed`` as ``torch.Generator().manual_seed(seed)``."""
-    if seed is not None:
-        if generator is not None:
-            raise TypeError(f"{who}: pass generator= or the deprecated seed=, not both")
-        warnings.warn(
-            f"{who}(seed=...) is deprecated; pass generator=torch.Generator().manual_seed(seed)",
-            DeprecationWarning,
-            stacklevel=3,
-        )
-        return torch.Generator().manual_seed(int(seed))
+    generator = generator_or_seed(who, generator, seed)
     if generator is None:
         return torch.Generator().manual_seed(int(torch.randint(0, 2**62, ())))
-    if not isinstance(generator, torch.Generator):
-        raise TypeError(f"{who}: generator must be a torch.Generator, got {type(generator).__name__}")
     return generator
 
 

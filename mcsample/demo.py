@@ -20,29 +20,19 @@ import json
 import math
 import os
 import time
-import warnings
 
 import torch
 
 import mcsample as mc
+from mcsample.protocols import generator_or_seed
 
 
 def _generator(generator, seed, who: str) -> torch.Generator:
     """``generator``, or the deprecated integer ``seed`` as one; default seed 0, so that the
     printed numbers are reproducible."""
-    if seed is not None:
-        if generator is not None:
-            raise TypeError(f"{who}: pass generator= or the deprecated seed=, not both")
-        warnings.warn(
-            f"{who}(seed=...) is deprecated; pass generator=torch.Generator().manual_seed(seed)",
-            DeprecationWarning,
-            stacklevel=3,
-        )
-        return torch.Generator().manual_seed(int(seed))
+    generator = generator_or_seed(who, generator, seed)
     if generator is None:
         return torch.Generator().manual_seed(0)
-    if not isinstance(generator, torch.Generator):
-        raise TypeError(f"{who}: generator must be a torch.Generator, got {type(generator).__name__}")
     return generator
 
 

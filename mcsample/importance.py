@@ -11,7 +11,6 @@ log-weight).
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 
 import torch
@@ -19,7 +18,7 @@ from tqdm.auto import tqdm
 
 from mcsample import distributed
 from mcsample.checkpoint import default_generator
-from mcsample.protocols import check_event_shape, check_generator, check_log_prob, draw
+from mcsample.protocols import check_event_shape, check_generator, check_log_prob, draw, renamed
 from mcsample.weighted import RunningMoments, WeightedSamples
 
 __all__ = ["importance_sample"]
@@ -61,13 +60,7 @@ def importance_sample(
     Returns:
         :class:`~mcsample.weighted.WeightedSamples` with :math:`\log w = \log\tilde\pi - \log q`.
     """
-    if num_samples is not None:
-        if num_particles is not None:
-            raise TypeError("importance_sample: pass num_particles or the deprecated num_samples, not both")
-        warnings.warn(
-            "importance_sample(num_samples=...) is deprecated; use num_particles=", DeprecationWarning, stacklevel=2
-        )
-        num_particles = num_samples
+    num_particles = renamed("importance_sample", "num_particles", num_particles, "num_samples", num_samples)
     if num_particles is None:
         raise TypeError("importance_sample() missing the required argument 'num_particles'")
     num_samples = int(num_particles)

@@ -229,16 +229,6 @@ class MALA(Kernel):
     target_acceptance: float = 0.57
     needs_grad = True
 
-    def __post_init__(self):
-        if self.step_size is not None and not (isinstance(self.step_size, (int, float)) and self.step_size > 0):
-            raise ValueError(f"{type(self).__name__}: step_size must be a number > 0 (or None), got {self.step_size!r}")
-        if isinstance(self.num_steps, bool) or int(self.num_steps) != self.num_steps or self.num_steps < 0:
-            raise ValueError(f"{type(self).__name__}: num_steps must be an integer >= 0, got {self.num_steps!r}")
-        if not 0.0 < self.target_acceptance < 1.0:
-            raise ValueError(
-                f"{type(self).__name__}: target_acceptance must be in (0, 1), got {self.target_acceptance!r}"
-            )
-
     def initial_step_size(self, dim: int) -> float:
         return self.step_size if self.step_size is not None else 1.0 / dim ** (1 / 6)
 
@@ -270,16 +260,6 @@ class HMC(Kernel):
     num_leapfrog: int = 5
     target_acceptance: float = 0.65
     needs_grad = True
-
-    def __post_init__(self):
-        if self.step_size is not None and not (isinstance(self.step_size, (int, float)) and self.step_size > 0):
-            raise ValueError(f"{type(self).__name__}: step_size must be a number > 0 (or None), got {self.step_size!r}")
-        if isinstance(self.num_steps, bool) or int(self.num_steps) != self.num_steps or self.num_steps < 0:
-            raise ValueError(f"{type(self).__name__}: num_steps must be an integer >= 0, got {self.num_steps!r}")
-        if not 0.0 < self.target_acceptance < 1.0:
-            raise ValueError(
-                f"{type(self).__name__}: target_acceptance must be in (0, 1), got {self.target_acceptance!r}"
-            )
 
     def initial_step_size(self, dim: int) -> float:
         return self.step_size if self.step_size is not None else 1.0 / dim ** (1 / 4)

@@ -35,7 +35,6 @@ import json
 import math
 import os
 import time
-import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -44,7 +43,7 @@ from torch import Tensor
 
 from mcsample._optional import require
 from mcsample.diagnostics import ess
-from mcsample.protocols import Float64Proposal
+from mcsample.protocols import Float64Proposal, check_generator, renamed
 
 require("openmm", "mdtraj", "zuko", extra="peptides")
 
@@ -347,18 +346,11 @@ def sample_peptide(
 
     if method not in ("is", "smc", "finetune+smc"):
         raise ValueError(f"method must be 'is', 'smc' or 'finetune+smc', got {method!r}")
-    if num_samples is not None:
-        if num_particles is not None:
-            raise TypeError("sample_peptide: pass num_particles or the deprecated num_samples, not both")
-        warnings.warn(
-            "sample_peptide(num_samples=...) is deprecated; use num_particles=", DeprecationWarning, stacklevel=2
-        )
-        num_particles = num_samples
+    num_particles = renamed("sample_peptide", "num_particles", num_particles, "num_samples", num_samples)
     num_particles = 100_000 if num_particles is None else int(num_particles)
     if num_particles < 2:
         raise ValueError(f"num_particles must be at least 2, got {num_particles}")
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    check_generator(generator)
     t0 = time.perf_counter()
     peptide = _as_peptide(peptide, solvent, temperature)
     if proposal is None:

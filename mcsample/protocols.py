@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import warnings
 from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
@@ -208,6 +209,37 @@ def check_generator(generator) -> None:
     """Raise ``TypeError`` unless ``generator`` is ``None`` or a ``torch.Generator``."""
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator (or None), got {type(generator).__name__}")
+
+
+def renamed(where: str, new_name: str, new, old_name: str, old, stacklevel: int = 3):
+    """The value of a renamed keyword argument: ``new``, or the deprecated ``old`` with a
+    ``DeprecationWarning``; a ``TypeError`` when both are given."""
+    if old is None:
+        return new
+    if new is not None:
+        raise TypeError(f"{where}: pass {new_name} or the deprecated {old_name}, not both")
+    warnings.warn(f"{where}({old_name}=...) is deprecated; use {new_name}=", DeprecationWarning, stacklevel=stacklevel)
+    return old
+
+
+def generator_or_seed(where: str, generator, seed, stacklevel: int = 4) -> torch.Generator | None:
+    """``generator`` (checked to be a ``torch.Generator`` or ``None``), or the deprecated integer
+    ``seed`` as ``torch.Generator().manual_seed(seed)`` with a ``DeprecationWarning``."""
+    if seed is not None:
+        if generator is not None:
+            raise TypeError(f"{where}: pass generator= or the deprecated seed=, not both")
+        warnings.warn(
+            f"{where}(seed=...) is deprecated; pass generator=torch.Generator().manual_seed(seed)",
+            DeprecationWarning,
+            stacklevel=stacklevel,
+        )
+        return torch.Generator().manual_seed(int(seed))
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(
+            f"{where}: generator must be a torch.Generator (or None), got {type(generator).__name__}; "
+            "for an integer seed s pass generator=torch.Generator().manual_seed(s)"
+        )
+    return generator
 
 
 class Float64Proposal:

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -45,7 +44,7 @@ from torch import Tensor
 
 from mcsample._optional import require
 from mcsample.kernels import RandomWalk, tempered
-from mcsample.protocols import Float64Proposal, draw
+from mcsample.protocols import Float64Proposal, draw, renamed
 
 require("rdkit", extra="molecules")
 
@@ -241,13 +240,7 @@ def sample_conformers(
 
     if method not in ("is", "smc"):
         raise ValueError(f"method must be 'is' or 'smc', got {method!r}")
-    if num_conformers is not None:
-        if num_particles is not None:
-            raise TypeError("sample_conformers: pass num_particles or the deprecated num_conformers, not both")
-        warnings.warn(
-            "sample_conformers(num_conformers=...) is deprecated; use num_particles=", DeprecationWarning, stacklevel=2
-        )
-        num_particles = num_conformers
+    num_particles = renamed("sample_conformers", "num_particles", num_particles, "num_conformers", num_conformers)
     num_particles = 200 if num_particles is None else int(num_particles)
     if num_particles < 1:
         raise ValueError(f"num_particles must be positive, got {num_particles}")

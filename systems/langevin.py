@@ -54,6 +54,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from mcsample.protocols import check_generator
+
 __all__ = [
     "BlowUpError",
     "LangevinResult",
@@ -284,10 +286,9 @@ def _start(model: _Model, positions, num: int, dtype, device) -> Tensor:
 
 
 def _check_generator(generator, device) -> None:
+    check_generator(generator)
     if generator is None:
         return
-    if not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator (or None), got {type(generator).__name__}")
     if torch.device(generator.device).type != torch.device(device).type:
         raise ValueError(
             f"the generator is on {generator.device} but the replicas are on {device}: "

@@ -53,6 +53,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from mcsample._optional import require
+from mcsample.protocols import generator_or_seed
 
 require("openmm", "mdtraj", extra="peptides")
 
@@ -308,26 +309,8 @@ def _run_seed(generator, seed, who: str) -> int | None:
     """The run's integer seed drawn from ``generator`` (``None``: torch's global RNG; returns
     ``None`` then, so that a resumed run may keep its recorded seed); ``seed`` is the deprecated
     integer alias, equivalent to ``generator=torch.Generator().manual_seed(seed)``."""
-    import torch
-
-    if seed is not None:
-        if generator is not None:
-            raise TypeError(f"{who}: pass generator= or the deprecated seed=, not both")
-        warnings.warn(
-            f"{who}(seed=...) is deprecated; pass generator=torch.Generator().manual_seed(seed)",
-            DeprecationWarning,
-            stacklevel=3,
-        )
-        generator = torch.Generator().manual_seed(int(seed))
-    if generator is None:
-        return None
-    if not isinstance(generator, torch.Generator):
-        raise TypeError(
-            f"{who}: generator must be a torch.Generator (or None), got "
-            f"{type(generator).__name__}; for an integer seed s pass "
-            "generator=torch.Generator().manual_seed(s)"
-        )
-    return _draw_seed(generator)
+    generator = generator_or_seed(who, generator, seed)
+    return None if generator is None else _draw_seed(generator)
 
 
 def _draw_seed(generator=None) -> int:
