@@ -53,7 +53,16 @@ from zuko.transforms import CircularShiftTransform, MonotonicRQSTransform  # noq
 
 from mcsample.flows.coupling import _num, wrap_angle  # noqa: E402
 
-__all__ = ["TransferableConfig", "TransferableFlow", "PackedFlow", "PeptideTokens", "tokenize", "pack"]
+__all__ = [
+    "TransferableConfig",
+    "TransferableFlow",
+    "PackedFlow",
+    "PeptideTokens",
+    "tokenize",
+    "pack",
+    "torsion_stiffness",
+    "match_hydrogen_labels",
+]
 
 _LOG_2PI = math.log(2 * math.pi)
 _SHIFT = CircularShiftTransform(bound=math.pi)
@@ -74,10 +83,12 @@ class PeptideTokens:
     with up to three internal coordinates (bond, angle, torsion: the *cells* ``(P, 3)``).
 
     ``features`` ``(P, F)`` integers; ``loc``/``scale`` ``(P, 3)`` standardization (0/1 for
-    torsions and missing cells); ``valid`` ``(P, 3)`` which cells exist (the atom at position 1
-    has a bond only, at 2 a bond and an angle); ``position`` ``(P,)``; ``flat`` ``(D,)`` the
-    cell (``3p + c``) of each internal coordinate in the order ``[bonds, angles, torsions]``,
-    ``D = 3n - 6``."""
+    free torsions and missing cells); ``valid`` ``(P, 3)`` which cells exist (the atom at
+    position 1 has a bond only, at 2 a bond and an angle); ``position`` ``(P,)``; ``flat``
+    ``(D,)`` the cell (``3p + c``) of each internal coordinate in the order
+    ``[bonds, angles, torsions]``, ``D = 3n - 6``; ``circular`` ``(P, 3)`` the free torsions
+    (uniform base on the circle); the other torsions are *stiff* (see :func:`torsion_stiffness`).
+    """
 
     features: Tensor
     loc: Tensor
@@ -85,6 +96,7 @@ class PeptideTokens:
     valid: Tensor
     position: Tensor
     flat: Tensor
+    circular: Tensor
 
     @property
     def num_tokens(self) -> int:
@@ -128,6 +140,169 @@ def _harmonic_terms(system) -> tuple[dict, dict]:
     return bonds, angles
 
 
+#: a torsion is stiff when the rigid scan's Boltzmann distribution has a width below
+#: ``_STIFF_WIDTH`` (rad) and less than ``_STIFF_MASS`` of its mass beyond ``_STIFF_SIGMAS`` widths
+_STIFF_WIDTH, _STIFF_MASS, _STIFF_SIGMAS = 0.4, 1e-3, 6.0
+
+
+def _scan_grid(dtype=torch.float64) -> tuple[Tensor, Tensor]:
+    """Offsets over the circle, every 0.005 rad within 0.6 rad of the minimum and every 2°
+    beyond, and the arc each one stands for."""
+    fine = torch.linspace(-0.6, 0.6, 241, dtype=dtype)
+    coarse = torch.linspace(-math.pi, math.pi, 181, dtype=dtype)[:-1]
+    coarse = coarse[coarse.abs() > 0.6 + 1e-9]
+    grid = torch.cat([fine, coarse]).sort().values
+    edges = torch.cat([grid[:1] - (grid[1] - grid[0]) / 2, (grid[1:] + grid[:-1]) / 2, grid[-1:] + 0.0175])
+    return grid, edges[1:] - edges[:-1]
+
+
+def torsion_stiffness(peptide, zmatrix, minimize: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    r"""Which torsions of a Z-matrix the force field holds in one narrow well, with the well's
+    centre and width: ``(phi0 (T,), sigma (T,), stiff (T,) bool)`` for the torsions of
+    placement positions ``3 .. n-1``.
+
+    At the energy minimum :math:`x_0` (OpenMM's L-BFGS from ``peptide.positions``) each torsion
+    :math:`\varphi_j` is scanned rigidly over the circle, the other internal coordinates fixed,
+    and the scan's Boltzmann distribution :math:`p_j(\Delta) \propto e^{-U(\varphi_{0j}+\Delta)/kT}`
+    gives the centre (its circular mean) and width :math:`\sigma_j` (its standard deviation),
+    widened to the harmonic marginal width where that is larger (:func:`_harmonic_marginal_width`:
+    ring torsions). The torsion is *stiff* when :math:`\sigma_j < 0.4` rad and less than :math:`10^{-3}` of
+    :math:`p_j` lies beyond :math:`6\sigma_j`: ring torsions (closing the ring pins them) and
+    the improper torsions of branches (Cα/Cβ chirality, methyl and amine hydrogens, planar
+    carbonyls), whose implied bond angles a free circular coordinate gets wrong. Rotors with
+    several minima (methyls, χ, φ, ψ, and ω, whose cis minimum the scan finds) stay free. The
+    rigid scan decides only the standardization; the flow's density is exact either way.
+    """
+    from mcsample.systems.coordinates import InternalCoordinates
+    from mcsample.systems.peptides import _minimize
+
+    kT = 0.0083144626181532 * float(peptide.temperature)
+    pos = peptide.positions.detach().cpu().numpy().astype(np.float64)
+    if minimize:
+        pos = _minimize(peptide.system, pos)
+    ic = InternalCoordinates(np.asarray(zmatrix))
+    ts = ic.torsion_slice
+    T = ts.stop - ts.start
+    grid, arc = _scan_grid()
+    with torch.no_grad():
+        z0 = ic.to_internal(torch.as_tensor(pos, dtype=torch.float64)[None])[0]
+        z = z0.repeat(T * len(grid), 1)
+        rows = torch.arange(T).repeat_interleave(len(grid))
+        z[torch.arange(len(z)), ts.start + rows] += grid.repeat(T)
+        x, _ = ic.to_cartesian(z)
+        energy = (peptide.forcefield.energy(x) / kT).reshape(T, len(grid))
+    finite = torch.isfinite(energy).all(-1)
+    energy = torch.where(torch.isfinite(energy), energy, torch.full_like(energy, math.inf))
+    p = torch.exp(-(energy - energy.min(-1, keepdim=True).values)) * arc
+    p = p / p.sum(-1, keepdim=True)
+    mean = torch.atan2((p * torch.sin(grid)).sum(-1), (p * torch.cos(grid)).sum(-1))
+    d = wrap_angle(grid[None] - mean[:, None])
+    sigma = (p * d**2).sum(-1).sqrt()
+    far = (p * (d.abs() > _STIFF_SIGMAS * sigma[:, None])).sum(-1)
+    stiff = (sigma < _STIFF_WIDTH) & (far < _STIFF_MASS) & finite
+    marginal = _harmonic_marginal_width(peptide.forcefield, ic, z0, kT, stiff)
+    if marginal is not None:
+        sigma = torch.where(stiff, torch.maximum(sigma, marginal), sigma)
+        stiff = stiff & (sigma < _STIFF_WIDTH)
+    return wrap_angle(z0[ts] + mean), sigma, stiff
+
+
+def _harmonic_marginal_width(forcefield, ic, z0: Tensor, kT: float, stiff: Tensor, h: float = 1e-3):
+    r"""Marginal widths :math:`\sqrt{(H^{-1})_{jj}}` of the stiff torsions in the harmonic
+    approximation over the stiff coordinates (bonds, angles, stiff torsions), :math:`H` the
+    central-difference Hessian of :math:`U/kT` at :math:`z_0`; ``None`` if :math:`H` is not
+    positive definite. A ring torsion scanned alone is pinned by the ring (rigid width
+    0.02 rad); with the ring's bonds and angles relaxing with it its width is 0.1 rad."""
+    ts = ic.torsion_slice
+    keep = torch.ones(len(z0), dtype=torch.bool)
+    keep[:6] = False
+    keep[ts] = stiff
+    idx = torch.nonzero(keep)[:, 0]
+    D = len(idx)
+    i, j = (g.flatten() for g in torch.meshgrid(torch.arange(D), torch.arange(D), indexing="ij"))
+    rows = torch.arange(len(i))
+    steps = []
+    for si, sj in ((1, 1), (1, -1), (-1, 1), (-1, -1)):
+        z = z0.repeat(len(i), 1)
+        z[rows, idx[i]] += si * h
+        z[rows, idx[j]] += sj * h
+        steps.append(z)
+    with torch.no_grad():
+        energy = torch.cat([forcefield.energy(ic.to_cartesian(c)[0]) for c in torch.cat(steps).split(8192)]) / kT
+    e = energy.reshape(4, D, D)
+    hess = (e[0] - e[1] - e[2] + e[3]) / (4 * h * h)
+    hess = (hess + hess.T) / 2
+    chol, info = torch.linalg.cholesky_ex(hess)
+    if int(info) != 0 or not bool(torch.isfinite(hess).all()):
+        return None
+    cov = torch.cholesky_inverse(chol)
+    width = torch.full((ts.stop - ts.start,), math.nan, dtype=torch.float64)
+    torsion = idx >= ts.start
+    width[idx[torsion] - ts.start] = cov.diagonal()[torsion].sqrt()
+    return width
+
+
+def _equivalent_hydrogen_groups(peptide) -> list[tuple[int, int, list[int]]]:
+    """``(heavy atom, its first heavy neighbour, [hydrogens])`` for every heavy atom carrying two
+    or three hydrogens with identical nonbonded parameters (methyl, amine, methylene groups)."""
+    import openmm
+
+    top = peptide.topology
+    atoms = list(top.atoms)
+    nb = next(f for f in peptide.system.getForces() if isinstance(f, openmm.NonbondedForce))
+    params = [tuple(round(v._value, 8) for v in nb.getParticleParameters(i)) for i in range(len(atoms))]
+    neighbours: list[list[int]] = [[] for _ in atoms]
+    for bond in top.bonds:
+        i, j = bond[0].index, bond[1].index
+        neighbours[i].append(j)
+        neighbours[j].append(i)
+
+    def is_h(i: int) -> bool:
+        return atoms[i].element is not None and atoms[i].element.symbol == "H"
+
+    groups = []
+    for a, atom in enumerate(atoms):
+        if is_h(a):
+            continue
+        hs = sorted(j for j in neighbours[a] if is_h(j))
+        heavy = sorted(j for j in neighbours[a] if not is_h(j))
+        if len(hs) in (2, 3) and heavy and len({params[h] for h in hs}) == 1:
+            groups.append((a, heavy[0], hs))
+    return groups
+
+
+def _handedness(x: Tensor, a: int, b: int, hs: list[int]) -> Tensor:
+    """Sign of the triple product of the first hydrogens of a group (with the heavy neighbour
+    ``b`` as the third vector when there are two), per frame."""
+    v1, v2 = x[:, hs[0]] - x[:, a], x[:, hs[1]] - x[:, a]
+    v3 = (x[:, hs[2]] if len(hs) == 3 else x[:, b]) - x[:, a]
+    return torch.sign((torch.cross(v1, v2, dim=-1) * v3).sum(-1))
+
+
+def match_hydrogen_labels(peptide, x: Tensor) -> Tensor:
+    r"""Relabel equivalent hydrogens of configurations ``x`` ``(B, n, 3)`` to the handedness of
+    ``peptide.positions``.
+
+    The hydrogens of a methyl, ammonium or methylene group are identical particles: exchanging
+    two of them leaves the energy unchanged, so the Boltzmann distribution of labelled atoms has
+    two mirror-labelled copies of every such group, related by a label swap and separated by an
+    umbrella inversion that MD crosses only at high temperature. The transferable flow models
+    the copy of the peptide's own structure (its stiff improper torsions are centred there), so
+    training frames are brought to it by swapping the last two hydrogens of each group whose
+    triple product has the other sign. Energies, and every observable that does not tell
+    identical atoms apart, are unchanged; the evidence of the copy modelled is the full one
+    minus :math:`\log 2` per group.
+    """
+    x = torch.as_tensor(x)
+    ref = peptide.positions.to(x.dtype)[None]
+    out = x.clone()
+    for a, b, hs in _equivalent_hydrogen_groups(peptide):
+        flip = _handedness(x, a, b, hs) != _handedness(ref, a, b, hs)
+        i, j = hs[-2], hs[-1]
+        out[flip, i], out[flip, j] = x[flip, j], x[flip, i]
+    return out
+
+
 def tokenize(peptide, zmatrix=None) -> PeptideTokens:
     r"""The tokens of ``peptide`` (a :class:`~mcsample.systems.peptides.Peptide`): one per atom
     placed from earlier ones, carrying its bond, angle and torsion (see :class:`PeptideTokens`).
@@ -136,8 +311,10 @@ def tokenize(peptide, zmatrix=None) -> PeptideTokens:
     for the placed atom and its reference atoms a, b, c: hashed element, hashed PDB atom name,
     hashed residue name, residue index + 1. Standardization: the bond :math:`(i,a)` by
     :math:`r_0` and :math:`\sqrt{kT/k_r}` of the force field's HarmonicBondForce, the angle
-    :math:`(i,a,b)` by :math:`	heta_0` and :math:`\sqrt{kT/k_	heta}` of its HarmonicAngleForce
-    (a term the force field lacks falls back to 0.12 ± 0.01 nm or 1.91 ± 0.1 rad).
+    :math:`(i,a,b)` by :math:`\theta_0` and :math:`\sqrt{kT/k_\theta}` of its HarmonicAngleForce
+    (a term the force field lacks falls back to 0.12 ± 0.01 nm or 1.91 ± 0.1 rad); a stiff
+    torsion (:func:`torsion_stiffness`) by its minimum :math:`\varphi_0` and width,
+    :math:`u = \mathrm{wrap}(\varphi - \varphi_0)/\sigma`; the other torsions stay on the circle.
     """
     from mcsample.systems.coordinates import zmatrix_from_topology
 
@@ -168,6 +345,8 @@ def tokenize(peptide, zmatrix=None) -> PeptideTokens:
     loc = torch.zeros(P, 3)
     scale = torch.ones(P, 3)
     valid = torch.zeros(P, 3, dtype=torch.bool)
+    circular = torch.zeros(P, 3, dtype=torch.bool)
+    phi0, sigma, stiff = torsion_stiffness(peptide, z)
     for p in range(1, n):
         row = [int(v) for v in z[p]]
         refs = [row[0]] + [row[k] if (k <= min(p, 3) and row[k] >= 0) else -1 for k in (1, 2, 3)]
@@ -186,9 +365,19 @@ def tokenize(peptide, zmatrix=None) -> PeptideTokens:
             loc[t, 1], scale[t, 1] = t0, math.sqrt(kT / k)
         if p >= 3:
             valid[t, 2] = True
+            if bool(stiff[p - 3]):
+                loc[t, 2], scale[t, 2] = float(phi0[p - 3]), float(sigma[p - 3])
+            else:
+                circular[t, 2] = True
     flat = torch.cat([torch.arange(0, P) * 3, torch.arange(1, P) * 3 + 1, torch.arange(2, P) * 3 + 2])
     return PeptideTokens(
-        torch.tensor(feats, dtype=torch.long), loc, scale, valid, torch.tensor(positions, dtype=torch.long), flat
+        torch.tensor(feats, dtype=torch.long),
+        loc,
+        scale,
+        valid,
+        torch.tensor(positions, dtype=torch.long),
+        flat,
+        circular,
     )
 
 
@@ -237,7 +426,8 @@ class _Conditioner(nn.Module):
     def __init__(self, cfg: TransferableConfig):
         super().__init__()
         w = cfg.width
-        self.values = nn.Linear(7, w)  # bond, angle: (value, transformed); torsion: (cos, sin, transformed)
+        # bond, angle: (value, transformed); torsion: (cos, sin, standardized if stiff, stiff, transformed)
+        self.values = nn.Linear(9, w)
         layer = nn.TransformerEncoderLayer(w, cfg.heads, 2 * w, dropout=0.0, batch_first=True, norm_first=True)
         self.encoder = nn.TransformerEncoder(layer, cfg.depth, enable_nested_tensor=False)
         self.bins = cfg.bins
@@ -245,17 +435,21 @@ class _Conditioner(nn.Module):
         nn.init.zeros_(self.out.weight)  # identity at initialization
         nn.init.zeros_(self.out.bias)
 
-    def forward(self, chem: Tensor, u: Tensor, valid: Tensor, transformed: Tensor) -> Tensor:
+    def forward(self, chem: Tensor, u: Tensor, valid: Tensor, circular: Tensor, transformed: Tensor) -> Tensor:
         vis = (valid & ~transformed).to(u.dtype)
         tr = transformed.to(u.dtype)
+        free = circular[..., 2].to(u.dtype)
+        stiff = valid[..., 2].to(u.dtype) - free
         v = torch.stack(
             [
                 u[..., 0] * vis[..., 0],
                 tr[..., 0],
                 u[..., 1] * vis[..., 1],
                 tr[..., 1],
-                torch.cos(u[..., 2]) * vis[..., 2],
-                torch.sin(u[..., 2]) * vis[..., 2],
+                torch.cos(u[..., 2]) * vis[..., 2] * free,
+                torch.sin(u[..., 2]) * vis[..., 2] * free,
+                u[..., 2].clamp(-5, 5) * vis[..., 2] * stiff,
+                stiff,
                 tr[..., 2],
             ],
             -1,
@@ -278,10 +472,18 @@ def _partition(valid: Tensor, position: Tensor, layer: int) -> Tensor:
     return cells & valid
 
 
-def _torsion_mask(valid: Tensor) -> Tensor:
-    circ = torch.zeros_like(valid)
-    circ[..., 2] = True
-    return circ
+def _kinds(b: dict) -> tuple[Tensor, Tensor]:
+    """``(circular, real)`` cell masks: free torsions, and the standardized cells (bonds,
+    angles, stiff torsions), padding in neither."""
+    circular = b["circular"] & b["valid"]
+    return circular, b["valid"] & ~circular
+
+
+def _stiff_mask(b: dict) -> Tensor:
+    r"""Stiff torsions: standardized, and wrapped onto :math:`(-\pi/\sigma, \pi/\sigma]`."""
+    torsion = torch.zeros_like(b["valid"])
+    torsion[..., 2] = True
+    return torsion & b["valid"] & ~b["circular"]
 
 
 class TransferableFlow(nn.Module):
@@ -318,6 +520,7 @@ class TransferableFlow(nn.Module):
             "scale": torch.stack([pad(t.scale, 1.0) for t in tokens]),
             "valid": torch.stack([pad(t.valid, False) for t in tokens]),
             "position": torch.stack([pad(t.position, 0) for t in tokens]),
+            "circular": torch.stack([pad(t.circular, False) for t in tokens]),
         }
 
     def _to(self, b: dict) -> dict:
@@ -326,13 +529,14 @@ class TransferableFlow(nn.Module):
 
     def _layer(self, u: Tensor, b: dict, chem: Tensor, layer: int, inverse: bool) -> tuple[Tensor, Tensor]:
         valid = b["valid"]
-        circular = _torsion_mask(valid)
+        circular, _ = _kinds(b)
         t = _partition(valid, b["position"], layer)
-        p = self.conditioners[layer](chem, u, valid, t)
+        p = self.conditioners[layer](chem, u, valid, circular, t)
         K = self.architecture.bins
         w, h, d = p[..., :K], p[..., K : 2 * K], p[..., 2 * K :]
-        # one spline on [-B, B] for every cell: torsions are shifted by π (the circular spline of
-        # Rezende et al. 2020) and scaled by B/π in and π/B out, which leaves log h' unchanged
+        # one spline on [-B, B] for every cell: free torsions are shifted by π (the circular spline
+        # of Rezende et al. 2020) and scaled by B/π in and π/B out, which leaves log h' unchanged;
+        # a stiff torsion's domain (-π/σ, π/σ] contains [-B, B] (σ < π/B), so it maps onto itself
         cfg = self.architecture
         spline = MonotonicRQSTransform(w, h, d, bound=cfg.bound, slope=cfg.slope)
         c = cfg.bound / math.pi
@@ -351,10 +555,11 @@ class TransferableFlow(nn.Module):
         r"""Physical cells ``z`` ``(B, P, 3)`` to standardized ``u`` and
         :math:`\log|\det\partial u/\partial z|` (missing cells are 0)."""
         valid = b["valid"]
-        circular = _torsion_mask(valid)
-        u = torch.where(circular, wrap_angle(z), (z - b["loc"]) / b["scale"])
+        circular, real = _kinds(b)
+        d = z - b["loc"]
+        d = torch.where(_stiff_mask(b), wrap_angle(d), d)
+        u = torch.where(circular, wrap_angle(z), d / b["scale"])
         u = torch.where(valid, u, torch.zeros_like(u))
-        real = (~circular) & valid
         return u, -(torch.log(b["scale"]) * real).flatten(1).sum(-1)
 
     def transform(self, z: Tensor, b: dict) -> tuple[Tensor, Tensor]:
@@ -369,13 +574,21 @@ class TransferableFlow(nn.Module):
         return u, ladj
 
     def base_log_prob(self, u: Tensor, b: dict) -> Tensor:
-        """Standard normal on the bonds and angles, uniform on the torsions, nothing on padding."""
-        valid = b["valid"]
-        circular = _torsion_mask(valid)
-        real = ((~circular) & valid).flatten(1)
-        circ = (circular & valid).flatten(1)
+        r"""Standard normal on the bonds and angles, the normal truncated to
+        :math:`(-\pi/\sigma, \pi/\sigma]` on stiff torsions, uniform on free torsions, nothing
+        on padding."""
+        circular, real = _kinds(b)
+        stiff = _stiff_mask(b)
+        a = math.pi / b["scale"]
+        log_mass = torch.log(torch.special.ndtr(a) - torch.special.ndtr(-a))
+        real, circ = real.flatten(1), circular.flatten(1)
         uf = u.flatten(1)
-        return (-0.5 * uf**2 * real).sum(-1) - 0.5 * _LOG_2PI * real.sum(-1) - _LOG_2PI * circ.sum(-1)
+        return (
+            (-0.5 * uf**2 * real).sum(-1)
+            - 0.5 * _LOG_2PI * real.sum(-1)
+            - _LOG_2PI * circ.sum(-1)
+            - (log_mass * stiff).flatten(1).sum(-1)
+        )
 
     def log_prob(self, z: Tensor, b: dict) -> Tensor:
         r"""Exact :math:`\log q(z)` of padded cells ``(B, P, 3)``, shape ``(B,)``."""
@@ -392,17 +605,25 @@ class TransferableFlow(nn.Module):
             u, l = self._layer(u, b, chem, layer, inverse=True)
             ladj = ladj + l
         valid = b["valid"]
-        circular = _torsion_mask(valid)
-        ladj = ladj - (torch.log(b["scale"]) * ((~circular) & valid)).flatten(1).sum(-1)
-        z = torch.where(circular, wrap_angle(u), u * b["scale"] + b["loc"])
+        circular, real = _kinds(b)
+        ladj = ladj - (torch.log(b["scale"]) * real).flatten(1).sum(-1)
+        z = u * b["scale"] + b["loc"]
+        z = torch.where(_stiff_mask(b), wrap_angle(z), z)
+        z = torch.where(circular, wrap_angle(u), z)
         return torch.where(valid, z, torch.zeros_like(z)), ladj
 
     def sample_base(self, b: dict, generator: torch.Generator | None = None) -> Tensor:
         b = self._to(b)
         loc = b["loc"]
         normal = torch.randn(loc.shape, generator=generator, device=loc.device, dtype=loc.dtype)
+        # the truncated normal of stiff torsions by rejection (its bound is beyond 6 sigma)
+        outside = _stiff_mask(b) & (normal.abs() > math.pi / b["scale"])
+        while bool(outside.any()):
+            redraw = torch.randn(loc.shape, generator=generator, device=loc.device, dtype=loc.dtype)
+            normal = torch.where(outside, redraw, normal)
+            outside = outside & (normal.abs() > math.pi / b["scale"])
         unif = (torch.rand(loc.shape, generator=generator, device=loc.device, dtype=loc.dtype) * 2 - 1) * math.pi
-        u = torch.where(_torsion_mask(b["valid"]), unif, normal)
+        u = torch.where(_kinds(b)[0], unif, normal)
         return torch.where(b["valid"], u, torch.zeros_like(u))
 
     # -- one peptide ------------------------------------------------------------------------

@@ -48,9 +48,11 @@ torch ≥ 2.0); otherwise an all-gather of the moving rows (``EXCHANGE``).
 ``log_evidence``, ``log_evidence_stderr``, ``ess`` and ``khat`` of the *whole* population
 (computed at the end of the run, the same on every rank); ``expectation`` and ``resample`` are
 collective (call them on every rank); :func:`gather` brings the whole population to one rank.
-The evidence's standard error is Lee & Whiteley's (2018) genealogy estimator over the global
-time-0 ancestors (the fixed-lag online record of :class:`~mcsample.weighted.Genealogy` needs the
-whole population at every resampling and is kept only in single-process runs).
+The evidence's standard error is the single-process one (the online fixed-lag genealogy of
+:class:`~mcsample.weighted.Genealogy`: each resampling event's offspring noise per lineage
+group, Olsson & Douc's window, the banked blocks) computed on *global* ancestor ids: every sum
+over lineage groups goes through :class:`ShardPopulation`, which sends each rank's per-group
+partial sums to the group's owner rank in one all-to-all.
 
 **Islands** (:func:`islands`): on a slow interconnect each rank runs an independent
 sub-population, resampled locally, with no communication until the end; the islands are then
@@ -86,7 +88,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -94,7 +96,7 @@ from torch import Tensor
 from mcsample.checkpoint import default_generator, differences, save_atomic
 from mcsample.diagnostics import _gpd_fit
 from mcsample.resampling import resample as _resample
-from mcsample.weighted import Estimate, Genealogy, RunningMoments, WeightedSamples
+from mcsample.weighted import Estimate, Genealogy, Population, RunningMoments, WeightedSamples
 
 __all__ = [
     "Shard",
@@ -632,22 +634,61 @@ def weighted_moments(x: Tensor, log_w: Tensor) -> tuple[Tensor, Tensor]:
     return mu.reshape(shape).to(x.dtype), var.reshape(shape).to(x.dtype)
 
 
-def _grouped_square_sum(shard: Shard, values: Tensor, groups: Tensor, num_ids: int) -> Tensor:
-    r""":math:`\sum_g (\sum_{i\in g} v_i)^2` ``(k,)`` over the whole population, ``values``
-    ``(n, k)`` float64 and ``groups`` global ids in ``[0, num_ids)``: each rank sums its
-    particles per group, sends the partial sums to the group's owner rank (balanced layout of
-    the ids) in one all-to-all, and the owners' squares are summed."""
-    k = values.shape[1]
-    uniq, inv = torch.unique(groups, return_inverse=True)
-    partial = torch.zeros((uniq.numel(), k), dtype=torch.float64, device=values.device).index_add_(0, inv, values)
-    dest = _owner(uniq, num_ids, shard.world_size)
-    send = torch.bincount(dest.cpu(), minlength=shard.world_size).tolist()
-    rows = _pack([uniq, partial], uniq.numel())
-    got, _ = shard.alltoallv(rows, send)
-    ids, sums = _unpack(got, [(torch.long, ()), (torch.float64, (k,))])
-    u2, inv2 = torch.unique(ids, return_inverse=True)
-    S = torch.zeros((u2.numel(), k), dtype=torch.float64, device=sums.device).index_add_(0, inv2, sums)
-    return shard.all_gather((S * S).sum(0).cpu()).sum(0)
+class ShardPopulation(Population):
+    r"""The sums of :class:`~mcsample.weighted.Population` over a population sharded across the
+    ranks of ``shard`` (collective: every rank calls the same methods in the same order), with
+    ``lse`` the global logsumexp of the log-weights. Grouped sums go through the groups' owner
+    ranks (id mod world size) in one all-to-all of per-group partial sums, so a rank never holds
+    more than its share of the groups; totals are all-gathered."""
+
+    def __init__(self, shard: Shard, sizes: list[int], lse: float = math.nan):
+        self.shard = shard
+        self.sizes = list(sizes)
+        self.offset = sum(self.sizes[: shard.rank])
+        self.lse = lse
+
+    def size(self, n: int) -> int:
+        return sum(self.sizes)
+
+    def ids(self, n: int, device=None) -> Tensor:
+        return torch.arange(self.offset, self.offset + n, device=device)
+
+    def normalize(self, log_w: Tensor) -> Tensor:
+        return torch.exp(log_w.to(torch.float64) - self.lse)
+
+    def total(self, v: Tensor) -> Tensor:
+        local = v.to(torch.float64).sum(0)
+        return self.shard.all_gather(local.reshape(-1).cpu()).sum(0).reshape(local.shape).to(v.device)
+
+    def square_sums(self, values: Tensor, groups: Tensor) -> Tensor:
+        s, R = self.shard, self.shard.world_size
+        k, c, N = groups.shape[0], values.shape[1], self.size(0)
+        dev = values.device
+        keys = (groups.to(dev) + N * torch.arange(k, device=dev)[:, None]).reshape(-1)
+        uniq, inv = torch.unique(keys, return_inverse=True)
+        partial = torch.zeros((uniq.numel(), c), dtype=torch.float64, device=dev)
+        partial.index_add_(0, inv, values.to(torch.float64).repeat(k, 1))
+        dest = uniq % R
+        order = torch.argsort(dest, stable=True)
+        uniq, partial, dest = uniq[order], partial[order], dest[order]
+        send = torch.bincount(dest.cpu(), minlength=R).tolist()
+        got, _ = s.alltoallv(_pack([uniq, partial], uniq.numel()), send)
+        ids, sums = _unpack(got, [(torch.long, ()), (torch.float64, (c,))])
+        u2, inv2 = torch.unique(ids, return_inverse=True)
+        S = torch.zeros((u2.numel(), c), dtype=torch.float64, device=sums.device).index_add_(0, inv2, sums)
+        local = torch.zeros((k, c), dtype=torch.float64, device=sums.device).index_add_(0, u2 // N, S * S)
+        return s.all_gather(local.reshape(-1).cpu()).sum(0).reshape(k, c).to(dev)
+
+    def count_groups(self, groups: Tensor, mask: Tensor) -> Tensor:
+        s, R = self.shard, self.shard.world_size
+        uniq = torch.unique(groups.to(mask.device)[mask])
+        dest = uniq % R
+        order = torch.argsort(dest, stable=True)
+        send = torch.bincount(dest.cpu(), minlength=R).tolist()
+        got, _ = s.alltoallv(_pack([uniq[order]], uniq.numel()), send)
+        (ids,) = _unpack(got, [(torch.long, ())])
+        local = torch.tensor([float(torch.unique(ids).numel())], dtype=torch.float64)
+        return s.all_gather(local).sum().round().long()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -905,7 +946,8 @@ def resample_state(state, scheme: str, generator, stats: _Stats | None = None):
     """The core's ``take`` for a sharded population: global offspring counts, the balanced
     exchange of ``x``, the per-particle ``cache`` tensors and the global time-0 ancestors, the
     evidence increment :math:`\\log\\frac1N\\sum_i w_i` folded into ``log_scale`` and the weights
-    reset; the genealogy keeps the global ancestors and the generation count."""
+    reset; the genealogy (:class:`~mcsample.weighted.Genealogy`) is updated with global
+    ancestor ids, its sums over the whole population (:class:`ShardPopulation`)."""
     s = sharded()
     n = state.log_w.numel()
     st = stats if stats is not None else _weight_stats(s, state.log_w, f"step {state.index}")
@@ -919,13 +961,23 @@ def resample_state(state, scheme: str, generator, stats: _Stats | None = None):
                 f"cache entries must be per-particle tensors with leading dimension {n}, got "
                 f"{type(v).__name__} of shape {getattr(v, 'shape', None)}"
             )
-    moved = _exchange(s, [state.x.detach(), *[state.cache[k] for k in keys], state.genealogy.eves], counts)
-    x, eves = moved[0], moved[-1]
+    gen = state.genealogy
+    if gen.has_history:
+        population = ShardPopulation(s, st.sizes, st.lse[0])
+        lineage = gen.lineage_rows(n, population)
+        gen = gen.weigh_event(state.log_w, counts, scheme, population)
+    else:
+        lineage = gen.eves[None]
+    moved = _exchange(s, [state.x.detach(), *[state.cache[k] for k in keys], lineage.T.contiguous()], counts)
+    x, rows = moved[0], moved[-1].T
     cache = dict(state.cache)
     cache.update(zip(keys, moved[1:-1]))
     m = x.shape[0]
     log_scale = state.log_scale + (st.lse[0] - math.log(st.num))
-    genealogy = Genealogy.from_ancestors(eves, state.genealogy.generations + 1)
+    if gen.has_history:
+        genealogy = gen.carried(rows)
+    else:
+        genealogy = Genealogy.from_ancestors(rows[0], gen.generations + 1)
     return state.replace(
         x=x,
         log_w=torch.zeros(m, dtype=torch.float64, device=state.log_w.device),
@@ -936,12 +988,13 @@ def resample_state(state, scheme: str, generator, stats: _Stats | None = None):
 
 
 def start_genealogy(n: int, device=None) -> Genealogy | None:
-    """Global time-0 ancestors (``offset + arange(n)``) for a sharded start; ``None`` otherwise."""
+    """The online genealogy of a sharded start, its Eves the global ids ``offset + arange(n)``;
+    ``None`` when the population is not sharded."""
     s = sharded()
     if s is None:
         return None
     offset = sum(s.sizes(n)[: s.rank])
-    return Genealogy.from_ancestors(torch.arange(offset, offset + n, device=device), 1)
+    return replace(Genealogy.start(n, device=device), eves=torch.arange(offset, offset + n, device=device))
 
 
 def check_scheme(scheme: str) -> None:
@@ -1028,11 +1081,11 @@ class ShardedSamples(WeightedSamples):
             N = st.num
             if g <= 1 or self.genealogy is None:
                 sq = math.exp(st.lse[1] - 2 * st.lse[0])
+                cm1 = math.expm1(g * math.log(N / (N - 1))) if N > 1 else math.inf
+                self._rel_var = (1.0 + cm1) * sq - cm1
             else:
-                W = torch.exp(lw - self._lse)
-                sq = float(_grouped_square_sum(s, W[:, None], self.genealogy.eves, N)[0])
-            cm1 = math.expm1(g * math.log(N / (N - 1))) if N > 1 else math.inf
-            self._rel_var = (1.0 + cm1) * sq - cm1
+                population = ShardPopulation(s, st.sizes, self._lse)
+                self._rel_var = float(self.genealogy.log_evidence_variance(lw, population))
         self._khat = _global_khat(s, self.log_weights, self.num_particles)
         self.info["distributed"] = info
 
@@ -1104,9 +1157,8 @@ class ShardedSamples(WeightedSamples):
         elif self.genealogy is None or g <= 1:
             var = s.all_gather((dev * dev).sum(0).cpu()).sum(0)
         else:
-            var = _grouped_square_sum(s, dev, self.genealogy.eves.to(dev.device), N) * math.exp(
-                g * math.log1p(1.0 / (N - 1))
-            )
+            population = ShardPopulation(s, s.sizes(n), self._lse)
+            var = self.genealogy.expectation_stderr(W, v, population).cpu() ** 2
         return Estimate(mu.reshape(shape), var.sqrt().to(mu.device).reshape(shape))
 
     def _streamed(self, name: str) -> Estimate:

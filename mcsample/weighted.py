@@ -159,24 +159,72 @@ class RunningMoments:
         return Estimate(mu.reshape(shape), var.sqrt().reshape(shape))
 
 
-def _relative_variance(W: Tensor, groups: Tensor | None, log_c: Tensor | float) -> Tensor:
+class Population:
+    r"""Sums over the whole particle population, which the genealogy's estimators need: here
+    the local tensors are all of it. A population sharded over processes
+    (:mod:`mcsample.distributed`) passes its own, whose sums are collective, so that the same
+    estimators run unchanged on global ancestor ids.
+
+    Group labels are integer ids in ``[0, size)``, ``size`` the population size (ancestor
+    positions at an earlier event)."""
+
+    def size(self, n: int) -> int:
+        """The whole population's size, ``n`` particles being here."""
+        return n
+
+    def ids(self, n: int, device=None) -> Tensor:
+        """The positions of the ``n`` particles here in the whole population."""
+        return torch.arange(n, device=device)
+
+    def normalize(self, log_w: Tensor) -> Tensor:
+        """Normalized weights over the whole population (float64)."""
+        return torch.softmax(log_w.to(torch.float64), 0)
+
+    def total(self, v: Tensor) -> Tensor:
+        r""":math:`\sum_i v_i` over the whole population (first dimension)."""
+        return v.sum(0)
+
+    def square_sums(self, values: Tensor, groups: Tensor) -> Tensor:
+        r""":math:`\sum_a (\sum_{i: g_i = a} v_{ic})^2` ``(k, c)`` for each labelling ``g`` (a row of
+        ``groups`` ``(k, n)``) and column ``c`` of ``values`` ``(n, c)``."""
+        k, n = groups.shape
+        c = values.shape[1]
+        size = self.size(n)
+        flat = (groups.to(values.device) + size * torch.arange(k, device=values.device)[:, None]).reshape(-1)
+        S = torch.zeros((k * size, c), dtype=torch.float64, device=values.device)
+        S.index_add_(0, flat, values.to(torch.float64).repeat(k, 1))
+        return (S * S).reshape(k, size, c).sum(1)
+
+    def count_groups(self, groups: Tensor, mask: Tensor) -> Tensor:
+        """Number of distinct labels among the particles where ``mask``."""
+        return torch.tensor(torch.unique(groups.to(mask.device)[mask]).numel())
+
+
+#: the population held by one process
+LOCAL = Population()
+
+
+def _relative_variance(
+    W: Tensor, groups: Tensor | None, log_c: Tensor | float, population: Population = LOCAL
+) -> Tensor:
     r""":math:`\widehat V = 1 - c\,(1 - \sum_a S_a^2)` with :math:`S_a` the summed normalized weights
     ``W`` of group ``a`` (``groups`` ``None``: every particle its own group) and
     :math:`c = e^{\log c}`, written :math:`c\,s - (c-1)` with ``expm1`` for accuracy."""
     if groups is None:
-        s = (W * W).sum()
+        s = population.total(W * W)
     else:
-        S = torch.zeros_like(W).index_add_(0, groups.to(W.device), W)
-        s = (S * S).sum()
+        s = population.square_sums(W[:, None], groups[None])[0, 0]
     cm1 = torch.expm1(torch.as_tensor(log_c, dtype=torch.float64, device=W.device))
     return (1.0 + cm1) * s - cm1
 
 
-def _log_offspring_factors(W: Tensor, idx: Tensor, groups: Tensor, scheme: str | None = None) -> Tensor:
+def _log_offspring_factors(
+    W: Tensor, counts: Tensor, groups: Tensor, scheme: str | None = None, population: Population = LOCAL
+) -> Tensor:
     r"""One resampling event's factors :math:`\log(1+\kappa)`, one per row of ``groups``
     ``(k, N)`` (a labelling of the particles into lineage groups): with :math:`W_G` the groups'
-    weights before and :math:`O_G` their offspring counts after drawing :math:`M` ancestor
-    indices ``idx``,
+    weights before and :math:`O_G` their offspring counts after drawing :math:`M` offspring
+    (``counts`` ``(N,)`` each particle's),
 
     .. math:: \kappa = \frac{\sum_G (O_G - M W_G)^2}{M(M-1)\,(1 - \sum_G W_G^2)} .
 
@@ -191,25 +239,23 @@ def _log_offspring_factors(W: Tensor, idx: Tensor, groups: Tensor, scheme: str |
     :math:`R` residual counts :math:`r_a = MW_a - \lfloor MW_a\rfloor`)
     :math:`E\sum_G(O_G - MW_G)^2 = \sum_G r_G(1 - r_G/R)`.
     """
-    n, m, k = W.numel(), idx.numel(), groups.shape[0]
+    k = groups.shape[0]
+    counts = counts.to(device=W.device, dtype=torch.float64)
+    m = int(population.total(counts).round())
     if m < 2 or k == 0:
         return torch.zeros(k, dtype=torch.float64, device=W.device)
     if scheme == "multinomial":
         return torch.full((k,), math.log1p(1.0 / (m - 1)), dtype=torch.float64, device=W.device)
-    flat = (groups.to(W.device) + n * torch.arange(k, device=W.device)[:, None]).reshape(-1)
-
-    def by_group(v: Tensor) -> Tensor:  # (k, n): the sums of v over each row's groups
-        return torch.zeros(k * n, dtype=torch.float64, device=W.device).index_add_(0, flat, v.repeat(k)).reshape(k, n)
-
-    WG = by_group(W)
     if scheme == "residual":
+        # sum_G r_G (1 - r_G / R) = R - sum_G r_G^2 / R
         r = m * W - torch.floor(m * W)
-        rG, R = by_group(r), r.sum()
-        noise = torch.where(R > 0.5, (rG * (1.0 - rG / R.clamp(min=0.5))).sum(1), torch.zeros_like(rG[:, 0]))
+        sq = population.square_sums(torch.stack([W, r], 1), groups)
+        R = population.total(r)
+        noise = torch.where(R > 0.5, R - sq[:, 1] / R.clamp(min=0.5), torch.zeros_like(sq[:, 1]))
     else:
-        counts = torch.zeros_like(W).index_add_(0, idx, torch.ones(m, dtype=torch.float64, device=W.device))
-        noise = ((by_group(counts) - m * WG) ** 2).sum(1)
-    den = m * (m - 1) * (1.0 - (WG * WG).sum(1))
+        sq = population.square_sums(torch.stack([W, counts - m * W], 1), groups)
+        noise = sq[:, 1]
+    den = m * (m - 1) * (1.0 - sq[:, 0])
     kappa = torch.where(den > 0, noise / den.clamp(min=1e-300), torch.zeros_like(den))
     return torch.log1p(kappa)
 
@@ -288,88 +334,108 @@ class Genealogy:
         (a name of :func:`mcsample.resample`; ``None``: unknown, the realized offspring noise
         is used, which is right for every scheme). Pure.
 
-        Carries the Eve and Enoch indices along, adds this event's resampling noise of every
-        lineage grouping in use, and banks the lag estimator's term for the block that leaves
-        the window (:meth:`log_evidence_variance`)."""
+        Adds this event's resampling noise of every lineage grouping in use, banks the lag
+        estimator's term for the block that leaves the window (:meth:`weigh_event`), and
+        carries the Eve and Enoch indices along (:meth:`lineage_rows` at ``idx``,
+        :meth:`carried`)."""
         idx = idx.to(self.eves.device)
         if not self.has_history:
             return replace(self, eves=self.eves[idx], generations=self.generations + 1)
-        n, L = log_w.numel(), self.lag
-        W = torch.softmax(log_w.to(torch.float64), 0)
-        i = idx.to(W.device)
-        depth = self.enochs.shape[0]
+        n = log_w.numel()
+        counts = torch.zeros(n, dtype=torch.float64, device=log_w.device)
+        counts.index_add_(0, idx.to(log_w.device), torch.ones(idx.numel(), dtype=torch.float64, device=log_w.device))
+        rows = self.lineage_rows(n)
+        return self.weigh_event(log_w, counts, scheme).carried(rows[:, idx])
+
+    def weigh_event(
+        self, log_w: Tensor, counts: Tensor, scheme: str | None = None, population: Population = LOCAL
+    ) -> Genealogy:
+        """This resampling event's terms, computed on the population before it moves
+        (``counts`` the offspring of each particle): the Eve and window noise factors and the
+        banked blocks. The lineage labels stay where they are (:meth:`carried` moves them)."""
+        L = self.lag
+        W = population.normalize(log_w)
         banked = self.banked
-        if depth == L:  # the block L events back leaves the window: bank its term
-            banked = banked + self._window(W, L) - (self._window(W, L - 1) if L > 0 else 0.0)
+        if self.enochs.shape[0] == L:  # the block L events back leaves the window: bank its term
+            banked = banked + self._window(W, L, population) - (self._window(W, L - 1, population) if L > 0 else 0.0)
         # this event's noise for the Eve groups and the windows rooted 0, 1, ... events back
-        keep = min(depth, max(L - 1, 0))
-        groups = torch.cat(
-            [self.eves.to(W.device)[None], torch.arange(n, device=W.device)[None], self.enochs[:keep].to(W.device)]
-        )
-        f = _log_offspring_factors(W, i, groups, scheme)
-        lag_log_c = (f[1:] + torch.cat([f.new_zeros(1), self.lag_log_c[:keep]]))[:L]
-        enochs = torch.cat([idx[None], self.enochs[:keep][:, idx]])[:L]
+        keep = self._keep
+        groups = self.lineage_rows(W.numel(), population).to(W.device)
+        f = _log_offspring_factors(W, counts, groups, scheme, population)
         return replace(
             self,
-            eves=self.eves[idx],
             generations=self.generations + 1,
             eve_log_c=self.eve_log_c + f[0],
-            enochs=enochs,
-            lag_log_c=lag_log_c,
+            lag_log_c=(f[1:] + torch.cat([f.new_zeros(1), self.lag_log_c[:keep]]))[:L],
             banked=banked,
-            banked0=self.banked0 + self._window(W, 0),
+            banked0=self.banked0 + self._window(W, 0, population),
         )
 
-    def _window(self, W: Tensor, j: int) -> Tensor:
+    @property
+    def _keep(self) -> int:
+        """How many Enoch rows survive the next event."""
+        return min(self.enochs.shape[0], max(self.lag - 1, 0))
+
+    def lineage_rows(self, n: int, population: Population = LOCAL) -> Tensor:
+        """``(k, n)`` the lineage labels a resampling event hands to the offspring: the Eves,
+        each particle's own position in the population, and the surviving Enoch rows."""
+        own = population.ids(n, self.eves.device)
+        return torch.cat([self.eves[None], own[None], self.enochs[: self._keep].to(self.eves.device)])
+
+    def carried(self, rows: Tensor) -> Genealogy:
+        """The genealogy whose particles hold the lineage labels ``rows`` ``(k, M)`` (the rows of
+        :meth:`lineage_rows` at the ancestor of each offspring)."""
+        return replace(self, eves=rows[0], enochs=rows[1:][: self.lag])
+
+    def _window(self, W: Tensor, j: int, population: Population = LOCAL) -> Tensor:
         """Relative variance of the last ``j`` events' evidence, grouping the current weights by
         their ancestors ``j`` events back (``j = 0``: each particle its own group)."""
-        n = W.numel()
+        n = population.size(W.numel())
         root = math.log(n / (n - 1))
         if j == 0:
-            return _relative_variance(W, None, root)
-        return _relative_variance(W, self.enochs[j - 1], root + self.lag_log_c[j - 1])
+            return _relative_variance(W, None, root, population)
+        return _relative_variance(W, self.enochs[j - 1], root + self.lag_log_c[j - 1], population)
 
     # -- estimators -----------------------------------------------------------------------
-    def lee_whiteley_variance(self, log_w: Tensor) -> Tensor:
+    def lee_whiteley_variance(self, log_w: Tensor, population: Population = LOCAL) -> Tensor:
         r"""Lee & Whiteley (2018): :math:`1 - (\frac{N}{N-1})^g(1 - \sum_e S_e^2)`, possibly < 0."""
-        n = log_w.numel()
-        W = torch.softmax(log_w.to(torch.float64), 0)
-        return _relative_variance(W, self.eves, self.generations * math.log(n / (n - 1)))
+        n = population.size(log_w.numel())
+        W = population.normalize(log_w)
+        return _relative_variance(W, self.eves, self.generations * math.log(n / (n - 1)), population)
 
-    def eve_variance(self, log_w: Tensor) -> Tensor:
+    def eve_variance(self, log_w: Tensor, population: Population = LOCAL) -> Tensor:
         r"""The Eve estimator with the realized resampling noise of the Eve groups."""
-        n = log_w.numel()
-        W = torch.softmax(log_w.to(torch.float64), 0)
-        return _relative_variance(W, self.eves, math.log(n / (n - 1)) + self.eve_log_c)
+        n = population.size(log_w.numel())
+        W = population.normalize(log_w)
+        return _relative_variance(W, self.eves, math.log(n / (n - 1)) + self.eve_log_c, population)
 
-    def lag_variance(self, log_w: Tensor) -> Tensor:
+    def lag_variance(self, log_w: Tensor, population: Population = LOCAL) -> Tensor:
         r"""The fixed-lag estimator: banked terms plus the window's grouped estimate."""
-        W = torch.softmax(log_w.to(torch.float64), 0)
-        return self.banked + self._window(W, self.enochs.shape[0])
+        W = population.normalize(log_w)
+        return self.banked + self._window(W, self.enochs.shape[0], population)
 
-    def block_variance(self, log_w: Tensor) -> Tensor:
+    def block_variance(self, log_w: Tensor, population: Population = LOCAL) -> Tensor:
         r"""The sum over blocks of each block's delta-method relative variance (lag 0: blocks
         treated as independent); never negative."""
-        W = torch.softmax(log_w.to(torch.float64), 0)
-        return self.banked0 + self._window(W, 0)
+        W = population.normalize(log_w)
+        return self.banked0 + self._window(W, 0, population)
 
-    def log_evidence_variance(self, log_w: Tensor) -> Tensor:
-        """Relative variance of :math:`\\hat Z` (≈ variance of :math:`\\log\\hat Z`), >= 0."""
+    def log_evidence_variance(self, log_w: Tensor, population: Population = LOCAL) -> Tensor:
+        r"""Relative variance of :math:`\hat Z` (≈ variance of :math:`\log\hat Z`), >= 0;
+        ``population`` says how to sum over the whole population (:class:`Population`)."""
         if not self.has_history:
-            return self.lee_whiteley_variance(log_w).clamp(min=0.0)
-        v = self.lag_variance(log_w)
-        healthy = (v > 0) & (self.lineages(log_w) >= self.MIN_LINEAGES)
-        return torch.where(healthy, v, self.block_variance(log_w))
+            return self.lee_whiteley_variance(log_w, population).clamp(min=0.0)
+        v = self.lag_variance(log_w, population)
+        healthy = (v > 0) & (self.lineages(log_w, population) >= self.MIN_LINEAGES)
+        return torch.where(healthy, v, self.block_variance(log_w, population))
 
-    def lineages(self, log_w: Tensor) -> Tensor:
+    def lineages(self, log_w: Tensor, population: Population = LOCAL) -> Tensor:
         """Number of distinct ancestors, at the start of the lag window, of the particles with
         positive weight (the Eves while the run is shorter than the lag)."""
-        W = torch.softmax(log_w.to(torch.float64), 0)
+        W = population.normalize(log_w)
         depth = 0 if self.enochs is None else self.enochs.shape[0]
-        groups = (self.eves if self.enochs is None else None) if depth == 0 else self.enochs[depth - 1]
-        if groups is None:
-            return (W > 0).sum()
-        return (torch.zeros_like(W).index_add_(0, groups.to(W.device), W) > 0).sum()
+        groups = self.eves if depth == 0 else self.enochs[depth - 1]
+        return population.count_groups(groups, W > 0)
 
     def log_evidence_stderr(self, log_w: Tensor) -> Tensor:
         """float64 standard error of :math:`\\log\\hat Z` (delta method), ``log_w`` the final
@@ -379,22 +445,22 @@ class Genealogy:
             return torch.tensor(math.inf, dtype=torch.float64, device=log_w.device)
         return self.log_evidence_variance(log_w).sqrt()
 
-    def expectation_stderr(self, W: Tensor, values: Tensor) -> Tensor:
+    def expectation_stderr(self, W: Tensor, values: Tensor, population: Population = LOCAL) -> Tensor:
         r"""Standard error of :math:`\hat\mu = \sum_j W_j f_j` (``values`` ``(N, k)`` float64,
         ``W`` normalized), grouping by the ancestors :math:`D` resampling events back (the Eves
         while :math:`D` = events :math:`\le` ``lag``; Olsson & Douc's fixed lag after that):
         :math:`\hat V = (\tfrac{N}{N-1})^{D+1}\sum_a\big(\sum_{j:A_j=a} W_j (f_j-\hat\mu)\big)^2`
         (Chan & Lai 2013; Lee & Whiteley 2018; Olsson & Douc 2019)."""
-        n = values.shape[0]
-        mu = W @ values
+        n = population.size(values.shape[0])
+        mu = population.total(W[:, None] * values)
         depth = self.generations - 1
         groups = self.eves
         if self.has_history and 0 < self.enochs.shape[0] < depth:
             depth = self.enochs.shape[0]
             groups = self.enochs[depth - 1]
-        S = torch.zeros_like(values).index_add_(0, groups.to(values.device), W[:, None] * (values - mu))
+        sq = population.square_sums(W[:, None] * (values - mu), groups[None].to(values.device))[0]
         c = math.exp((depth + 1) * math.log1p(1.0 / (n - 1))) if n > 1 else math.inf
-        return (c * (S * S).sum(0)).sqrt()
+        return (c * sq).sqrt()
 
     # -- checkpoints ----------------------------------------------------------------------
     def to_dict(self) -> dict:

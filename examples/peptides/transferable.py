@@ -49,7 +49,7 @@ CHECKPOINT = ROOT / "flows" / "checkpoints" / "transferable.pt"
 #: training recipe of the shipped checkpoint
 RECIPE = {
     "architecture": {"layers": 8, "width": 48, "heads": 4, "depth": 1, "bins": 8},
-    "steps": 1200,
+    "steps": 3600,
     "batch_size": 256,
     "lr": 1e-3,
     "seed": 0,
@@ -96,7 +96,14 @@ def reference_md(seq: str, folder: Path, quick: bool, data: Path) -> tuple[np.nd
 
 def train(args) -> None:
     from mcsample.flows.training import fit_maximum_likelihood, save_flow, validation_nll
-    from mcsample.flows.transferable import PackedFlow, TransferableConfig, TransferableFlow, pack, tokenize
+    from mcsample.flows.transferable import (
+        PackedFlow,
+        TransferableConfig,
+        TransferableFlow,
+        match_hydrogen_labels,
+        pack,
+        tokenize,
+    )
 
     torch.manual_seed(RECIPE["seed"])
     flow = TransferableFlow(TransferableConfig(**RECIPE["architecture"]))
@@ -113,7 +120,8 @@ def train(args) -> None:
     for seq in sequences:
         xyz, walker, _ = load_frames(Path(args.data), seq)
         pep = make_peptide(seq)
-        z = flow.proposal(pep).internal(torch.as_tensor(xyz, dtype=torch.float64))
+        x = match_hydrogen_labels(pep, torch.as_tensor(xyz, dtype=torch.float64))
+        z = flow.proposal(pep).internal(x)
         held = walker % 10 == 9  # one walker in ten for validation
         tokens.append(tokenize(pep))
         train_z.append(z[~torch.as_tensor(held)].float())
