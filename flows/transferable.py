@@ -156,12 +156,13 @@ def _scan_grid(dtype=torch.float64) -> tuple[Tensor, Tensor]:
     return grid, edges[1:] - edges[:-1]
 
 
-def torsion_stiffness(peptide, zmatrix, minimize: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+def torsion_stiffness(peptide, zmatrix) -> tuple[Tensor, Tensor, Tensor]:
     r"""Which torsions of a Z-matrix the force field holds in one narrow well, with the well's
     centre and width: ``(phi0 (T,), sigma (T,), stiff (T,) bool)`` for the torsions of
     placement positions ``3 .. n-1``.
 
-    At the energy minimum :math:`x_0` (OpenMM's L-BFGS from ``peptide.positions``) each torsion
+    At the peptide's structure :math:`x_0` (``peptide.positions``, minimized by the peptide
+    constructors) each torsion
     :math:`\varphi_j` is scanned rigidly over the circle, the other internal coordinates fixed,
     and the scan's Boltzmann distribution :math:`p_j(\Delta) \propto e^{-U(\varphi_{0j}+\Delta)/kT}`
     gives the centre (its circular mean) and width :math:`\sigma_j` (its standard deviation),
@@ -174,18 +175,15 @@ def torsion_stiffness(peptide, zmatrix, minimize: bool = True) -> tuple[Tensor, 
     rigid scan decides only the standardization; the flow's density is exact either way.
     """
     from mcsample.systems.coordinates import InternalCoordinates
-    from mcsample.systems.peptides import _minimize
 
     kT = 0.0083144626181532 * float(peptide.temperature)
-    pos = peptide.positions.detach().cpu().numpy().astype(np.float64)
-    if minimize:
-        pos = _minimize(peptide.system, pos)
+    pos = peptide.positions.detach().cpu().to(torch.float64)
     ic = InternalCoordinates(np.asarray(zmatrix))
     ts = ic.torsion_slice
     T = ts.stop - ts.start
     grid, arc = _scan_grid()
     with torch.no_grad():
-        z0 = ic.to_internal(torch.as_tensor(pos, dtype=torch.float64)[None])[0]
+        z0 = ic.to_internal(pos[None])[0]
         z = z0.repeat(T * len(grid), 1)
         rows = torch.arange(T).repeat_interleave(len(grid))
         z[torch.arange(len(z)), ts.start + rows] += grid.repeat(T)
@@ -199,12 +197,46 @@ def torsion_stiffness(peptide, zmatrix, minimize: bool = True) -> tuple[Tensor, 
     d = wrap_angle(grid[None] - mean[:, None])
     sigma = (p * d**2).sum(-1).sqrt()
     far = (p * (d.abs() > _STIFF_SIGMAS * sigma[:, None])).sum(-1)
-    stiff = (sigma < _STIFF_WIDTH) & (far < _STIFF_MASS) & finite
+    stiff = (sigma < _STIFF_WIDTH) & (far < _STIFF_MASS) & finite & _torsion_candidates(peptide.topology, zmatrix)
     marginal = _harmonic_marginal_width(peptide.forcefield, ic, z0, kT, stiff)
     if marginal is not None:
         sigma = torch.where(stiff, torch.maximum(sigma, marginal), sigma)
         stiff = stiff & (sigma < _STIFF_WIDTH)
     return wrap_angle(z0[ts] + mean), sigma, stiff
+
+
+def _torsion_candidates(topology, zmatrix) -> Tensor:
+    """Torsions that may be stiff: improper ones (the reference ``c`` bonded to ``a``: a branch
+    placed against its sibling) and proper ones about a ring bond ``a-b``. A proper torsion about
+    any other bond is a rotor (phi, psi, omega, chi, methyls) and stays free, whatever the rigid
+    scan says: rotating a whole side of the molecule rigidly clashes, but the molecule turns
+    these bonds by relaxing the rest."""
+    z = np.asarray(zmatrix)
+    neighbours: dict[int, set] = {}
+    for bond in topology.bonds:
+        i, j = bond[0].index, bond[1].index
+        neighbours.setdefault(i, set()).add(j)
+        neighbours.setdefault(j, set()).add(i)
+
+    def in_ring(a: int, b: int) -> bool:  # is b reachable from a without the bond a-b?
+        seen, stack = {a}, [a]
+        while stack:
+            u = stack.pop()
+            for j in neighbours.get(u, ()):
+                if u == a and j == b:
+                    continue
+                if j == b:
+                    return True
+                if j not in seen:
+                    seen.add(j)
+                    stack.append(j)
+        return False
+
+    out = []
+    for i, a, b, c in z[3:]:
+        a, b, c = int(a), int(b), int(c)
+        out.append(c in neighbours.get(a, ()) or in_ring(a, b))
+    return torch.tensor(out, dtype=torch.bool)
 
 
 def _harmonic_marginal_width(forcefield, ic, z0: Tensor, kT: float, stiff: Tensor, h: float = 1e-3):

@@ -49,7 +49,7 @@ CHECKPOINT = ROOT / "flows" / "checkpoints" / "transferable.pt"
 #: training recipe of the shipped checkpoint
 RECIPE = {
     "architecture": {"layers": 8, "width": 48, "heads": 4, "depth": 1, "bins": 8},
-    "steps": 3600,
+    "steps": 4000,
     "batch_size": 256,
     "lr": 1e-3,
     "seed": 0,
