@@ -21,7 +21,19 @@ conditioner sequence-aware:
 * **Physical standardization.** Bonds and angles are standardized by the force field's own
   harmonic terms, :math:`u = (r - r_0)/\sqrt{kT/k_r}` (HarmonicBondForce,
   HarmonicAngleForce of the peptide's OpenMM System), so the same spline range fits every
-  peptide without data statistics. Torsions are angles on :math:`[-\pi, \pi)`.
+  peptide without data statistics. Torsions come in two kinds (:func:`torsion_stiffness`):
+  *free* ones (rotors: φ, ψ, ω, χ, methyls) are angles on :math:`[-\pi, \pi)` with a uniform
+  base; *stiff* ones (improper torsions of branches, which fix chirality and the implied bond
+  angles, and ring torsions) are centred and scaled by a rigid scan of the force field and a
+  harmonic estimate of their width, :math:`u = \mathrm{wrap}(\varphi - \varphi_0)/\sigma`,
+  with a normal base truncated to the circle. Without this, a free circular coordinate must
+  learn a 0.1-rad peak for every branch and ring atom, and a flow trained on 48 dipeptides
+  placed the implied angles of unseen ones tens of kT off.
+* **Equivalent hydrogens.** The hydrogens of a methyl, ammonium or methylene group are
+  identical particles, so the Boltzmann distribution over labelled atoms has mirror-labelled
+  copies of each group; the flow models the copy of the peptide's own structure and training
+  frames are relabelled to it (:func:`match_hydrogen_labels`). Label-blind observables
+  (energies, φ/ψ, distances between distinct atoms) are unchanged.
 * **Coupling layers.** Layer :math:`\ell` transforms the cells of one class of a fixed
   partition (torsions / bonds and angles; even / odd placement positions) with rational
   quadratic splines (zuko; circular splines for torsions, Rezende et al. 2020) whose
@@ -233,7 +245,7 @@ def _torsion_candidates(topology, zmatrix) -> Tensor:
         return False
 
     out = []
-    for i, a, b, c in z[3:]:
+    for _, a, b, c in z[3:]:
         a, b, c = int(a), int(b), int(c)
         out.append(c in neighbours.get(a, ()) or in_ring(a, b))
     return torch.tensor(out, dtype=torch.bool)
@@ -293,7 +305,7 @@ def _equivalent_hydrogen_groups(peptide) -> list[tuple[int, int, list[int]]]:
         return atoms[i].element is not None and atoms[i].element.symbol == "H"
 
     groups = []
-    for a, atom in enumerate(atoms):
+    for a in range(len(atoms)):
         if is_h(a):
             continue
         hs = sorted(j for j in neighbours[a] if is_h(j))

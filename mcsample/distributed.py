@@ -102,6 +102,7 @@ __all__ = [
     "Shard",
     "Islands",
     "ShardedSamples",
+    "ShardPopulation",
     "ShardedRunError",
     "SCHEMES",
     "islands",
@@ -1145,7 +1146,7 @@ class ShardedSamples(WeightedSamples):
         W = self.normalized_weights.to(v.device)
         mu = s.all_gather((W @ v).cpu()).sum(0).to(v.device)
         dev = W[:, None] * (v - mu)
-        N, g = self.num_particles, self.generations
+        g = self.generations
         if s.islands:
             # independent islands: each groups by its own ancestors, with its own (n/(n-1))^g
             if self.genealogy is None or g <= 1:

@@ -72,7 +72,7 @@ from mcsample.diagnostics import _check, psis
 from mcsample.diagnostics import ess as _ess
 from mcsample.resampling import resample as _resample
 
-__all__ = ["Estimate", "WeightedSamples", "RunningMoments", "ParticleState", "Genealogy"]
+__all__ = ["Estimate", "WeightedSamples", "RunningMoments", "ParticleState", "Genealogy", "Population"]
 
 
 @dataclass(frozen=True)

@@ -454,7 +454,9 @@ def two(tmp_path_factory):
 @pytest.fixture(scope="module")
 def four(tmp_path_factory, two):
     d = tmp_path_factory.mktemp("four")
-    return launch(4, "resampling,stats,genealogy,resume_other_world", d, env={"MCSAMPLE_TEST_CHECKPOINT": str(two[1] / "run.pt")})
+    return launch(
+        4, "resampling,stats,genealogy,resume_other_world", d, env={"MCSAMPLE_TEST_CHECKPOINT": str(two[1] / "run.pt")}
+    )
 
 
 def _cat(results, key, field):
