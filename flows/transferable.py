@@ -72,6 +72,7 @@ __all__ = [
     "PeptideTokens",
     "tokenize",
     "pack",
+    "PackedTarget",
     "torsion_stiffness",
     "match_hydrogen_labels",
 ]
@@ -716,11 +717,71 @@ class PackedFlow(nn.Module):
         self.tokens = tokens
         self._table = TransferableFlow.batch(tokens)
 
+    #: peptides drawn per call of :meth:`rsample_and_log_prob` (fewer, larger energy batches)
+    peptides_per_draw: int = 8
+
     def log_prob(self, rows: Tensor) -> Tensor:
         ids = rows[:, 0].round().long().cpu()
         b = {k: v[ids] for k, v in self._table.items()}
         P = b["valid"].shape[1]
         return self.flow.log_prob(rows[:, 1 : 1 + 3 * P].reshape(rows.shape[0], P, 3), b)
+
+    def rsample_and_log_prob(self, shape=(1,), generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """Reparameterized rows ``[peptide id, cells]`` and their log-densities: ``n`` draws
+        spread evenly over :attr:`peptides_per_draw` peptides chosen at random (the proposal of
+        reverse-KL training over many peptides, with :class:`PackedTarget`)."""
+        n = _num(shape)
+        k = min(self.peptides_per_draw, len(self.tokens), n)
+        chosen = torch.randperm(len(self.tokens), generator=generator)[:k]
+        ids = chosen[torch.arange(n) % k]
+        b = self.flow._to({key: v[ids] for key, v in self._table.items()})
+        u = self.flow.sample_base(b, generator)
+        z, ladj = self.flow.invert(u, b)
+        rows = torch.cat([ids[:, None].to(device=z.device, dtype=z.dtype), z.flatten(1)], 1)
+        return rows, self.flow.base_log_prob(u, b) + ladj
+
+    def sample_and_log_prob(self, shape=(1,), generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        with torch.no_grad():
+            return self.rsample_and_log_prob(shape, generator)
+
+
+class PackedTarget:
+    r"""The Boltzmann densities of several peptides over packed rows ``[peptide id, cells]`` (see
+    :func:`pack`): row ``j`` of peptide ``i`` gets the density of its internal coordinates with
+    the rigid body fixed,
+
+    .. math:: \log\pi_i(z) = -U_i(x(z))/kT + \log|\det \partial x/\partial z| ,
+
+    :math:`-\infty` outside the coordinates' domain. ``regularized`` soft-caps the energy
+    (:meth:`~mcsample.systems.peptides.Peptide.regularized_log_prob`) for training losses: the
+    target of reverse-KL training of a :class:`PackedFlow` over many peptides (Boltzmann
+    generators' energy training, Noé et al. 2019, over a set of sequences). One energy call per
+    peptide in the batch."""
+
+    def __init__(self, peptides: list, tokens: list[PeptideTokens], regularized: bool = True):
+        from mcsample.systems.coordinates import InternalCoordinateTarget, zmatrix_from_topology
+
+        if len(peptides) != len(tokens):
+            raise ValueError(f"{len(peptides)} peptides for {len(tokens)} token sets")
+        self.peptides, self.tokens, self.regularized = list(peptides), list(tokens), bool(regularized)
+        self.targets = [
+            InternalCoordinateTarget(p, zmatrix_from_topology(p.topology), fix_rigid=True) for p in self.peptides
+        ]
+
+    def __call__(self, rows: Tensor) -> Tensor:
+        ids = rows[:, 0].round().long()
+        out = torch.zeros(rows.shape[0], dtype=torch.float64, device=rows.device)
+        for i in torch.unique(ids).tolist():
+            sel = torch.nonzero(ids == i)[:, 0]
+            t = self.tokens[i]
+            z = t.from_cells(rows[sel, 1 : 1 + 3 * t.num_tokens].reshape(-1, t.num_tokens, 3)).to(torch.float64)
+            target = self.targets[i]
+            x, logdet = target.to_cartesian(z)
+            pep = self.peptides[i]
+            lp = (pep.regularized_log_prob(x) if self.regularized else pep.log_prob(x)).to(torch.float64) + logdet
+            lp = torch.where(target.in_domain(z), lp, torch.full_like(lp, -math.inf))
+            out = out.index_put((sel,), lp)
+        return out
 
 
 def pack(tokens: list[PeptideTokens], internal: list[Tensor]) -> Tensor:
