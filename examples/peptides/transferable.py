@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -207,6 +208,7 @@ def _metrics(pep, ws_x, log_w, md_xyz, md_energies) -> dict:
     mphi, mpsi = A.ramachandran_angles(md_xyz, pep.topology)
     return {
         "ess_fraction": float(mc.ess(log_w)) / len(lw),
+        "khat": float(mc.diagnostics.psis(log_w)[1]) if bool(torch.isfinite(log_w).any()) else math.nan,
         "energy_w2_kT": float(A.energy_wasserstein(energies / kT, md_energies / kT, log_weights_p=lw, p=2)),
         "torus_w2": float(A.torus_wasserstein(np.stack([phi, psi], -1), np.stack([mphi, mpsi], -1), log_weights_p=lw)),
         "phi": phi,
@@ -235,7 +237,7 @@ def evaluate(args) -> None:
     flow = load_flow(args.checkpoint)
     sequences = args.sequences or list(HELD_OUT + CONTROLS)
     n = 512 if args.quick else args.num_particles
-    rows, table = {}, []
+    table = []
     for seq in sequences:
         pep = make_peptide(seq)
         md_xyz, md_energies = reference_md(seq, Path(args.reference), args.quick, Path(args.data))
@@ -249,6 +251,14 @@ def evaluate(args) -> None:
         row["zero_shot"] = {k: v for k, v in zs.items() if k not in ("phi", "psi", "log_w")}
         row["zero_shot"].update(seconds=time.perf_counter() - t0, energy_evaluations=n)
         row["zero_shot"]["md_nll"] = _md_nll(pep, prop, md_xyz)
+        # the uncorrected flow: its draws without weights
+        raw = _metrics(pep, ws.samples, torch.zeros_like(ws.log_weights), md_xyz, md_energies)
+        row["flow"] = {k: raw[k] for k in ("energy_w2_kT", "torus_w2")}
+        if args.zero_shot:
+            table.append(row)
+            print(_line(row), flush=True)
+            _write(out, args, sequences, n, table)
+            continue
         # SNIS fine-tuning on this sequence, then importance sampling again
         t0 = time.perf_counter()
         tuned = copy.deepcopy(flow).proposal(pep)
@@ -270,33 +280,48 @@ def evaluate(args) -> None:
         row["finetuned"].update(seconds=time.perf_counter() - t0, energy_evaluations=n + rounds * min(n, 2048))
         # SMC from the (zero-shot) flow
         t0 = time.perf_counter()
-        ens = mc.sample_peptide(
-            pep, min(n, 1024), method="smc", proposal=prop, generator=torch.Generator().manual_seed(3)
-        )
+        m = 256 if args.quick else args.smc_particles
+        ens = mc.sample_peptide(pep, m, method="smc", proposal=prop, generator=torch.Generator().manual_seed(3))
         sm = _metrics(pep, ens.samples.samples, ens.samples.log_weights, md_xyz, md_energies)
         row["smc"] = {k: v for k, v in sm.items() if k not in ("phi", "psi", "log_w")}
         row["smc"].update(seconds=time.perf_counter() - t0, energy_evaluations=int(ens.diagnostics.energy_evaluations))
-        rows[seq] = row
         table.append(row)
         mphi, mpsi = A.ramachandran_angles(md_xyz, pep.topology)
         _plot(out / f"rama_{seq}.png", seq, zs, sm, (mphi, mpsi))
         print(_line(row), flush=True)
-        # written after every sequence, so that an interrupted run keeps what it measured
-        name = "evaluation.json" if args.sequences is None else f"evaluation_{'_'.join(sequences)}.json"
-        settings = {"particles": n, "smc_particles": args.smc_particles, "finetune_rounds": args.finetune_rounds}
-        (out / name).write_text(json.dumps({**settings, "rows": table}, indent=1))
-    print(f"wrote {out / name}")
+        _write(out, args, sequences, n, table)
+    print(f"wrote {out}")
+
+
+def _write(out: Path, args, sequences: list[str], n: int, table: list[dict]) -> None:
+    """The table so far as JSON (written after every sequence, so that an interrupted run keeps
+    what it measured)."""
+    name = "evaluation" if args.sequences is None else "evaluation_" + "_".join(sequences)
+    name += "_zero_shot.json" if args.zero_shot else ".json"
+    settings = {
+        "checkpoint": str(args.checkpoint),
+        "particles": n,
+        "smc_particles": args.smc_particles,
+        "finetune_rounds": args.finetune_rounds,
+    }
+    (out / name).write_text(json.dumps({**settings, "rows": table}, indent=1))
 
 
 def _line(row: dict) -> str:
-    z, f, s = row["zero_shot"], row["finetuned"], row["smc"]
+    z, raw = row["zero_shot"], row["flow"]
     tag = "held-out" if row["held_out"] else "training"
+    line = (
+        f"{row['sequence']:3s} {tag:8s} MD NLL {z['md_nll']:.1f} | ESS {z['ess_fraction']:.3%} "
+        f"(k-hat {z['khat']:.2f})"
+    )
+    if "smc" not in row:
+        return line + f" | energy W2 {raw['energy_w2_kT']:.3g} / {z['energy_w2_kT']:.3g} kT (flow / IS)"
+    f, s = row["finetuned"], row["smc"]
     return (
-        f"{row['sequence']:3s} {tag:8s} MD NLL {z['md_nll']:.1f} | ESS {z['ess_fraction']:.3%} -> "
-        f"{f['ess_fraction']:.3%} | "
-        f"energy W2 {z['energy_w2_kT']:.2f} / {f['energy_w2_kT']:.2f} / {s['energy_w2_kT']:.2f} kT | "
-        f"torus W2 {z['torus_w2']:.3f} / {f['torus_w2']:.3f} / {s['torus_w2']:.3f} "
-        f"(flow IS / fine-tuned IS / SMC)"
+        line + f" -> {f['ess_fraction']:.3%} fine-tuned | energy W2 {raw['energy_w2_kT']:.3g} / "
+        f"{z['energy_w2_kT']:.3g} / {f['energy_w2_kT']:.3g} / {s['energy_w2_kT']:.3g} kT | torus W2 "
+        f"{raw['torus_w2']:.3f} / {z['torus_w2']:.3f} / {f['torus_w2']:.3f} / {s['torus_w2']:.3f} "
+        f"(flow / flow IS / fine-tuned IS / SMC)"
     )
 
 
@@ -365,6 +390,7 @@ def main(argv=None) -> None:
     ev.add_argument("--finetune-rounds", type=int, default=8, help="SNIS rounds (default: %(default)s)")
     ev.add_argument("--smc-particles", type=int, default=512, help="SMC particles (default: %(default)s)")
     ev.add_argument("--quick", action="store_true", help="512 draws, 2 SNIS rounds, short reference MD")
+    ev.add_argument("--zero-shot", action="store_true", help="zero-shot importance sampling only")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     (train if args.stage == "train" else evaluate)(args)
