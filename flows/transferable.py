@@ -175,17 +175,18 @@ def torsion_stiffness(peptide, zmatrix) -> tuple[Tensor, Tensor, Tensor]:
     placement positions ``3 .. n-1``.
 
     At the peptide's structure :math:`x_0` (``peptide.positions``, minimized by the peptide
-    constructors) each torsion
-    :math:`\varphi_j` is scanned rigidly over the circle, the other internal coordinates fixed,
-    and the scan's Boltzmann distribution :math:`p_j(\Delta) \propto e^{-U(\varphi_{0j}+\Delta)/kT}`
-    gives the centre (its circular mean) and width :math:`\sigma_j` (its standard deviation),
-    widened to the harmonic marginal width where that is larger (:func:`_harmonic_marginal_width`:
-    ring torsions). The torsion is *stiff* when :math:`\sigma_j < 0.4` rad and less than :math:`10^{-3}` of
-    :math:`p_j` lies beyond :math:`6\sigma_j`: ring torsions (closing the ring pins them) and
-    the improper torsions of branches (Cα/Cβ chirality, methyl and amine hydrogens, planar
-    carbonyls), whose implied bond angles a free circular coordinate gets wrong. Rotors with
-    several minima (methyls, χ, φ, ψ, and ω, whose cis minimum the scan finds) stay free. The
-    rigid scan decides only the standardization; the flow's density is exact either way.
+    constructors) each torsion :math:`\varphi_j` is scanned rigidly over the circle, the other
+    internal coordinates fixed, and the scan's Boltzmann distribution
+    :math:`p_j(\Delta) \propto e^{-U(\varphi_{0j}+\Delta)/kT}` gives the centre (its circular
+    mean) and width :math:`\sigma_j` (its standard deviation), widened to the harmonic marginal
+    width where that is larger (:func:`_harmonic_marginal_width`: ring torsions). Candidates are
+    the improper torsions (a branch placed against its sibling: Cα/Cβ chirality, methyl and
+    amine hydrogens, planar carbonyls, whose implied bond angles a free circular coordinate gets
+    wrong) and the torsions about ring bonds (:func:`_torsion_candidates`); a candidate is
+    *stiff* when :math:`\sigma_j < 0.4` rad and less than :math:`10^{-3}` of :math:`p_j` lies
+    beyond :math:`6\sigma_j`. Rotors (φ, ψ, ω, χ, methyls) and puckering rings with two wells
+    stay free. The scan decides only the standardization; the flow's density is exact either
+    way.
     """
     from mcsample.systems.coordinates import InternalCoordinates
 
@@ -255,27 +256,24 @@ def _torsion_candidates(topology, zmatrix) -> Tensor:
 def _harmonic_marginal_width(forcefield, ic, z0: Tensor, kT: float, stiff: Tensor, h: float = 1e-3):
     r"""Marginal widths :math:`\sqrt{(H^{-1})_{jj}}` of the stiff torsions in the harmonic
     approximation over the stiff coordinates (bonds, angles, stiff torsions), :math:`H` the
-    central-difference Hessian of :math:`U/kT` at :math:`z_0`; ``None`` if :math:`H` is not
-    positive definite. A ring torsion scanned alone is pinned by the ring (rigid width
-    0.02 rad); with the ring's bonds and angles relaxing with it its width is 0.1 rad."""
+    Hessian of :math:`U/kT` at :math:`z_0` by central differences of the gradient (one batched
+    force evaluation of :math:`2D` configurations); ``None`` if :math:`H` is not positive
+    definite. A ring torsion scanned alone is pinned by the ring (rigid width 0.02 rad); with
+    the ring's bonds and angles relaxing with it its width is 0.1 rad."""
     ts = ic.torsion_slice
     keep = torch.ones(len(z0), dtype=torch.bool)
     keep[:6] = False
     keep[ts] = stiff
     idx = torch.nonzero(keep)[:, 0]
     D = len(idx)
-    i, j = (g.flatten() for g in torch.meshgrid(torch.arange(D), torch.arange(D), indexing="ij"))
-    rows = torch.arange(len(i))
-    steps = []
-    for si, sj in ((1, 1), (1, -1), (-1, 1), (-1, -1)):
-        z = z0.repeat(len(i), 1)
-        z[rows, idx[i]] += si * h
-        z[rows, idx[j]] += sj * h
-        steps.append(z)
-    with torch.no_grad():
-        energy = torch.cat([forcefield.energy(ic.to_cartesian(c)[0]) for c in torch.cat(steps).split(8192)]) / kT
-    e = energy.reshape(4, D, D)
-    hess = (e[0] - e[1] - e[2] + e[3]) / (4 * h * h)
+    z = z0.repeat(2 * D, 1)
+    rows = torch.arange(2 * D)
+    z[rows, idx.repeat_interleave(2)] += torch.tensor([h, -h], dtype=z.dtype).repeat(D)
+    z.requires_grad_(True)
+    x, _ = ic.to_cartesian(z)
+    (grad,) = torch.autograd.grad(forcefield.energy(x).sum() / kT, z)
+    grad = grad.detach()[:, idx]
+    hess = (grad[0::2] - grad[1::2]) / (2 * h)
     hess = (hess + hess.T) / 2
     chol, info = torch.linalg.cholesky_ex(hess)
     if int(info) != 0 or not bool(torch.isfinite(hess).all()):

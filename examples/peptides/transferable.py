@@ -311,8 +311,7 @@ def _line(row: dict) -> str:
     z, raw = row["zero_shot"], row["flow"]
     tag = "held-out" if row["held_out"] else "training"
     line = (
-        f"{row['sequence']:3s} {tag:8s} MD NLL {z['md_nll']:.1f} | ESS {z['ess_fraction']:.3%} "
-        f"(k-hat {z['khat']:.2f})"
+        f"{row['sequence']:3s} {tag:8s} MD NLL {z['md_nll']:.1f} | ESS {z['ess_fraction']:.3%} (k-hat {z['khat']:.2f})"
     )
     if "smc" not in row:
         return line + f" | energy W2 {raw['energy_w2_kT']:.3g} / {z['energy_w2_kT']:.3g} kT (flow / IS)"
