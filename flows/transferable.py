@@ -225,18 +225,16 @@ def _torsion_candidates(topology, zmatrix) -> Tensor:
     any other bond is a rotor (phi, psi, omega, chi, methyls) and stays free, whatever the rigid
     scan says: rotating a whole side of the molecule rigidly clashes, but the molecule turns
     these bonds by relaxing the rest."""
+    from mcsample.systems.coordinates import bond_graph
+
     z = np.asarray(zmatrix)
-    neighbours: dict[int, set] = {}
-    for bond in topology.bonds:
-        i, j = bond[0].index, bond[1].index
-        neighbours.setdefault(i, set()).add(j)
-        neighbours.setdefault(j, set()).add(i)
+    neighbours = bond_graph(topology)
 
     def in_ring(a: int, b: int) -> bool:  # is b reachable from a without the bond a-b?
         seen, stack = {a}, [a]
         while stack:
             u = stack.pop()
-            for j in neighbours.get(u, ()):
+            for j in neighbours[u]:
                 if u == a and j == b:
                     continue
                 if j == b:
@@ -249,7 +247,7 @@ def _torsion_candidates(topology, zmatrix) -> Tensor:
     out = []
     for _, a, b, c in z[3:]:
         a, b, c = int(a), int(b), int(c)
-        out.append(c in neighbours.get(a, ()) or in_ring(a, b))
+        out.append(c in neighbours[a] or in_ring(a, b))
     return torch.tensor(out, dtype=torch.bool)
 
 
@@ -290,15 +288,13 @@ def _equivalent_hydrogen_groups(peptide) -> list[tuple[int, int, list[int]]]:
     or three hydrogens with identical nonbonded parameters (methyl, amine, methylene groups)."""
     import openmm
 
+    from mcsample.systems.coordinates import bond_graph
+
     top = peptide.topology
     atoms = list(top.atoms)
     nb = next(f for f in peptide.system.getForces() if isinstance(f, openmm.NonbondedForce))
     params = [tuple(round(v._value, 8) for v in nb.getParticleParameters(i)) for i in range(len(atoms))]
-    neighbours: list[list[int]] = [[] for _ in atoms]
-    for bond in top.bonds:
-        i, j = bond[0].index, bond[1].index
-        neighbours[i].append(j)
-        neighbours[j].append(i)
+    neighbours = bond_graph(top)
 
     def is_h(i: int) -> bool:
         return atoms[i].element is not None and atoms[i].element.symbol == "H"

@@ -179,6 +179,17 @@ def _backbone_chain(top, neighbours: list[set[int]]) -> list[int]:
     return chain
 
 
+def bond_graph(topology) -> list[set[int]]:
+    """Each atom's bonded neighbours (mdtraj or OpenMM topology), by atom index."""
+    top = _as_mdtraj_topology(topology)
+    neighbours: list[set[int]] = [set() for _ in range(top.n_atoms)]
+    for bond in top.bonds:
+        i, j = bond[0].index, bond[1].index
+        neighbours[i].add(j)
+        neighbours[j].add(i)
+    return neighbours
+
+
 def zmatrix_from_topology(topology) -> np.ndarray:
     """Build a Z-matrix from a molecular topology (mdtraj or OpenMM).
 
@@ -200,11 +211,7 @@ def zmatrix_from_topology(topology) -> np.ndarray:
     n = top.n_atoms
     if n < 3:
         raise ValueError(f"a Z-matrix needs at least 3 atoms, the topology has {n}")
-    neighbours: list[set[int]] = [set() for _ in range(n)]
-    for bond in top.bonds:
-        i, j = bond[0].index, bond[1].index
-        neighbours[i].add(j)
-        neighbours[j].add(i)
+    neighbours = bond_graph(top)
     is_h = np.array([atom.element is not None and atom.element.symbol == "H" for atom in top.atoms], dtype=bool)
     # connectivity check
     seen = {0}

@@ -261,7 +261,7 @@ def evaluate(args) -> None:
             continue
         # SNIS fine-tuning on this sequence, then importance sampling again
         t0 = time.perf_counter()
-        tuned = copy.deepcopy(flow).proposal(pep)
+        tuned = copy.deepcopy(prop)  # a trainable copy, its tokens reused (no second scan)
         rounds = 2 if args.quick else args.finetune_rounds
         fit_snis(
             tuned,
