@@ -51,8 +51,8 @@ CONTROLS = ("AL", "GR", "KW", "SP")
 CHECKPOINT = ROOT / "flows" / "checkpoints" / "transferable.pt"
 #: training recipe of the shipped checkpoint
 RECIPE = {
-    "architecture": {"layers": 8, "width": 48, "heads": 4, "depth": 1, "bins": 8},
-    "steps": 4000,
+    "architecture": {"layers": 8, "width": 48, "heads": 4, "depth": 1, "bins": 8, "cells": "free"},
+    "steps": 2000,
     "batch_size": 256,
     "lr": 1e-3,
     "kl_steps": 0,
@@ -108,8 +108,8 @@ def train(args) -> None:
         TransferableFlow,
         match_hydrogen_labels,
         pack,
-        tokenize,
     )
+    from mcsample.systems.coordinates import InternalCoordinates, zmatrix_from_topology
 
     torch.manual_seed(RECIPE["seed"])
     flow = TransferableFlow(TransferableConfig(**RECIPE["architecture"]))
@@ -128,8 +128,8 @@ def train(args) -> None:
         pep = make_peptide(seq)
         peptides.append(pep)
         x = match_hydrogen_labels(pep, torch.as_tensor(xyz, dtype=torch.float64))
-        z = flow.proposal(pep).internal(x)
-        tokens.append(tokenize(pep))
+        z = InternalCoordinates(zmatrix_from_topology(pep.topology)).to_internal(x)[:, 6:]
+        tokens.append(flow.tokenize(pep))
         train_z.append(z.float())
         valid_z.append(z[-8:].float())  # monitored (also trained on)
     rows_train, rows_valid = pack(tokens, train_z), pack(tokens, valid_z)
@@ -245,7 +245,7 @@ def evaluate(args) -> None:
         g = torch.Generator().manual_seed(0)
         # zero-shot importance sampling
         t0 = time.perf_counter()
-        prop = flow.proposal(pep)
+        prop = flow.proposal(pep, hessian=args.hessian)
         ws = mc.importance_sample(pep, prop, n, batch_size=1024, generator=g)
         zs = _metrics(pep, ws.samples, ws.log_weights, md_xyz, md_energies)
         row["zero_shot"] = {k: v for k, v in zs.items() if k not in ("phi", "psi", "log_w")}
@@ -303,6 +303,7 @@ def _write(out: Path, args, sequences: list[str], n: int, table: list[dict]) -> 
         "particles": n,
         "smc_particles": args.smc_particles,
         "finetune_rounds": args.finetune_rounds,
+        "hessian": args.hessian,
     }
     (out / name).write_text(json.dumps({**settings, "rows": table}, indent=1))
 
@@ -390,6 +391,12 @@ def main(argv=None) -> None:
     ev.add_argument("--smc-particles", type=int, default=512, help="SMC particles (default: %(default)s)")
     ev.add_argument("--quick", action="store_true", help="512 draws, 2 SNIS rounds, short reference MD")
     ev.add_argument("--zero-shot", action="store_true", help="zero-shot importance sampling only")
+    ev.add_argument(
+        "--hessian",
+        choices=["reference", "local"],
+        default="reference",
+        help="covariance of the stiff coordinates' completion (default: %(default)s)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     (train if args.stage == "train" else evaluate)(args)
