@@ -22,7 +22,10 @@ Hessian, :math:`h \leftarrow h + a\,\Sigma\nabla_h\log\pi(s, h)`, the step size 
 :math:`a = 1, 0.3, 0.1` that raises the density, else 0 (a deterministic function of :math:`s`, so
 :math:`q(h\mid s)` is an exact density whatever the relaxation reaches). Stiff torsions are
 wrapped; the mass the Gaussian puts more than π from its mean (below :math:`10^{-30}` with the
-floored Hessian) is neglected.
+floored Hessian) is neglected. A ring that is not planar (proline's) has a second minimum, its
+mirror pucker: the conditional is then a mixture of one such Gaussian per pucker, each relaxed
+from its own start and weighted at every :math:`s` by its Laplace mass
+:math:`\pi(s,\mu_k(s))\det(2\pi\Sigma_k)^{1/2}`.
 
 A flow over the free torsions times this conditional is a proposal over the whole peptide with
 an exact density whose weights :math:`\pi(s,h)/q(s)q(h\mid s)` vary only through the flow's
@@ -36,6 +39,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -63,6 +67,9 @@ class HarmonicCompletion(nn.Module):
             closer to the Boltzmann conditional where side chains press on the backbone).
         newton_steps: damped Newton steps of the relaxation :math:`\mu(s)`.
         max_step: largest change of one coordinate per step (nm or rad).
+        ring_flips: add a mixture component for every other pucker of the peptide's rings
+            (:meth:`_ring_flips`; the proline ring has two), each weighted at every :math:`s`
+            by its Laplace mass :math:`\pi(s,\mu_k(s))\,\det(2\pi\Sigma_k)^{1/2}`.
     """
 
     #: smallest eigenvalue of a precision matrix (a standard deviation of at most 0.25 nm or rad)
@@ -76,6 +83,7 @@ class HarmonicCompletion(nn.Module):
         hessian: str = "reference",
         newton_steps: int = 4,
         max_step: float = 0.2,
+        ring_flips: bool = True,
     ):
         super().__init__()
         from mcsample.systems.coordinates import InternalCoordinateTarget
@@ -100,6 +108,62 @@ class HarmonicCompletion(nn.Module):
         self.register_buffer("evecs", evecs[0])
         #: :math:`\Sigma` at the minimized structure, the preconditioner of the relaxation
         self.register_buffer("cov", (self.evecs / self.evals) @ self.evecs.T)
+        starts = [z0]
+        if ring_flips:
+            starts += self._ring_flips(peptide.topology, zmatrix)
+        starts = torch.stack(starts)
+        evals, evecs = self._precision(starts)
+        self.register_buffer("starts", starts)
+        self.register_buffer("start_evals", evals)
+        self.register_buffer("start_evecs", evecs)
+        self.register_buffer("covs", (evecs / evals[:, None, :]) @ evecs.transpose(1, 2))
+
+    def _ring_flips(self, topology, zmatrix) -> list[Tensor]:
+        r"""Starts for the other puckers of the peptide's rings: the minimized structure with the
+        stiff endocyclic torsions of one ring (all four atoms in it) negated — the mirror pucker —
+        for every ring that is not planar (such a torsion above 0.3 rad), and for every
+        combination of such rings."""
+        import itertools
+
+        from mcsample.systems.coordinates import bond_graph
+
+        z = np.asarray(zmatrix)
+        n = z.shape[0]
+        neighbours = bond_graph(topology)
+        rings = set()
+        for a in range(len(neighbours)):
+            for b in neighbours[a]:
+                # the shortest path from a to b without the bond a-b closes the smallest ring
+                prev, frontier = {a: None}, [a]
+                while frontier and b not in prev:
+                    nxt = []
+                    for u in frontier:
+                        for v in neighbours[u]:
+                            if (u, v) != (a, b) and v not in prev:
+                                prev[v] = u
+                                nxt.append(v)
+                    frontier = nxt
+                if b in prev:
+                    ring, u = [], b
+                    while u is not None:
+                        ring.append(u)
+                        u = prev[u]
+                    rings.add(frozenset(ring))
+        stiff = set(self.stiff.tolist())
+        flips = []
+        for ring in sorted(rings, key=sorted):
+            # the torsion of Z-matrix row p (p >= 3) is coordinate (n - 1) + (n - 2) + (p - 3)
+            idx = [2 * n - 6 + p for p in range(3, n) if set(z[p].tolist()) <= ring and 2 * n - 6 + p in stiff]
+            if idx and float(self.z0[idx].abs().max()) > 0.3:
+                flips.append(idx)
+        starts = []
+        for r in range(1, len(flips) + 1):
+            for combo in itertools.combinations(flips, r):
+                idx = torch.tensor(sorted(i for c in combo for i in c))
+                start = self.z0.clone()
+                start[idx] = -start[idx]
+                starts.append(start)
+        return starts
 
     @property
     def dim(self) -> int:
@@ -124,17 +188,25 @@ class HarmonicCompletion(nn.Module):
         evals, evecs = torch.linalg.eigh(H)
         return evals.clamp(min=self.min_precision), evecs
 
-    def mean(self, z: Tensor) -> Tensor:
+    def mean(self, z: Tensor, component: int = 0) -> Tensor:
         r""":math:`\mu(s)` ``(B, d)`` for the free torsions in ``z`` ``(B, 3n - 6)`` (its stiff
-        entries are ignored); no gradient flows through it."""
+        entries are ignored), relaxed from the mixture component's start; no gradient flows
+        through it."""
+        return self._relaxed(z, component)[:, self.stiff]
+
+    def _relaxed(self, z: Tensor, component: int) -> Tensor:
+        cur = z.detach().to(self.z0.dtype).clone()
+        cur[:, self.stiff] = self.starts[component, self.stiff]
+        return self._relax(cur, self.covs[component], self.newton_steps)
+
+    def _relax(self, cur: Tensor, cov: Tensor, steps: int) -> Tensor:
+        """``steps`` damped Newton steps of the stiff entries of ``cur``, preconditioned by ``cov``."""
         from mcsample.protocols import log_prob_and_grad
 
-        cur = z.detach().to(self.z0.dtype).clone()
-        cur[:, self.stiff] = self.z0[self.stiff]
-        for _ in range(self.newton_steps):
+        for _ in range(steps):
             lp, g = log_prob_and_grad(self.target, cur)
             lp = torch.where(torch.isfinite(lp), lp, torch.full_like(lp, -math.inf))
-            step = torch.nan_to_num(g[:, self.stiff] @ self.cov, nan=0.0, posinf=0.0, neginf=0.0)
+            step = torch.nan_to_num(g[:, self.stiff] @ cov, nan=0.0, posinf=0.0, neginf=0.0)
             step = step.clamp(-self.max_step, self.max_step)
             # backtracking: the first of the step sizes that raises the density, else no step
             todo = torch.arange(cur.shape[0], device=cur.device)
@@ -149,39 +221,80 @@ class HarmonicCompletion(nn.Module):
                     if todo.numel() == 0:
                         break
             cur = out
-        return cur[:, self.stiff]
+        return cur
 
-    def gaussian(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        r""":math:`\mu(s)` ``(B, d)`` and the precision's eigenvalues ``(B, d)`` and eigenvectors
-        ``(B, d, d)`` for the free torsions of ``z`` (no gradient)."""
-        mu = self.mean(z)
+    def gaussian(self, z: Tensor, component: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        r""":math:`\mu(s)` ``(B, d)``, the precision's eigenvalues ``(B, d)`` and eigenvectors
+        ``(B, d, d)`` of one mixture component for the free torsions of ``z``, and its log
+        Laplace mass :math:`\log\pi(s,\mu(s)) + \tfrac12\log\det 2\pi\Sigma` ``(B,)`` (no
+        gradient)."""
+        at = self._relaxed(z, component)
+        mu = at[:, self.stiff]
         if self.hessian == "reference":
             B = mu.shape[0]
-            return mu, self.evals.expand(B, -1), self.evecs.expand(B, -1, -1)
-        at = z.detach().to(mu.dtype).clone()
-        at[:, self.stiff] = mu
-        evals, evecs = self._precision(at)
-        return mu, evals, evecs
+            evals, evecs = self.start_evals[component].expand(B, -1), self.start_evecs[component].expand(B, -1, -1)
+        else:
+            evals, evecs = self._precision(at)
+        with torch.no_grad():
+            lp = self.target.log_prob(at)
+        mass = torch.where(torch.isfinite(lp), lp, torch.full_like(lp, -math.inf)) - self._log_scale(evals)
+        return mu, evals, evecs, mass
 
-    def _log_norm(self, evals: Tensor) -> Tensor:
+    @property
+    def components(self) -> int:
+        """The number of mixture components (ring puckers)."""
+        return int(self.starts.shape[0])
+
+    def _log_normal(self, h: Tensor, mu: Tensor, evals: Tensor, evecs: Tensor) -> Tensor:
+        d = h - mu
+        d = torch.where(self.periodic, wrap_angle(d), d)
+        white = torch.sqrt(evals) * (d[:, None, :] @ evecs)[:, 0]
+        return self._log_scale(evals) - 0.5 * (white**2).sum(-1)
+
+    def _log_scale(self, evals: Tensor) -> Tensor:
+        """:math:`-\\tfrac d2\\log 2\\pi - \\tfrac12\\log\\det\\Sigma` from the precision's eigenvalues."""
         return -0.5 * self.dim * math.log(2 * math.pi) + 0.5 * torch.log(evals).sum(-1)
+
+    def _mixture(self, h: Tensor, parts: list) -> Tensor:
+        if len(parts) == 1:
+            return self._log_normal(h, *parts[0][:3])
+        log_mix = self._log_mix(parts)
+        terms = [log_mix[k] + self._log_normal(h, *parts[k][:3]) for k in range(len(parts))]
+        return torch.logsumexp(torch.stack(terms), 0)
+
+    @staticmethod
+    def _log_mix(parts: list) -> Tensor:
+        """Mixture weights ``(K, B)`` from the components' Laplace masses (equal where none is
+        finite)."""
+        mass = torch.stack([p[3] for p in parts])
+        mass = torch.where(torch.isfinite(mass), mass, torch.full_like(mass, -1e30))
+        return torch.log_softmax(mass, 0)
 
     def log_prob(self, z: Tensor) -> Tensor:
         r""":math:`\log q(h\mid s)` ``(B,)`` of the stiff entries of ``z`` given its free ones
         (differentiable in ``h``; :math:`\mu` and :math:`\Sigma` are held fixed)."""
-        mu, evals, evecs = self.gaussian(z)
-        d = z[:, self.stiff].to(mu.dtype) - mu
-        d = torch.where(self.periodic, wrap_angle(d), d)
-        white = torch.sqrt(evals) * (d[:, None, :] @ evecs)[:, 0]
-        return self._log_norm(evals) - 0.5 * (white**2).sum(-1)
+        parts = [self.gaussian(z, k) for k in range(self.components)]
+        return self._mixture(z[:, self.stiff].to(parts[0][0].dtype), parts)
 
     def complete(self, z: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         r"""``z`` ``(B, 3n - 6)`` (float64) with its stiff entries drawn from
         :math:`q(h\mid s)`, and :math:`\log q(h\mid s)`."""
-        mu, evals, evecs = self.gaussian(z)
-        eps = torch.randn(mu.shape, generator=generator, dtype=mu.dtype, device=mu.device)
-        h = mu + (evecs @ (eps / torch.sqrt(evals))[..., None])[..., 0]
+        parts = [self.gaussian(z, k) for k in range(self.components)]
+        mu0 = parts[0][0]
+        B = mu0.shape[0]
+        pick = torch.zeros(B, dtype=torch.long, device=mu0.device)
+        if self.components > 1:
+            u = torch.rand(B, generator=generator, dtype=mu0.dtype, device=mu0.device)
+            cdf = torch.cumsum(self._log_mix(parts).exp(), 0)  # (K, B)
+            pick = (u[None] > cdf[:-1]).sum(0)
+        eps = torch.randn(mu0.shape, generator=generator, dtype=mu0.dtype, device=mu0.device)
+        h = torch.zeros_like(mu0)
+        for k, (mu, evals, evecs, _) in enumerate(parts):
+            hk = mu + (evecs @ (eps / torch.sqrt(evals))[..., None])[..., 0]
+            h = torch.where((pick == k)[:, None], hk, h)
         h = torch.where(self.periodic, wrap_angle(h), h)
-        out = z.to(mu.dtype).clone()
+        out = z.to(mu0.dtype).clone()
         out[:, self.stiff] = h
-        return out, self._log_norm(evals) - 0.5 * (eps**2).sum(-1)
+        if self.components == 1:  # the draw's own noise gives its density exactly
+            return out, self._log_scale(parts[0][1]) - 0.5 * (eps**2).sum(-1)
+        return out, self._mixture(h, parts)

@@ -91,7 +91,7 @@ def test_local_hessian_draws_the_density_it_scores(bound, peptides):
     z = _rotated(c, 0.3, 4, 5)
     zc, lq = local.complete(z, torch.Generator().manual_seed(6))
     torch.testing.assert_close(local.log_prob(zc), lq, atol=1e-6, rtol=0)
-    _, evals, _ = local.gaussian(c.z0[None])
+    _, evals, _, _ = local.gaussian(c.z0[None])
     torch.testing.assert_close(evals[0].log(), c.evals.log(), atol=0.05, rtol=0)
 
 
@@ -218,3 +218,20 @@ def test_maximum_likelihood_of_the_free_torsions_lowers_held_out_nll(peptides):
     with torch.no_grad():
         after = float(-model.log_prob(rows_valid).mean())
     assert after < before - 8, (before, after)  # measured: 15.6 -> 1.9
+
+
+def test_proline_ring_gets_both_puckers_and_planar_rings_one(peptides):
+    """A proline ring (non-planar) adds the mirror pucker as a second mixture component, whose
+    draws and scores agree; the planar indole ring of tryptophan adds none."""
+    gw = _free_flow().bind(peptides["GW"]).completion
+    assert gw.components == 1
+    pa = Peptide.from_sequence("PA", caps=False, solvent="obc1", temperature=310.0, cutoff=2.0)
+    c = _free_flow().bind(pa).completion
+    assert c.components == 2
+    ring = (c.starts[0] - c.starts[1]).abs() > 1e-9
+    assert int(ring.sum()) >= 1 and bool((c.starts[1][ring] == -c.starts[0][ring]).all())
+    z = _rotated(c, 0.2, 6, 7)
+    zc, lq = c.complete(z, torch.Generator().manual_seed(8))
+    torch.testing.assert_close(c.log_prob(zc), lq, atol=1e-6, rtol=0)
+    weights = c._log_mix([c.gaussian(z, k) for k in range(2)]).exp()
+    torch.testing.assert_close(weights.sum(0), torch.ones(6, dtype=weights.dtype))
