@@ -60,10 +60,10 @@ import argparse
 import json
 import os
 import platform
+import signal
 import sys
 import time
 import zlib
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -207,6 +207,15 @@ def _start_structure(pep, phi_deg: float, psi_deg: float) -> np.ndarray:
     ctx.setPositions(x)
     openmm.LocalEnergyMinimizer.minimize(ctx, 1.0, 0)
     return ctx.getState(getPositions=True).getPositions(asNumpy=True)._value
+
+
+def _run_packed(args: tuple) -> tuple[str, dict]:
+    """``(seq, _run_one(*args))`` for a worker process."""
+    return args[0], _run_one(*args)
+
+
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)  # unwinds the pool's ``with``, which terminates the workers
 
 
 def _run_one(seq: str, settings: dict, out: str, progress: bool) -> dict:
@@ -360,13 +369,18 @@ def main(argv=None) -> int:
                 _write_manifest(out, settings, summaries, time.perf_counter() - t0)
                 bar.update(1)
         else:
-            with ProcessPoolExecutor(a.jobs, mp_context=get_context("spawn")) as pool:
-                futures = {pool.submit(_run_one, s, settings, str(out), False): s for s in todo}
-                for fut in as_completed(futures):
-                    summaries[futures[fut]] = fut.result()
-                    _write_manifest(out, settings, summaries, time.perf_counter() - t0)
-                    bar.set_postfix(last=futures[fut])
-                    bar.update(1)
+            # a killed or interrupted run stops its workers too (Pool.__exit__ terminates them)
+            previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+            try:
+                with get_context("spawn").Pool(a.jobs) as pool:
+                    jobs = [(s, settings, str(out), False) for s in todo]
+                    for seq, summary in pool.imap_unordered(_run_packed, jobs):
+                        summaries[seq] = summary
+                        _write_manifest(out, settings, summaries, time.perf_counter() - t0)
+                        bar.set_postfix(last=seq)
+                        bar.update(1)
+            finally:
+                signal.signal(signal.SIGTERM, previous)
     _write_manifest(out, settings, summaries, time.perf_counter() - t0)
     wall = time.perf_counter() - t0
     print(
