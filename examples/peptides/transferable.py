@@ -24,7 +24,7 @@ Usage::
     python examples/peptides/transferable_data.py           # the data (see its docstring)
     python examples/peptides/transferable.py train          # writes flows/checkpoints/transferable.pt
     python examples/peptides/transferable.py evaluate       # held-out table, JSON and plots
-    python examples/peptides/transferable.py evaluate --quick --sequences EW   # a minute
+    python examples/peptides/transferable.py evaluate --quick --sequences EW   # 2-3 minutes
 """
 
 from __future__ import annotations
