@@ -103,11 +103,6 @@ class HarmonicCompletion(nn.Module):
         self.register_buffer("periodic", self.target.circular_mask[stiff])
         z0 = self.target.reference_z[6:].to(torch.float64)
         self.register_buffer("z0", z0)
-        evals, evecs = self._precision(z0[None])
-        self.register_buffer("evals", evals[0])
-        self.register_buffer("evecs", evecs[0])
-        #: :math:`\Sigma` at the minimized structure, the preconditioner of the relaxation
-        self.register_buffer("cov", (self.evecs / self.evals) @ self.evecs.T)
         starts = [z0]
         if ring_flips:
             starts += self._ring_flips(peptide.topology, zmatrix)
@@ -116,7 +111,18 @@ class HarmonicCompletion(nn.Module):
         self.register_buffer("starts", starts)
         self.register_buffer("start_evals", evals)
         self.register_buffer("start_evecs", evecs)
+        #: :math:`\Sigma_k` of each component, also the preconditioner of its relaxation
         self.register_buffer("covs", (evecs / evals[:, None, :]) @ evecs.transpose(1, 2))
+
+    @property
+    def evals(self) -> Tensor:
+        """Eigenvalues of the precision at the minimized structure (component 0)."""
+        return self.start_evals[0]
+
+    @property
+    def cov(self) -> Tensor:
+        """:math:`\\Sigma` at the minimized structure (component 0)."""
+        return self.covs[0]
 
     def _ring_flips(self, topology, zmatrix) -> list[Tensor]:
         r"""Starts for the other puckers of the peptide's rings: the minimized structure with the
@@ -125,30 +131,14 @@ class HarmonicCompletion(nn.Module):
         combination of such rings."""
         import itertools
 
-        from mcsample.systems.coordinates import bond_graph
+        from mcsample.systems.coordinates import bond_graph, ring_of_bond
 
         z = np.asarray(zmatrix)
         n = z.shape[0]
         neighbours = bond_graph(topology)
-        rings = set()
-        for a in range(len(neighbours)):
-            for b in neighbours[a]:
-                # the shortest path from a to b without the bond a-b closes the smallest ring
-                prev, frontier = {a: None}, [a]
-                while frontier and b not in prev:
-                    nxt = []
-                    for u in frontier:
-                        for v in neighbours[u]:
-                            if (u, v) != (a, b) and v not in prev:
-                                prev[v] = u
-                                nxt.append(v)
-                    frontier = nxt
-                if b in prev:
-                    ring, u = [], b
-                    while u is not None:
-                        ring.append(u)
-                        u = prev[u]
-                    rings.add(frozenset(ring))
+        rings = {
+            frozenset(r) for a in range(len(neighbours)) for b in neighbours[a] if (r := ring_of_bond(neighbours, a, b))
+        }
         stiff = set(self.stiff.tolist())
         flips = []
         for ring in sorted(rings, key=sorted):
@@ -174,17 +164,12 @@ class HarmonicCompletion(nn.Module):
         r"""Eigenvalues ``(B, d)`` (floored) and eigenvectors ``(B, d, d)`` of
         :math:`-\nabla_h^2\log\pi(z)`, by central differences of the gradient, symmetrized."""
         from mcsample.protocols import log_prob_and_grad
+        from mcsample.systems.coordinates import central_difference_hessian
 
-        B, d = z.shape[0], self.dim
-        shift = torch.zeros(2 * d, z.shape[1], dtype=z.dtype, device=z.device)
-        k = torch.arange(d, device=z.device)
-        shift[2 * k, self.stiff] = h
-        shift[2 * k + 1, self.stiff] = -h
-        probes = (z[:, None, :] + shift).reshape(-1, z.shape[1])
-        g = torch.cat([log_prob_and_grad(self.target, c)[1] for c in probes.split(rows)])
-        g = g.reshape(B, 2 * d, -1)[:, :, self.stiff]
-        H = -(g[:, 0::2] - g[:, 1::2]) / (2 * h)
-        H = torch.nan_to_num(0.5 * (H + H.transpose(1, 2)), nan=0.0, posinf=0.0, neginf=0.0)
+        def grad(c: Tensor) -> Tensor:
+            return torch.cat([-log_prob_and_grad(self.target, part)[1] for part in c.split(rows)])
+
+        H = torch.nan_to_num(central_difference_hessian(grad, z, self.stiff, h), nan=0.0, posinf=0.0, neginf=0.0)
         evals, evecs = torch.linalg.eigh(H)
         return evals.clamp(min=self.min_precision), evecs
 
@@ -192,17 +177,24 @@ class HarmonicCompletion(nn.Module):
         r""":math:`\mu(s)` ``(B, d)`` for the free torsions in ``z`` ``(B, 3n - 6)`` (its stiff
         entries are ignored), relaxed from the mixture component's start; no gradient flows
         through it."""
-        return self._relaxed(z, component)[:, self.stiff]
+        return self._relaxed(z, component)[0][:, self.stiff]
 
-    def _relaxed(self, z: Tensor, component: int) -> Tensor:
+    def _relaxed(self, z: Tensor, component: int) -> tuple[Tensor, Tensor]:
+        """``z`` with its stiff entries relaxed from the component's start, and its log-density
+        (``-inf`` where not finite)."""
         cur = z.detach().to(self.z0.dtype).clone()
         cur[:, self.stiff] = self.starts[component, self.stiff]
         return self._relax(cur, self.covs[component], self.newton_steps)
 
-    def _relax(self, cur: Tensor, cov: Tensor, steps: int) -> Tensor:
-        """``steps`` damped Newton steps of the stiff entries of ``cur``, preconditioned by ``cov``."""
+    def _relax(self, cur: Tensor, cov: Tensor, steps: int) -> tuple[Tensor, Tensor]:
+        """``steps`` damped Newton steps of the stiff entries of ``cur``, preconditioned by ``cov``,
+        and the log-density of the result."""
         from mcsample.protocols import log_prob_and_grad
 
+        if steps == 0:
+            with torch.no_grad():
+                lp = self.target.log_prob(cur)
+            return cur, torch.where(torch.isfinite(lp), lp, torch.full_like(lp, -math.inf))
         for _ in range(steps):
             lp, g = log_prob_and_grad(self.target, cur)
             lp = torch.where(torch.isfinite(lp), lp, torch.full_like(lp, -math.inf))
@@ -210,35 +202,34 @@ class HarmonicCompletion(nn.Module):
             step = step.clamp(-self.max_step, self.max_step)
             # backtracking: the first of the step sizes that raises the density, else no step
             todo = torch.arange(cur.shape[0], device=cur.device)
-            out = cur.clone()
+            out, out_lp = cur.clone(), lp.clone()
             with torch.no_grad():
                 for a in _STEPS:
                     cand = cur[todo].clone()
                     cand[:, self.stiff] = cand[:, self.stiff] + a * step[todo]
-                    better = self.target.log_prob(cand) > lp[todo]  # False for NaN
+                    lc = self.target.log_prob(cand)
+                    better = lc > lp[todo]  # False for NaN
                     out[todo[better]] = cand[better]
+                    out_lp[todo[better]] = lc[better]
                     todo = todo[~better]
                     if todo.numel() == 0:
                         break
-            cur = out
-        return cur
+            cur, lp = out, out_lp
+        return cur, lp
 
     def gaussian(self, z: Tensor, component: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         r""":math:`\mu(s)` ``(B, d)``, the precision's eigenvalues ``(B, d)`` and eigenvectors
         ``(B, d, d)`` of one mixture component for the free torsions of ``z``, and its log
         Laplace mass :math:`\log\pi(s,\mu(s)) + \tfrac12\log\det 2\pi\Sigma` ``(B,)`` (no
         gradient)."""
-        at = self._relaxed(z, component)
+        at, lp = self._relaxed(z, component)
         mu = at[:, self.stiff]
         if self.hessian == "reference":
             B = mu.shape[0]
             evals, evecs = self.start_evals[component].expand(B, -1), self.start_evecs[component].expand(B, -1, -1)
         else:
             evals, evecs = self._precision(at)
-        with torch.no_grad():
-            lp = self.target.log_prob(at)
-        mass = torch.where(torch.isfinite(lp), lp, torch.full_like(lp, -math.inf)) - self._log_scale(evals)
-        return mu, evals, evecs, mass
+        return mu, evals, evecs, lp - self._log_scale(evals)
 
     @property
     def components(self) -> int:

@@ -234,29 +234,15 @@ def _torsion_candidates(topology, zmatrix) -> Tensor:
     any other bond is a rotor (phi, psi, omega, chi, methyls) and stays free, whatever the rigid
     scan says: rotating a whole side of the molecule rigidly clashes, but the molecule turns
     these bonds by relaxing the rest."""
-    from mcsample.systems.coordinates import bond_graph
+    from mcsample.systems.coordinates import bond_graph, ring_of_bond
 
     z = np.asarray(zmatrix)
     neighbours = bond_graph(topology)
 
-    def in_ring(a: int, b: int) -> bool:  # is b reachable from a without the bond a-b?
-        seen, stack = {a}, [a]
-        while stack:
-            u = stack.pop()
-            for j in neighbours[u]:
-                if u == a and j == b:
-                    continue
-                if j == b:
-                    return True
-                if j not in seen:
-                    seen.add(j)
-                    stack.append(j)
-        return False
-
     out = []
     for _, a, b, c in z[3:]:
         a, b, c = int(a), int(b), int(c)
-        out.append(c in neighbours[a] or in_ring(a, b))
+        out.append(c in neighbours[a] or ring_of_bond(neighbours, a, b) is not None)
     return torch.tensor(out, dtype=torch.bool)
 
 
@@ -267,21 +253,20 @@ def _harmonic_marginal_width(forcefield, ic, z0: Tensor, kT: float, stiff: Tenso
     force evaluation of :math:`2D` configurations); ``None`` if :math:`H` is not positive
     definite. A ring torsion scanned alone is pinned by the ring (rigid width 0.02 rad); with
     the ring's bonds and angles relaxing with it its width is 0.1 rad."""
+    from mcsample.systems.coordinates import central_difference_hessian
+
     ts = ic.torsion_slice
     keep = torch.ones(len(z0), dtype=torch.bool)
     keep[:6] = False
     keep[ts] = stiff
     idx = torch.nonzero(keep)[:, 0]
-    D = len(idx)
-    z = z0.repeat(2 * D, 1)
-    rows = torch.arange(2 * D)
-    z[rows, idx.repeat_interleave(2)] += torch.tensor([h, -h], dtype=z.dtype).repeat(D)
-    z.requires_grad_(True)
-    x, _ = ic.to_cartesian(z)
-    (grad,) = torch.autograd.grad(forcefield.energy(x).sum() / kT, z)
-    grad = grad.detach()[:, idx]
-    hess = (grad[0::2] - grad[1::2]) / (2 * h)
-    hess = (hess + hess.T) / 2
+
+    def grad(z: Tensor) -> Tensor:
+        z = z.detach().requires_grad_(True)
+        x, _ = ic.to_cartesian(z)
+        return torch.autograd.grad(forcefield.energy(x).sum() / kT, z)[0].detach()
+
+    hess = central_difference_hessian(grad, z0[None], idx, h)[0]
     chol, info = torch.linalg.cholesky_ex(hess)
     if int(info) != 0 or not bool(torch.isfinite(hess).all()):
         return None
@@ -922,7 +907,6 @@ class CompletedFlow(nn.Module):
         return self.bound.event_shape
 
     def log_prob(self, z: Tensor) -> Tensor:
-        self.bound._check(z)
         return self.bound.log_prob(z).to(torch.float64) + self.completion.log_prob(z)
 
     def rsample_and_log_prob(self, shape=(1,), generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:

@@ -190,6 +190,44 @@ def bond_graph(topology) -> list[set[int]]:
     return neighbours
 
 
+def ring_of_bond(neighbours: list[set[int]], a: int, b: int) -> list[int] | None:
+    """The smallest ring through the bond ``a-b`` (its atoms, from ``b`` back to ``a``), or
+    ``None`` when the bond is in no ring: a breadth-first search from ``a`` to ``b`` that does
+    not use the bond itself. ``neighbours`` as from :func:`bond_graph`."""
+    prev, frontier = {a: None}, [a]
+    while frontier and b not in prev:
+        nxt = []
+        for u in frontier:
+            for v in neighbours[u]:
+                if (u, v) != (a, b) and v not in prev:
+                    prev[v] = u
+                    nxt.append(v)
+        frontier = nxt
+    if b not in prev:
+        return None
+    ring, u = [], b
+    while u is not None:
+        ring.append(u)
+        u = prev[u]
+    return ring
+
+
+def central_difference_hessian(grad, z: Tensor, idx: Tensor, h: float) -> Tensor:
+    r"""Symmetrized Hessian ``(B, d, d)`` of a function over the entries ``idx`` of ``z``
+    ``(B, D)``, by central differences of its gradient: :math:`H_{ij} \approx
+    [\partial_j f(z + h e_i) - \partial_j f(z - h e_i)] / 2h`, from one call of
+    ``grad`` (``(M, D) -> (M, D)``) on the :math:`2dB` shifted points."""
+    B, D = z.shape
+    d = len(idx)
+    shift = torch.zeros(2 * d, D, dtype=z.dtype, device=z.device)
+    k = torch.arange(d, device=z.device)
+    shift[2 * k, idx] = h
+    shift[2 * k + 1, idx] = -h
+    g = grad((z[:, None, :] + shift).reshape(-1, D)).reshape(B, 2 * d, D)[:, :, idx]
+    H = (g[:, 0::2] - g[:, 1::2]) / (2 * h)
+    return 0.5 * (H + H.transpose(1, 2))
+
+
 def zmatrix_from_topology(topology) -> np.ndarray:
     """Build a Z-matrix from a molecular topology (mdtraj or OpenMM).
 
