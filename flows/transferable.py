@@ -33,7 +33,12 @@ conditioner sequence-aware:
   identical particles, so the Boltzmann distribution over labelled atoms has mirror-labelled
   copies of each group; the flow models the copy of the peptide's own structure and training
   frames are relabelled to it (:func:`match_hydrogen_labels`). Label-blind observables
-  (energies, φ/ψ, distances between distinct atoms) are unchanged.
+  (energies, φ/ψ, distances between distinct atoms) are unchanged. Turning a methyl or
+  ammonium group by 120°, or a carboxylate or planar NH2 group by 180°, permutes identical atoms,
+  so the density of such a rotor's torsion is made :math:`2\pi/k`-periodic by construction
+  (:func:`rotor_symmetry`; ``TransferableConfig.symmetric_rotors``): short MD fills a rotor's
+  wells unequally, and a flow that learned those populations gave the wells it under-filled
+  importance weights several times the others'.
 * **Coupling layers.** Layer :math:`\ell` transforms the cells of one class of a fixed
   partition (torsions / bonds and angles; even / odd placement positions) with rational
   quadratic splines (zuko; circular splines for torsions, Rezende et al. 2020) whose
@@ -83,6 +88,7 @@ __all__ = [
     "PackedTarget",
     "torsion_stiffness",
     "match_hydrogen_labels",
+    "rotor_symmetry",
     "CompletedFlow",
 ]
 
@@ -110,6 +116,9 @@ class PeptideTokens:
     ``(D,)`` the cell (``3p + c``) of each internal coordinate in the order
     ``[bonds, angles, torsions]``, ``D = 3n - 6``; ``circular`` ``(P, 3)`` the free torsions
     (uniform base on the circle); the other torsions are *stiff* (see :func:`torsion_stiffness`).
+    ``period`` ``(P, 3)``: the order :math:`k` of the rotational symmetry of each free torsion
+    (3 for methyl and ammonium rotors, 2 for carboxylates and planar NH2 groups, 1 otherwise;
+    see :func:`rotor_symmetry`).
     """
 
     features: Tensor
@@ -119,6 +128,11 @@ class PeptideTokens:
     position: Tensor
     flat: Tensor
     circular: Tensor
+    period: Tensor | None = None
+
+    def __post_init__(self):
+        if self.period is None:
+            self.period = torch.ones(self.loc.shape, dtype=self.loc.dtype)
 
     @property
     def num_tokens(self) -> int:
@@ -304,6 +318,68 @@ def _equivalent_hydrogen_groups(peptide) -> list[tuple[int, int, list[int]]]:
     return groups
 
 
+def rotor_symmetry(peptide, zmatrix) -> Tensor:
+    r"""The order :math:`k` of the exact rotational symmetry of every torsion of ``zmatrix``
+    ``(n, 4)`` (row ``p >= 3`` places atom ``i`` about the bond ``a``-``b``), shape ``(n - 3,)``.
+
+    Turning a group by :math:`2\pi/k` about its bond permutes identical atoms when ``a`` carries,
+    besides ``b``, exactly :math:`k \in \{2, 3\}` atoms of one element with identical nonbonded
+    parameters: three terminal ones on a tetrahedral centre (methyl, ammonium), or two on a
+    planar one, either terminal (carboxylate, guanidinium and amide NH2) or heading branches that
+    map onto each other atom by atom (the ring flip of phenylalanine and tyrosine). The
+    Boltzmann distribution of labelled atoms is invariant under the permutation, which turns
+    the torsion by :math:`2\pi/k` (up to the spread of the other members' offsets from it, a
+    few degrees), while MD of a few picoseconds leaves the :math:`k` wells of a rotor unequally
+    filled; a flow whose density of the torsion is :math:`2\pi/k`-periodic has the symmetry by
+    construction instead of learning it from such data. Only free torsions use it (the
+    siblings' torsions, placed from the group's first atom, are stiff).
+    """
+    import openmm
+
+    from mcsample.systems.coordinates import bond_graph
+
+    top = peptide.topology
+    atoms = list(top.atoms)
+    nb = next(f for f in peptide.system.getForces() if isinstance(f, openmm.NonbondedForce))
+    kind = [
+        (a.element.symbol if a.element is not None else "?",)
+        + tuple(round(v._value, 8) for v in nb.getParticleParameters(i))
+        for i, a in enumerate(atoms)
+    ]
+    neighbours = bond_graph(top)
+
+    def mirror(a: int, u: int, v: int) -> bool:
+        """The branches of ``a`` at ``u`` and ``v`` map onto each other atom by atom (a ring
+        flip: phenyl, tyrosyl), pairing neighbours of equal kind layer by layer."""
+        pairs, seen = [(u, v)], {a, u, v}
+        while pairs:
+            nxt = []
+            for x, y in pairs:
+                nx = sorted((kind[w], len(neighbours[w]), w) for w in neighbours[x] if w not in seen)
+                ny = sorted((kind[w], len(neighbours[w]), w) for w in neighbours[y] if w not in seen)
+                if [t[:2] for t in nx] != [t[:2] for t in ny]:
+                    return False
+                if x != y and len({t[:2] for t in nx}) != len(nx):
+                    return False  # two neighbours of one kind: the pairing is ambiguous
+                nxt += [(p[2], q[2]) for p, q in zip(nx, ny)]
+            seen |= {w for pair in nxt for w in pair}
+            pairs = nxt
+        return True
+
+    z = np.asarray(zmatrix)
+    out = torch.ones(max(len(z) - 3, 0))
+    for p in range(3, len(z)):
+        i, a, b = (int(v) for v in z[p, :3])
+        group = sorted(set(neighbours[a]) - {b})
+        if i not in group or len(group) not in (2, 3) or len(neighbours[a]) != len(group) + 1:
+            continue
+        if len({kind[j] for j in group}) != 1:
+            continue
+        if all(len(neighbours[j]) == 1 for j in group) or (len(group) == 2 and mirror(a, *group)):
+            out[p - 3] = len(group)
+    return out
+
+
 def _handedness(x: Tensor, a: int, b: int, hs: list[int]) -> Tensor:
     """Sign of the triple product of the first hydrogens of a group (with the heavy neighbour
     ``b`` as the third vector when there are two), per frame."""
@@ -336,7 +412,7 @@ def match_hydrogen_labels(peptide, x: Tensor) -> Tensor:
     return out
 
 
-def tokenize(peptide, zmatrix=None, free_only: bool = False) -> PeptideTokens:
+def tokenize(peptide, zmatrix=None, free_only: bool = False, symmetric_rotors: bool = False) -> PeptideTokens:
     r"""The tokens of ``peptide`` (a :class:`~mcsample.systems.peptides.Peptide`): one per atom
     placed from earlier ones, carrying its bond, angle and torsion (see :class:`PeptideTokens`).
 
@@ -350,7 +426,8 @@ def tokenize(peptide, zmatrix=None, free_only: bool = False) -> PeptideTokens:
     :math:`u = \mathrm{wrap}(\varphi - \varphi_0)/\sigma`; the other torsions stay on the circle.
     With ``free_only`` the free torsions are the only valid cells (the flow of a
     ``TransferableConfig(cells="free")``, whose proposal completes the rest with
-    :class:`~mcsample.flows.harmonic.HarmonicCompletion`).
+    :class:`~mcsample.flows.harmonic.HarmonicCompletion`). With ``symmetric_rotors`` each free
+    torsion carries the order of its rotational symmetry (:func:`rotor_symmetry`) in ``period``.
     """
     from mcsample.systems.coordinates import zmatrix_from_topology
 
@@ -383,6 +460,8 @@ def tokenize(peptide, zmatrix=None, free_only: bool = False) -> PeptideTokens:
     valid = torch.zeros(P, 3, dtype=torch.bool)
     circular = torch.zeros(P, 3, dtype=torch.bool)
     phi0, sigma, stiff = torsion_stiffness(peptide, z)
+    period = torch.ones(P, 3)
+    symmetry = rotor_symmetry(peptide, z) if symmetric_rotors else torch.ones(n - 3)
     for p in range(1, n):
         row = [int(v) for v in z[p]]
         refs = [row[0]] + [row[k] if (k <= min(p, 3) and row[k] >= 0) else -1 for k in (1, 2, 3)]
@@ -405,6 +484,7 @@ def tokenize(peptide, zmatrix=None, free_only: bool = False) -> PeptideTokens:
                 loc[t, 2], scale[t, 2] = float(phi0[p - 3]), float(sigma[p - 3])
             else:
                 circular[t, 2] = True
+                period[t, 2] = symmetry[p - 3]
     if free_only:
         valid = circular.clone()
     flat = torch.cat([torch.arange(0, P) * 3, torch.arange(1, P) * 3 + 1, torch.arange(2, P) * 3 + 2])
@@ -416,6 +496,7 @@ def tokenize(peptide, zmatrix=None, free_only: bool = False) -> PeptideTokens:
         torch.tensor(positions, dtype=torch.long),
         flat,
         circular,
+        period,
     )
 
 
@@ -434,6 +515,10 @@ class TransferableConfig:
     #: and :meth:`TransferableFlow.proposal` draws the stiff coordinates from their harmonic
     #: conditional (:class:`~mcsample.flows.harmonic.HarmonicCompletion`)
     cells: str = "all"
+    #: model each free torsion's density as :math:`2\pi/k`-periodic, ``k`` its rotational
+    #: symmetry (:func:`rotor_symmetry`): :math:`q(\theta) = p(k\theta)`, draws spread evenly
+    #: over the ``k`` wells
+    symmetric_rotors: bool = True
 
     def __post_init__(self):
         if self.cells not in ("all", "free"):
@@ -574,6 +659,7 @@ class TransferableFlow(nn.Module):
             "valid": torch.stack([pad(t.valid, False) for t in tokens]),
             "position": torch.stack([pad(t.position, 0) for t in tokens]),
             "circular": torch.stack([pad(t.circular, False) for t in tokens]),
+            "period": torch.stack([pad(t.period, 1.0) for t in tokens]),
         }
 
     def _to(self, b: dict) -> dict:
@@ -611,9 +697,9 @@ class TransferableFlow(nn.Module):
         circular, real = _kinds(b)
         d = z - b["loc"]
         d = torch.where(_stiff_mask(b), wrap_angle(d), d)
-        u = torch.where(circular, wrap_angle(z), d / b["scale"])
+        u = torch.where(circular, wrap_angle(z * b["period"]), d / b["scale"])
         u = torch.where(valid, u, torch.zeros_like(u))
-        return u, -(torch.log(b["scale"]) * real).flatten(1).sum(-1)
+        return u, (torch.log(b["period"]) * circular - torch.log(b["scale"]) * real).flatten(1).sum(-1)
 
     def transform(self, z: Tensor, b: dict) -> tuple[Tensor, Tensor]:
         """Data cells ``z`` ``(B, P, 3)`` (physical units, padded) to latent ``u`` and the
@@ -628,8 +714,8 @@ class TransferableFlow(nn.Module):
 
     def base_log_prob(self, u: Tensor, b: dict) -> Tensor:
         r"""Standard normal on the bonds and angles, the normal truncated to
-        :math:`(-\pi/\sigma, \pi/\sigma]` on stiff torsions, uniform on free torsions, nothing
-        on padding."""
+        :math:`(-\pi/\sigma, \pi/\sigma]` on stiff torsions, uniform on free torsions (and on
+        the ``k`` wells of a symmetric rotor, :meth:`spread_rotors`), nothing on padding."""
         circular, real = _kinds(b)
         stiff = _stiff_mask(b)
         a = math.pi / b["scale"]
@@ -640,6 +726,7 @@ class TransferableFlow(nn.Module):
             (-0.5 * uf**2 * real).sum(-1)
             - 0.5 * _LOG_2PI * real.sum(-1)
             - _LOG_2PI * circ.sum(-1)
+            - (torch.log(b["period"]).flatten(1) * circ).sum(-1)
             - (log_mass * stiff).flatten(1).sum(-1)
         )
 
@@ -659,11 +746,22 @@ class TransferableFlow(nn.Module):
             ladj = ladj + l
         valid = b["valid"]
         circular, real = _kinds(b)
-        ladj = ladj - (torch.log(b["scale"]) * real).flatten(1).sum(-1)
+        ladj = ladj + (torch.log(b["period"]) * circular - torch.log(b["scale"]) * real).flatten(1).sum(-1)
         z = u * b["scale"] + b["loc"]
         z = torch.where(_stiff_mask(b), wrap_angle(z), z)
-        z = torch.where(circular, wrap_angle(u), z)
+        z = torch.where(circular, wrap_angle(u) / b["period"], z)  # the principal well of a rotor
         return torch.where(valid, z, torch.zeros_like(z)), ladj
+
+    def spread_rotors(self, z: Tensor, b: dict, generator: torch.Generator | None = None) -> Tensor:
+        r"""Turn each symmetric rotor of cells ``z`` (from :meth:`invert`) into one of its ``k``
+        wells at random, :math:`\theta \to \theta + 2\pi m/k`, :math:`m \sim U\{0..k-1\}`: the
+        draws of the density :math:`q(\theta) = p(k\theta)` (:func:`rotor_symmetry`)."""
+        b = self._to(b)
+        period = b["period"]
+        if not bool((period > 1).any()):
+            return z
+        m = torch.floor(torch.rand(z.shape, generator=generator, device=z.device, dtype=z.dtype) * period)
+        return torch.where(period > 1, wrap_angle(z + 2 * math.pi * m / period), z)
 
     def sample_base(self, b: dict, generator: torch.Generator | None = None) -> Tensor:
         b = self._to(b)
@@ -682,7 +780,8 @@ class TransferableFlow(nn.Module):
     # -- one peptide ------------------------------------------------------------------------
     def tokenize(self, peptide, zmatrix=None) -> PeptideTokens:
         """:func:`tokenize` with the cells this flow models."""
-        return tokenize(peptide, zmatrix, free_only=self.architecture.cells == "free")
+        cfg = self.architecture
+        return tokenize(peptide, zmatrix, free_only=cfg.cells == "free", symmetric_rotors=cfg.symmetric_rotors)
 
     def bind(self, peptide, tokens: PeptideTokens | None = None, hessian: str = "reference") -> BoundFlow:
         """This flow restricted to ``peptide``'s internal coordinates (the interface of
@@ -724,7 +823,8 @@ class TransferableFlow(nn.Module):
 
     @classmethod
     def from_config(cls, config: dict) -> TransferableFlow:
-        flow = cls(TransferableConfig(**config["architecture"]))
+        # checkpoints from before rotor symmetry existed were trained without it
+        flow = cls(TransferableConfig(**{"symmetric_rotors": False, **config["architecture"]}))
         flow.training_set = list(config.get("training_set", []))
         return flow
 
@@ -763,6 +863,7 @@ class PackedFlow(nn.Module):
         b = self.flow._to({key: v[ids] for key, v in self._table.items()})
         u = self.flow.sample_base(b, generator)
         z, ladj = self.flow.invert(u, b)
+        z = self.flow.spread_rotors(z, b, generator)
         rows = torch.cat([ids[:, None].to(device=z.device, dtype=z.dtype), z.flatten(1)], 1)
         return rows, self.flow.base_log_prob(u, b) + ladj
 
@@ -874,6 +975,7 @@ class BoundFlow(nn.Module):
         b = self._batch(n)
         u = self.flow.sample_base(b, generator)
         z, ladj = self.flow.invert(u, b)
+        z = self.flow.spread_rotors(z, b, generator)
         return self.tokens.from_cells(z), self.flow.base_log_prob(u, b) + ladj
 
     def sample_and_log_prob(self, shape=(1,), generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:

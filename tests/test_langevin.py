@@ -413,6 +413,23 @@ def test_transferable_data_quick_writes_resumes_and_refuses_other_sequences(tmp_
         ex.main(["--quick", "--out", str(tmp_path), "--no-progress", "--seed", "1"])
     with pytest.raises(SystemExit, match="not training sequences"):
         ex.main(["--sequences", "FF", "--out", str(tmp_path / "x"), "--no-progress"])
+    # the packed data set: every thin-th frame of each walker, float16 centred coordinates whose
+    # internal geometry matches the float32 frames to the float16 resolution
+    packed = tmp_path / "packed.npz"
+    ex.main(["--quick", "--out", str(tmp_path), "--export", str(packed), "--thin", "2", "--sequences", "AV", "CG"])
+    for seq in ("AV", "CG"):
+        full = MDResult.load(tmp_path / f"{seq}.npz").trajectory.xyz
+        xyz, walker, energy = ex.load_packed(packed, seq)
+        assert xyz.shape == (8, full.shape[1], 3) and list(walker) == [0, 1, 2, 3] * 2
+        kept = full.reshape(4, 4, -1, 3)[::2].reshape(8, -1, 3)  # frames 0 and 2 of each walker
+        d_full = np.linalg.norm(kept[:, :, None] - kept[:, None], axis=-1)
+        d_packed = np.linalg.norm(xyz[:, :, None] - xyz[:, None], axis=-1)
+        assert np.abs(d_full - d_packed).max() < 2e-3
+        assert np.allclose(xyz.mean(1), 0.0, atol=1e-3) and np.isfinite(energy).all()
+    manifest = ex.read_manifest(packed)
+    assert manifest["packed"]["thin"] == 2 and manifest["settings"]["num_walkers"] == 4
+    with pytest.raises(SystemExit, match="holds no frames of GR"):
+        ex.load_packed(packed, "GR")
     # every walker starts in the polyproline/beta basin (phi of residue 2, psi of residue 1)
     from mcsample.systems.peptides import Peptide
 

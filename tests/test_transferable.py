@@ -4,6 +4,8 @@ trip, and maximum likelihood over several peptides that lowers held-out NLL."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -118,18 +120,56 @@ def test_change_of_variables_is_exact(peptides):
     u, ladj = bound.transform(z)
     J = torch.autograd.functional.jacobian(lambda v: bound.transform(v[None])[0][0], z[0])
     assert float(torch.linalg.slogdet(J.detach())[1]) == pytest.approx(float(ladj.detach()), abs=1e-8)
-    z2, _ = bound.invert(u)
-    torch.testing.assert_close(z2, z, atol=1e-8, rtol=0)
+    z2, _ = bound.invert(u)  # the principal well of each symmetric rotor
+    k = bound.tokens.from_cells(bound.tokens.period[None].double())
+    assert int((k == 3).sum()) == 4 and int((k == 2).sum()) == 1  # NH3+, 3 methyls; COO-
+    turns = (z - z2) * k / (2 * math.pi)
+    torch.testing.assert_close(turns, turns.round(), atol=1e-8, rtol=0)
+    torch.testing.assert_close(z2[k == 1], z[k == 1], atol=1e-8, rtol=0)
     prop = flow.proposal(peptides["AL"])
     x, lq = prop.sample_and_log_prob((4,), torch.Generator().manual_seed(2))
     assert x.shape == (4, peptides["AL"].n_atoms, 3)
     torch.testing.assert_close(prop.log_prob(x), lq, atol=1e-8, rtol=0)
 
 
+def test_symmetric_rotors_are_periodic_and_fill_every_well(peptides):
+    """Methyl and ammonium rotors have order 3, carboxylates 2, the rest 1 (rotor_symmetry);
+    the flow's density is unchanged by turning a rotor by 2π/k, its draws fill the k wells
+    equally, and a flow without the symmetry (checkpoints that predate it) is not periodic."""
+    from mcsample.flows.transferable import rotor_symmetry
+    from mcsample.systems.coordinates import zmatrix_from_topology
+
+    p = peptides["AL"]
+    zm = zmatrix_from_topology(p.topology)
+    names = [str(a) for a in p.topology.atoms]
+    order = {names[int(zm[q, 0])]: int(k) for q, k in zip(range(3, len(zm)), rotor_symmetry(p, zm))}
+    assert order["ALA1-HB1"] == order["LEU2-HD11"] == order["LEU2-HD21"] == order["ALA1-H"] == 3
+    assert order["LEU2-O"] == 2 and order["LEU2-CG"] == order["LEU2-CD1"] == 1
+    flow = _random_flow(seed=5).double()
+    bound = flow.bind(p)
+    z = bound.sample((2000,), torch.Generator().manual_seed(6))
+    k = bound.tokens.from_cells(bound.tokens.period[None].double())[0]
+    lp = bound.log_prob(z)
+    for c in torch.nonzero(k > 1)[:, 0].tolist():
+        turned = z.clone()
+        turned[:, c] = torch.remainder(z[:, c] + 2 * math.pi / k[c] + math.pi, 2 * math.pi) - math.pi
+        torch.testing.assert_close(bound.log_prob(turned), lp, atol=1e-8, rtol=0)
+        well = torch.floor(torch.remainder(z[:, c] + math.pi, 2 * math.pi) / (2 * math.pi / k[c])).long()
+        share = torch.bincount(well, minlength=int(k[c])).double() / len(z)
+        assert float((share - 1 / k[c]).abs().max()) < 0.04, (c, share)
+    plain = TransferableFlow(TransferableConfig(layers=4, width=32, symmetric_rotors=False)).double()
+    plain.load_state_dict(flow.state_dict())
+    c = int(torch.nonzero(k == 3)[0, 0])
+    turned = z[:5].clone()
+    turned[:, c] = torch.remainder(z[:5, c] + 2 * math.pi / 3 + math.pi, 2 * math.pi) - math.pi
+    pb = plain.bind(p)
+    assert float((pb.log_prob(turned) - pb.log_prob(z[:5])).abs().max()) > 1e-3
+
+
 def test_padding_does_not_change_a_peptides_density(peptides):
     """A peptide's log-density alone equals its log-density in a padded batch with a longer one."""
     flow = _random_flow().double()
-    ta, tg = tokenize(peptides["AL"]), tokenize(peptides["GW"])
+    ta, tg = flow.tokenize(peptides["AL"]), flow.tokenize(peptides["GW"])
     za = flow.bind(peptides["AL"]).sample((3,), torch.Generator().manual_seed(3))
     zg = flow.bind(peptides["GW"]).sample((3,), torch.Generator().manual_seed(4))
     alone = flow.bind(peptides["AL"]).log_prob(za)

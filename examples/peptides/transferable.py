@@ -49,6 +49,8 @@ from transferable_data import TRAINING_SEQUENCES  # noqa: E402
 HELD_OUT = ("EW", "FF", "IQ", "LQ", "PE", "TL", "VT", "YW")
 CONTROLS = ("AL", "GR", "KW", "SP")
 CHECKPOINT = ROOT / "flows" / "checkpoints" / "transferable.pt"
+#: the packed training data set (``transferable_data.py --export``), shipped with the examples
+DATA = HERE / "data" / "transferable_dipeptides.npz"
 #: training recipe of the shipped checkpoint
 RECIPE = {
     "architecture": {"layers": 8, "width": 48, "heads": 4, "depth": 1, "bins": 8, "cells": "free"},
@@ -67,10 +69,14 @@ def make_peptide(seq: str):
     return Peptide.from_sequence(seq, caps=False, solvent="obc1", temperature=310.0, cutoff=2.0)
 
 
-def load_frames(folder: Path, seq: str):
+def load_frames(data: Path, seq: str):
     """``(xyz float32 (F, n, 3) nm, walker (F,), potential energy (F,) kJ/mol)`` of one
-    sequence's data file."""
-    path = folder / f"{seq}.npz"
+    sequence: from a data folder (``<SEQ>.npz``) or from the packed data set (one ``.npz``)."""
+    import transferable_data as td
+
+    if data.is_file():
+        return td.load_packed(data, seq)
+    path = data / f"{seq}.npz"
     if not path.exists():
         raise SystemExit(f"{path} is missing: run examples/peptides/transferable_data.py first")
     with np.load(path, allow_pickle=False) as f:
@@ -84,10 +90,7 @@ def reference_md(seq: str, folder: Path, quick: bool, data: Path) -> tuple[np.nd
     ``folder``."""
     import transferable_data as td
 
-    manifest = data / "manifest.json"
-    if not manifest.exists():
-        raise SystemExit(f"{manifest} is missing: run examples/peptides/transferable_data.py first")
-    settings = dict(json.loads(manifest.read_text())["settings"])
+    settings = dict(td.read_manifest(data)["settings"])
     settings["seed"] = int(settings["seed"]) + 1000
     if quick:
         settings.update(num_walkers=4, num_temperatures=3, time_ps=0.4, equilibration_ps=0.2)
@@ -176,7 +179,8 @@ def train(args) -> None:
         seconds += history.seconds
     flow.training_set = list(sequences)
     nll = validation_nll(model, rows_valid)
-    manifest = Path(args.data) / "manifest.json"
+    from transferable_data import read_manifest
+
     previous = getattr(flow, "meta", {}) if args.init else {}
     meta = {
         "recipe": RECIPE,
@@ -186,7 +190,7 @@ def train(args) -> None:
         "kl_lr": args.kl_lr,
         "initialized_from": previous or None,
         "training_sequences": list(sequences),
-        "data": json.loads(manifest.read_text())["settings"] if manifest.exists() else str(args.data),
+        "data": {k: v for k, v in read_manifest(Path(args.data)).items() if k in ("settings", "packed")},
         "monitored_nll": nll,
         "wall_time_s": seconds,
         "made_by": "python examples/peptides/transferable.py train",
@@ -356,7 +360,11 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="stage", required=True)
     tr = sub.add_parser("train", help="maximum likelihood over the 48 training sequences")
-    tr.add_argument("--data", default="outputs/peptides/transferable", help="data folder (default: %(default)s)")
+    tr.add_argument(
+        "--data",
+        default=str(DATA),
+        help="packed data set or data folder of transferable_data.py (default: %(default)s)",
+    )
     tr.add_argument("--out", default=str(CHECKPOINT), help="checkpoint to write (default: %(default)s)")
     tr.add_argument("--steps", type=int, default=RECIPE["steps"], help="Adam steps (default: %(default)s)")
     tr.add_argument("--sequences", nargs="*", help="a subset of the training sequences (default: all 48)")
@@ -374,8 +382,8 @@ def main(argv=None) -> None:
     ev.add_argument("--checkpoint", default=str(CHECKPOINT), help="trained flow (default: %(default)s)")
     ev.add_argument(
         "--data",
-        default="outputs/peptides/transferable",
-        help="training data folder, whose settings the reference MD repeats (default: %(default)s)",
+        default=str(DATA),
+        help="training data (packed file or folder), whose settings the reference MD repeats (default: %(default)s)",
     )
     ev.add_argument(
         "--results", default="outputs/peptides/transferable_eval", help="output folder (default: %(default)s)"
