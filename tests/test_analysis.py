@@ -91,6 +91,20 @@ def test_energy_w1_of_shift_is_the_shift_and_uses_weights():
     assert A.energy_wasserstein([0.0, 1.0], [0.0, 1.0], weights_p=[1, 3], weights_q=[3, 1]) == pytest.approx(0.5)
 
 
+def test_energy_wasserstein_ignores_a_clash_of_negligible_weight():
+    """Importance draws include clashes at 1e9 kT whose weights are 1e-200: their mass is
+    nothing, and W2 is the one of the other draws. (Ten weights of 0.1 sum to 1 - 1e-16 in
+    float64; the quantile coupling used to hand that gap to the largest draw, 10 kT of W2.) A
+    clash of real weight still counts."""
+    e, w, ref = np.arange(10.0), np.full(10, 0.1), np.array([1.0, 3.0, 5.0, 8.0])
+    clean = A.energy_wasserstein(e, ref, weights_p=w, p=2)
+    assert clean == pytest.approx(math.sqrt(0.75), rel=1e-12)
+    clash = A.energy_wasserstein(np.append(e, 1e9), ref, weights_p=np.append(w, 1e-200), p=2)
+    assert clash == pytest.approx(clean, rel=1e-12)
+    real = A.energy_wasserstein(np.append(e, 1e9), ref, weights_p=np.append(w, 1e-6), p=2)
+    assert real > 1e5
+
+
 @pytest.mark.parametrize("p", [1, 2])
 def test_circular_wasserstein_of_shift_and_wraparound(p):
     rng = np.random.default_rng(3)
