@@ -249,3 +249,18 @@ def test_maximum_likelihood_over_two_peptides_lowers_held_out_nll(peptides):
     )
     after = float(-model.log_prob(rows_valid).mean())
     assert before < -170 and after < before - 5, (before, after)  # measured: -190 -> -199
+
+
+def test_shipped_checkpoint_proposes_for_a_sequence_it_never_saw():
+    """The shipped checkpoint models free torsions with symmetric rotors, was trained on the 48
+    training dipeptides only (none of the held-out ones), and its importance weights for a
+    dipeptide in neither list are finite with an effective sample size of several draws."""
+    from mcsample.flows import pretrained
+
+    flow = pretrained("transferable")
+    assert flow.architecture.cells == "free" and flow.architecture.symmetric_rotors
+    assert len(set(flow.training_set)) == 48
+    assert not {"EW", "FF", "IQ", "LQ", "PE", "TL", "VT", "YW", "GA"} & set(flow.training_set)
+    ens = mc.sample_peptide(_peptide("GA"), 1024, method="is", generator=torch.Generator().manual_seed(0))
+    assert ens.samples.samples.shape == (1024, 20, 3)
+    assert ens.diagnostics.ess > 5, ens.diagnostics

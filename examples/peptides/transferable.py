@@ -1,13 +1,14 @@
 """Train the transferable dipeptide flow, and evaluate it on sequences it never saw.
 
 ``train``: maximum likelihood of :class:`mcsample.flows.transferable.TransferableFlow` over the
-equilibrium frames of the 48 training dipeptides made by ``transferable_data.py`` (internal
-coordinates of every frame, equivalent hydrogens relabelled to each peptide's structure, packed
-across sequences; every frame trains, and the last 8 frames of each sequence monitor the fit:
-generalization is what ``evaluate`` measures, on reference MD of sequences never trained on),
-with a progress bar and a resumable checkpoint; the trained weights go to
-``flows/checkpoints/transferable.pt`` with their provenance (data manifest, settings, seed,
-NLL of the monitored frames, wall time).
+equilibrium frames of the 48 training dipeptides made by ``transferable_data.py`` (by default
+the packed set shipped as ``examples/peptides/data/transferable_dipeptides.npz``; ``--data``
+also takes a folder written by that script): internal coordinates of every frame, equivalent
+hydrogens relabelled to each peptide's structure, packed across sequences; every frame trains,
+and the last 8 frames of each sequence monitor the fit (generalization is what ``evaluate``
+measures, on reference MD of sequences never trained on); a progress bar and a resumable
+checkpoint; the trained weights go to ``flows/checkpoints/transferable.pt`` with their
+provenance (data manifest, settings, seed, NLL of the monitored frames, wall time).
 
 ``evaluate``: for each sequence (default: the 8 held-out dipeptides EW FF IQ LQ PE TL VT YW and
 4 training ones as a control), with reference parallel-tempering MD of the same settings as the
@@ -21,8 +22,8 @@ side by side per sequence, ``outputs/peptides/transferable_eval/rama_<SEQ>.png``
 
 Usage::
 
-    python examples/peptides/transferable_data.py           # the data (see its docstring)
-    python examples/peptides/transferable.py train          # writes flows/checkpoints/transferable.pt
+    python examples/peptides/transferable.py train          # writes flows/checkpoints/transferable.pt (~35 min)
+    python examples/peptides/transferable_data.py           # regenerate the data instead (~1 hour; its docstring)
     python examples/peptides/transferable.py evaluate       # held-out table, JSON and plots
     python examples/peptides/transferable.py evaluate --quick --sequences EW   # 2-3 minutes
 """
