@@ -291,29 +291,34 @@ def _harmonic_marginal_width(forcefield, ic, z0: Tensor, kT: float, stiff: Tenso
     return width
 
 
-def _equivalent_hydrogen_groups(peptide) -> list[tuple[int, int, list[int]]]:
-    """``(heavy atom, its first heavy neighbour, [hydrogens])`` for every heavy atom carrying two
-    or three hydrogens with identical nonbonded parameters (methyl, amine, methylene groups)."""
+def _atom_kinds(peptide) -> tuple[list, list[tuple], list]:
+    """``(atoms, kind, neighbours)``: each atom's ``(element, nonbonded parameters)``, which tells
+    identical particles apart from the rest, and the bond graph."""
     import openmm
 
     from mcsample.systems.coordinates import bond_graph
 
-    top = peptide.topology
-    atoms = list(top.atoms)
+    atoms = list(peptide.topology.atoms)
     nb = next(f for f in peptide.system.getForces() if isinstance(f, openmm.NonbondedForce))
-    params = [tuple(round(v._value, 8) for v in nb.getParticleParameters(i)) for i in range(len(atoms))]
-    neighbours = bond_graph(top)
+    kind = [
+        (a.element.symbol if a.element is not None else "?",)
+        + tuple(round(v._value, 8) for v in nb.getParticleParameters(i))
+        for i, a in enumerate(atoms)
+    ]
+    return atoms, kind, bond_graph(peptide.topology)
 
-    def is_h(i: int) -> bool:
-        return atoms[i].element is not None and atoms[i].element.symbol == "H"
 
+def _equivalent_hydrogen_groups(peptide) -> list[tuple[int, int, list[int]]]:
+    """``(heavy atom, its first heavy neighbour, [hydrogens])`` for every heavy atom carrying two
+    or three hydrogens with identical nonbonded parameters (methyl, amine, methylene groups)."""
+    atoms, kind, neighbours = _atom_kinds(peptide)
     groups = []
     for a in range(len(atoms)):
-        if is_h(a):
+        if kind[a][0] == "H":
             continue
-        hs = sorted(j for j in neighbours[a] if is_h(j))
-        heavy = sorted(j for j in neighbours[a] if not is_h(j))
-        if len(hs) in (2, 3) and heavy and len({params[h] for h in hs}) == 1:
+        hs = sorted(j for j in neighbours[a] if kind[j][0] == "H")
+        heavy = sorted(j for j in neighbours[a] if kind[j][0] != "H")
+        if len(hs) in (2, 3) and heavy and len({kind[h] for h in hs}) == 1:
             groups.append((a, heavy[0], hs))
     return groups
 
@@ -334,19 +339,7 @@ def rotor_symmetry(peptide, zmatrix) -> Tensor:
     construction instead of learning it from such data. Only free torsions use it (the
     siblings' torsions, placed from the group's first atom, are stiff).
     """
-    import openmm
-
-    from mcsample.systems.coordinates import bond_graph
-
-    top = peptide.topology
-    atoms = list(top.atoms)
-    nb = next(f for f in peptide.system.getForces() if isinstance(f, openmm.NonbondedForce))
-    kind = [
-        (a.element.symbol if a.element is not None else "?",)
-        + tuple(round(v._value, 8) for v in nb.getParticleParameters(i))
-        for i, a in enumerate(atoms)
-    ]
-    neighbours = bond_graph(top)
+    atoms, kind, neighbours = _atom_kinds(peptide)
 
     def mirror(a: int, u: int, v: int) -> bool:
         """The branches of ``a`` at ``u`` and ``v`` map onto each other atom by atom (a ring
