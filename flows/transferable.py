@@ -309,12 +309,15 @@ def _atom_kinds(peptide) -> tuple[list, list[tuple], list]:
 
 
 def _equivalent_hydrogen_groups(peptide) -> list[tuple[int, int, list[int]]]:
-    """``(heavy atom, its first heavy neighbour, [hydrogens])`` for every heavy atom carrying two
-    or three hydrogens with identical nonbonded parameters (methyl, amine, methylene groups)."""
+    """``(heavy atom, its first heavy neighbour, [hydrogens])`` for every tetrahedral heavy atom
+    carrying two or three hydrogens with identical nonbonded parameters (methyl, ammonium,
+    methylene groups). Planar NH2 groups (amide, guanidinium) are left out: their two copies are
+    one half-turn of the rotor apart, which :func:`rotor_symmetry` covers, and the sign of their
+    triple product only records on which side of the plane a frame's nitrogen happens to be."""
     atoms, kind, neighbours = _atom_kinds(peptide)
     groups = []
     for a in range(len(atoms)):
-        if kind[a][0] == "H":
+        if kind[a][0] == "H" or len(neighbours[a]) != 4:
             continue
         hs = sorted(j for j in neighbours[a] if kind[j][0] == "H")
         heavy = sorted(j for j in neighbours[a] if kind[j][0] != "H")

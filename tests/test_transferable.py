@@ -111,6 +111,32 @@ def test_equivalent_hydrogens_are_relabelled_to_the_peptides_copy(peptides):
     torch.testing.assert_close(match_hydrogen_labels(p, x), x, rtol=0, atol=0)
 
 
+def test_planar_nh2_hydrogens_are_left_to_the_rotor_symmetry():
+    """A half-turn of a planar NH2 group (the Gln amide) exchanges its hydrogens, which the
+    rotor's 2-fold symmetry covers, so match_hydrogen_labels leaves them as they are (the sign of
+    their triple product is only the side of the plane the nitrogen is on); the methylene
+    hydrogens of the same residue are still brought to the peptide's copy."""
+    from mcsample.flows.transferable import rotor_symmetry
+
+    p = _peptide("GQ")
+    x = p.positions[None].clone()
+    names = [a.residue.name + ":" + a.name for a in p.topology.atoms]
+
+    def swap(y, a, b):
+        i, j = names.index(a), names.index(b)
+        out = y.clone()
+        out[:, i], out[:, j] = y[:, j], y[:, i]
+        return out
+
+    amide = swap(x, "GLN:HE21", "GLN:HE22")
+    torch.testing.assert_close(p.energy(amide), p.energy(x), rtol=1e-8, atol=1e-6)
+    torch.testing.assert_close(match_hydrogen_labels(p, amide), amide, rtol=0, atol=0)
+    torch.testing.assert_close(match_hydrogen_labels(p, swap(x, "GLN:HB2", "GLN:HB3")), x, rtol=0, atol=0)
+    zm = zmatrix_from_topology(p.topology)
+    order = {names[int(zm[q, 0])]: int(k) for q, k in zip(range(3, len(zm)), rotor_symmetry(p, zm))}
+    assert order["GLN:HE21"] == 2 or order["GLN:HE22"] == 2
+
+
 def test_change_of_variables_is_exact(peptides):
     """log|det ∂u/∂z| from the layers equals the autograd Jacobian's log-determinant (float64),
     and the Cartesian proposal's log_prob reproduces the density it sampled with."""

@@ -116,7 +116,8 @@ def train(args) -> None:
     from mcsample.systems.coordinates import InternalCoordinates, zmatrix_from_topology
 
     torch.manual_seed(RECIPE["seed"])
-    flow = TransferableFlow(TransferableConfig(**RECIPE["architecture"]))
+    architecture = {**RECIPE["architecture"], "width": args.width, "bins": args.bins}
+    flow = TransferableFlow(TransferableConfig(**architecture))
     if args.init:
         from mcsample.flows.training import load_flow
 
@@ -184,7 +185,7 @@ def train(args) -> None:
 
     previous = getattr(flow, "meta", {}) if args.init else {}
     meta = {
-        "recipe": RECIPE,
+        "recipe": {**RECIPE, "architecture": architecture},
         "steps": steps,
         "lr": args.lr,
         "kl_steps": args.kl_steps,
@@ -371,6 +372,12 @@ def main(argv=None) -> None:
     tr.add_argument("--sequences", nargs="*", help="a subset of the training sequences (default: all 48)")
     tr.add_argument("--init", help="start from the weights of this checkpoint (default: a fresh flow)")
     tr.add_argument("--lr", type=float, default=RECIPE["lr"], help="peak learning rate (default: %(default)s)")
+    tr.add_argument(
+        "--width", type=int, default=RECIPE["architecture"]["width"], help="token width (default: %(default)s)"
+    )
+    tr.add_argument(
+        "--bins", type=int, default=RECIPE["architecture"]["bins"], help="spline bins (default: %(default)s)"
+    )
     tr.add_argument(
         "--kl-steps",
         type=int,
